@@ -1,0 +1,347 @@
+"""Recipes: YAML files plus dotted command-line overrides, validated into a typed `Config`.
+
+Every section forbids unknown keys, so a typo fails before any work starts, with one line
+that names the dotted key, the bad value and what was expected. Relative paths in a recipe
+(prompt files, resume checkpoints, reward files) are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from r3rl.errors import ConfigError, UserError, did_you_mean
+from r3rl.rewards import check_reward_name
+
+
+class _Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, numbers may stand for strings."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_assignment=True)
+
+
+def _existing_file(value: str | None) -> str | None:
+    """Fail at load time on a path that does not exist, not hours into a run."""
+    if value is not None and not Path(value).exists():
+        raise PydanticCustomError("file_not_found", "file not found: {path}", {"path": value})
+    return value
+
+
+class DataConfig(_Section):
+    """Prompt files; null means the shapes world's own split."""
+
+    train_prompts: str | None = Field(None, description="JSONL prompt file for training (null = shapes-world train split).")
+    eval_prompts: str | None = Field(None, description="JSONL prompt file for evaluation (null = shapes-world eval split).")
+    num_eval_prompts: int | None = Field(48, gt=0, description="Evaluate on the first N eval prompts (null = all).")
+
+    _check_files = field_validator("train_prompts", "eval_prompts")(_existing_file)
+
+
+class WorldConfig(_Section):
+    """The embedded shapes world: image size and the short pretraining of its tiny models."""
+
+    image_size: int = Field(32, gt=0, description="Side of the square images in pixels.")
+    cache_dir: str | None = Field(None, description="Where pretrained tiny models are cached (null = default cache).")
+    pretrain_diffusion_steps: int = Field(2000, ge=0, description="Supervised flow-matching steps for the tiny generator/refiner.")
+    pretrain_reflector_steps: int = Field(600, ge=0, description="SFT steps of the tiny reflector on checker-written critiques.")
+    pretrain_batch_size: int = Field(32, gt=0, description="Batch size of pretraining.")
+
+
+class LoRAConfig(_Section):
+    """A LoRA adapter instead of full fine-tuning."""
+
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(None, description="Module names to adapt (null = the adapter's default).")
+
+
+class ReflectorConfig(_Section):
+    """The vision-language model that critiques an image and writes the edit instruction."""
+
+    model: str = Field("shapes:tiny", description="'shapes:tiny' or a local model directory.")
+    train: bool = Field(True, description="Train the reflector with GRPO.")
+    lr: float = Field(5e-6, gt=0.0, description="AdamW learning rate.")
+    lora: LoRAConfig | None = Field(None, description="LoRA settings (null = full fine-tuning).")
+    temperature: float = Field(0.9, gt=0.0, description="Sampling temperature in training rollouts.")
+    top_k: int = Field(50, ge=0, description="Top-k filter when sampling (0 = off).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus filter when sampling (1 = off).")
+    max_new_tokens: int = Field(48, gt=0, description="Longest reflection in tokens.")
+    epsilon_low: float = Field(0.2, ge=0.0, description="Lower PPO clip of the token ratio.")
+    epsilon_high: float = Field(0.28, ge=0.0, description="Upper PPO clip of the token ratio (DAPO clip-higher).")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field("grpo", description="Token-loss aggregation: per-sequence mean, constant normaliser, or batch token mean.")
+    beta: float = Field(0.001, ge=0.0, description="Weight of the k3 KL to the reference policy (0 = no reference model).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the backward pass.")
+    trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint to run.")
+
+
+class GeneratorConfig(_Section):
+    """The text-to-image diffusion model that draws the first image."""
+
+    model: str = Field("shapes:tiny", description="'shapes:tiny' or a local model directory.")
+    train: bool = Field(False, description="Train the generator with FlowGRPO.")
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
+    lora: LoRAConfig | None = Field(None, description="LoRA settings (null = full fine-tuning).")
+    num_steps: int = Field(10, gt=0, description="Denoising steps in training rollouts.")
+    guidance_scale: float = Field(1.0, ge=0.0, description="Classifier-free guidance scale (1 = no guidance).")
+    noise_level: float = Field(0.7, ge=0.0, description="SDE noise level a (eta) of the trained steps.")
+
+
+class RefinerConfig(GeneratorConfig):
+    """The image-editing diffusion model that turns an image and an instruction into a better image."""
+
+    train: bool = Field(True, description="Train the refiner with FlowGRPO.")
+    noise_level: float = Field(1.0, ge=0.0, description="SDE noise level a (eta) of the trained steps.")
+    mode: Literal["edit", "regenerate", "region"] = Field("edit", description="edit the image (R3), regenerate from the target prompt (RvR), or refine a region (RefineAnything).")
+
+
+class FlowGRPOConfig(_Section):
+    """FlowGRPO on denoising steps: clipping, KL and which timesteps are trained."""
+
+    clip_range: float = Field(1e-4, gt=0.0, description="PPO clip of the per-step likelihood ratio.")
+    adv_clip_max: float = Field(5.0, gt=0.0, description="Advantages are clipped to +-this.")
+    beta: float = Field(0.04, ge=0.0, description="Weight of the KL to the reference on transition means.")
+    sde_type: Literal["sde", "cps"] = Field("sde", description="Flow-SDE sampler or coefficients-preserving sampling.")
+    logprob_reduction: Literal["mean", "sum"] = Field("mean", description="Reduce a step's Gaussian log-density over C,H,W by mean or sum.")
+    timesteps: Literal["all", "subset", "one", "window"] = Field("one", description="Which SDE steps are trained (the rest are ODE).")
+    num_train_timesteps: int = Field(1, gt=0, description="How many steps 'subset' trains.")
+    window_size: int = Field(2, gt=0, description="Length of the random SDE window of 'window'.")
+    refine_max_index: int | None = Field(2, gt=0, description="Refiner steps are drawn from the first N (noisiest) only (null = all).")
+
+
+class RolloutConfig(_Section):
+    """How episodes are sampled and how credit is assigned."""
+
+    credit: Literal["r3", "tree"] = Field("r3", description="R3's alternating generate/refine steps, or tree credit.")
+    group_size: int = Field(8, ge=2, description="Samples per group (GRPO needs at least 2).")
+    max_rounds: int = Field(2, ge=1, description="Reflect-refine rounds per episode in training.")
+    tree_k: int = Field(2, ge=1, description="Reflections sampled per tree node.")
+    tree_m: int = Field(2, ge=1, description="Refinements sampled per reflection.")
+    perfect_prob: float = Field(0.15, ge=0.0, le=1.0, description="Chance to draw a perfect-score image from the buffer for a refine step.")
+    buffer_size: int = Field(256, gt=0, description="Generated images kept for refine steps.")
+    scale_rewards: bool = Field(False, description="Divide advantages by the group std (R3 does not).")
+    format_weight: float = Field(1.0, ge=0.0, description="Weight of the reflection format reward.")
+    perfect_stop_bonus: float = Field(1.0, description="Improvement credited for stopping on an already perfect image.")
+
+
+class TrainerConfig(_Section):
+    """The training loop: length, checkpoints, loss weights and safety limits."""
+
+    max_steps: int = Field(100, gt=0, description="Optimiser steps to train.")
+    eval_every: int = Field(20, ge=0, description="Evaluate every N steps (0 = only at step 0).")
+    save_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    grad_accum: int = Field(1, ge=1, description="Rollout batches accumulated per optimiser step.")
+    image_loss_weight: float = Field(2.0, ge=0.0, description="Weight of the FlowGRPO loss.")
+    text_loss_weight: float = Field(1.0, ge=0.0, description="Weight of the GRPO loss.")
+    log_images_every: int = Field(10, ge=0, description="Log image grids every N steps (0 = never).")
+    max_nonfinite_steps: int = Field(3, ge=1, description="Stop after this many NaN/inf losses in a row.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+
+
+class EvalConfig(_Section):
+    """Held-out evaluation: multi-round, early stop, deterministic sampling."""
+
+    rounds: int = Field(3, ge=0, description="Refine rounds evaluated after round 0.")
+    temperature: float = Field(0.3, ge=0.0, description="Reflector temperature (0 = greedy).")
+    num_steps: int = Field(20, gt=0, description="Denoising steps (ODE).")
+    batch_size: int = Field(16, gt=0, description="Prompts per evaluation batch.")
+
+
+class JudgeConfig(_Section):
+    """Limits on reward/judge failures."""
+
+    max_failure_rate: float = Field(0.5, ge=0.0, le=1.0, description="Save and stop when a step's unscored fraction exceeds this.")
+
+
+class RewardSpec(_Section):
+    """One reward of the weighted sum."""
+
+    name: str = Field(description="Entry-point name (see `r3rl rewards list`) or path/to/file.py:function.")
+    weight: float = Field(1.0, description="Weight in the sum.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the reward.")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        try:
+            check_reward_name(name)
+        except UserError as e:
+            raise PydanticCustomError("unknown_reward", "{message}", {"message": str(e)}) from None
+        return name
+
+
+class Config(_Section):
+    """A whole recipe."""
+
+    output_dir: str = Field(description="Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints go.")
+    seed: int = Field(0, ge=0, description="Seed of every random number generator.")
+    resume: str | None = Field(None, description="null, 'auto' (newest complete checkpoint in output_dir), or a checkpoint path.")
+    deterministic: bool = Field(True, description="Use deterministic kernels, so runs repeat exactly.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run ('auto' = cuda if available).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    reflector: ReflectorConfig = Field(default_factory=ReflectorConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    refiner: RefinerConfig = Field(default_factory=RefinerConfig)
+    flow_grpo: FlowGRPOConfig = Field(default_factory=FlowGRPOConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec.model_construct(name="shapes_geneval")],
+        min_length=1,
+        description="Rewards whose weighted sum is the reward.",
+    )
+
+    @field_validator("resume")
+    @classmethod
+    def _resume_target(cls, value: str | None) -> str | None:
+        return value if value == "auto" else _existing_file(value)
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe (defaults filled in); loading it gives the same Config."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The section model that a validation-error location points into (None if not a section)."""
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue  # list index: the item type is already unwrapped
+        if model is None or part not in model.model_fields:
+            return None
+        model = _section_type(model.model_fields[part].annotation)
+    return model
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """Find the model inside `X`, `X | None` or `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    """('rewards', 0, 'name') -> 'rewards[0].name'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A repr that cannot break the one-line rule."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _explain(error: dict[str, Any]) -> str:
+    """One pydantic error as a sentence naming the key, the bad value and what was expected."""
+    loc, kind, value = error["loc"], error["type"], error.get("input")
+    key = _dotted(loc)
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        fields = list(parent.model_fields) if parent else []
+        prefix = _dotted(loc[:-1])
+        suggestion = did_you_mean(str(loc[-1]), fields)
+        if suggestion and prefix:
+            suggestion = suggestion.replace(" '", f" '{prefix}.", 1)
+        return f"unknown key '{key}'{suggestion}"
+    if kind == "missing":
+        return f"missing required key '{key}'"
+    if kind in ("file_not_found", "unknown_reward"):
+        return f"{key}: {error['msg']}"
+    if kind == "model_type":
+        return f"{key}={_short(value)} is not a mapping of keys"
+    msg: str = error["msg"]
+    if not msg.startswith("Input should be "):
+        return f"{key}={_short(value)} is invalid: {msg[0].lower()}{msg[1:]}"
+    expected = msg.removeprefix("Input should be ")
+    if kind.endswith(("_parsing", "_type")):
+        return f"{key}={_short(value)} is not {expected.split(', ')[0]}"
+    return f"{key}={_short(value)} is invalid: expected {expected}"
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in the raw recipe; the value is YAML, so lists, dicts and null work."""
+    dotted, sep, raw = override.partition("=")
+    if not sep or not dotted:
+        raise ConfigError(f"config error: override '{override}' is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config error: override '{override}' is not valid YAML ({_yaml_problem(e)})") from None
+    node: Any = data
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(part, node, here)]
+        else:
+            if node.get(part) is None:
+                node[part] = [] if parts[i + 1].isdigit() else {}  # absent or null: start empty
+            node = node[part]
+        if parts[i + 1].isdigit() and not isinstance(node, list):
+            raise ConfigError(f"config error: cannot set '{dotted}': '{here}' is not a list")
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"config error: cannot set '{dotted}': '{here}' is not a section")
+    if isinstance(node, list):
+        node[_list_index(parts[-1], node, dotted)] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _list_index(part: str, items: list[Any], where: str) -> int:
+    """Override segments into a list are item numbers, e.g. `rewards.0.weight=2`."""
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(
+            f"config error: '{where}' is not an item of the list (it has {len(items)} in this recipe)"
+        )
+    return int(part)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The position and problem of a YAML error, on one line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def parse_config(data: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """Validate a raw recipe mapping after applying dotted overrides; errors are `ConfigError`."""
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(f"config error: {_explain(errors[0])}{more}") from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML recipe, apply `key=value` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config error: recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config error: {path} is not valid YAML ({_yaml_problem(e)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path} must be a mapping of keys, not {type(data).__name__}")
+    return parse_config(data, overrides)

@@ -1,0 +1,265 @@
+"""Reward plugins: find them by name, load them, and combine them into one weighted reward.
+
+A reward is `fn(prompts, images, metadata, **kwargs) -> list[float | None]`, sync or async;
+`None` means "could not score" (masked downstream, never counted as 0). Names resolve from the
+entry-point group `r3rl.rewards` (our own built-ins in `rewards/` are registered there by
+r3rl's pyproject, exactly as a third-party package would register its own), or from
+`path/to/file.py:function`. Text rewards written for TRL, `fn(prompts, completions, **kwargs)`,
+are recognised by their `completions` parameter and fed the reflection texts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import importlib.util
+import inspect
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+from typing import Any, Protocol
+
+from r3rl.errors import UserError, did_you_mean
+
+ENTRY_POINT_GROUP = "r3rl.rewards"
+
+
+class RewardSpecLike(Protocol):
+    """What `CombinedReward` needs from a recipe's reward entry (`r3rl.config.RewardSpec`)."""
+
+    name: str
+    weight: float
+    args: dict[str, Any]
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    """Reward entry points by name; the first installed package to claim a name wins."""
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def _source(ep: EntryPoint) -> str:
+    """Say where an entry point comes from, so users can tell built-ins from plugins."""
+    dist = ep.dist
+    if dist is not None and dist.name == "r3rl":
+        return f"builtin ({ep.value})"
+    package = f"package {dist.name} {dist.version}" if dist is not None else "entry point"
+    return f"{package} ({ep.value})"
+
+
+def available_rewards() -> dict[str, str]:
+    """Map each reward name that resolves without a file path to where it comes from."""
+    return {name: _source(ep) for name, ep in sorted(_entry_points().items())}
+
+
+def is_file_reward(name: str) -> bool:
+    """True for the `path/to/file.py:function` form."""
+    path, sep, attr = name.rpartition(":")
+    return bool(sep and attr and path.endswith(".py"))
+
+
+def check_reward_name(name: str) -> None:
+    """Raise `UserError` unless `name` would resolve, without importing anything.
+
+    Config validation calls this so a typo fails at load time, not after pretraining.
+    """
+    if is_file_reward(name):
+        path = name.rpartition(":")[0]
+        if not Path(path).is_file():
+            raise UserError(f"reward file not found: {path}")
+        return
+    names = available_rewards()
+    if name not in names:
+        listed = ", ".join(names) or "(none installed)"
+        raise UserError(
+            f"unknown reward '{name}'{did_you_mean(name, names)}; available: {listed}"
+            " (or give path/to/file.py:function)"
+        )
+
+
+def _load_file_object(name: str) -> Any:
+    """Import `path/to/file.py` as a fresh module and return its attribute `function`."""
+    path_str, _, attr = name.rpartition(":")
+    path = Path(path_str).resolve()
+    module_name = f"r3rl_reward_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses and pickling look the module up here
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    if not hasattr(module, attr):
+        public = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise UserError(f"reward file {path_str} has no '{attr}'{did_you_mean(attr, public)}")
+    return getattr(module, attr)
+
+
+def _instantiate(obj: Any, args: dict[str, Any]) -> Callable[..., Any]:
+    """Classes are built with `args` and `setup()` once (to load models); functions get `args` bound."""
+    if inspect.isclass(obj):
+        instance = obj(**args)
+        if callable(getattr(instance, "setup", None)):
+            instance.setup()
+        return instance
+    return functools.partial(obj, **args) if args else obj
+
+
+def _run_awaitable(awaitable: Any) -> Any:
+    """Run an async reward to completion from sync code.
+
+    Without a running loop in this thread we use `asyncio.run`; inside one (e.g. a notebook)
+    we run it on a private loop in a helper thread, which blocks the caller's loop meanwhile.
+    """
+
+    async def wait() -> Any:
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(wait())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, wait()).result()
+
+
+def _to_score(value: Any, name: str) -> float | None:
+    """One score as a float; `None` and non-finite values both mean "could not score"."""
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, (bool, int, float)):
+        score = float(value)
+        return score if math.isfinite(score) else None
+    raise UserError(f"reward '{name}' returned {value!r}; expected a number or None per sample")
+
+
+class RewardFn:
+    """A loaded reward with one sync signature: `(prompts, images, metadata, **kwargs)`.
+
+    It awaits async rewards, passes each reward only the keyword arguments it accepts,
+    checks that there is one score per prompt, and converts numpy/torch numbers to float.
+    """
+
+    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+        self.name = name
+        self._fn = fn
+        params = inspect.signature(fn).parameters
+        self.is_text = "completions" in params  # TRL-style fn(prompts, completions, **kwargs)
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._accepts: Callable[[str], bool] = (lambda key: True) if takes_any else params.__contains__
+
+    def __call__(
+        self, prompts: Sequence[str], images: Sequence[Any], metadata: Sequence[dict], **kwargs: Any
+    ) -> list[float | None]:
+        if self.is_text:
+            if "completions" not in kwargs:
+                raise UserError(
+                    f"reward '{self.name}' scores text (it takes 'completions') "
+                    "but no completions were passed"
+                )
+            named = {"prompts": list(prompts), **kwargs}
+            result = self._fn(**{k: v for k, v in named.items() if self._accepts(k)})
+        else:
+            extra = {k: v for k, v in kwargs.items() if self._accepts(k)}
+            result = self._fn(prompts, images, metadata, **extra)
+        if inspect.isawaitable(result):
+            result = _run_awaitable(result)
+        if hasattr(result, "tolist"):
+            result = result.tolist()
+        if not isinstance(result, (list, tuple)):
+            raise UserError(f"reward '{self.name}' returned {type(result).__name__}; expected a list")
+        if len(result) != len(prompts):
+            raise UserError(
+                f"reward '{self.name}' returned {len(result)} scores for {len(prompts)} samples"
+            )
+        return [_to_score(v, self.name) for v in result]
+
+
+def load_reward(name: str, **args: Any) -> RewardFn:
+    """Load a reward by entry-point name or `path/to/file.py:function`, configured with `args`."""
+    check_reward_name(name)
+    obj = _load_file_object(name) if is_file_reward(name) else _entry_points()[name].load()
+    return RewardFn(name, _instantiate(obj, args))
+
+
+@dataclass
+class RewardResult:
+    """Scores of one batch: the weighted total and every component, for logging."""
+
+    total: list[float | None]
+    components: dict[str, list[float | None]]
+    failures: dict[str, int]
+    latency_s: dict[str, float]
+
+
+def _component_keys(names: Sequence[str]) -> list[str]:
+    """Short, unique metric keys: a file reward is keyed by its function name; repeats get #2, #3."""
+    keys: list[str] = []
+    for name in names:
+        base = name.rpartition(":")[2] if is_file_reward(name) else name
+        key, n = base, 1
+        while key in keys:
+            n += 1
+            key = f"{base}#{n}"
+        keys.append(key)
+    return keys
+
+
+class CombinedReward:
+    """The recipe's rewards as one: weighted sum, with components scored concurrently.
+
+    Components run in threads because the slow ones are HTTP judges that wait on the network.
+    A sample's total is `None` when any component could not score it: a partial sum would
+    silently change the reward's scale for that sample.
+    """
+
+    def __init__(self, specs: Sequence[RewardSpecLike]) -> None:
+        if not specs:
+            raise UserError("no rewards given; a recipe needs at least one entry in 'rewards'")
+        self.keys = _component_keys([s.name for s in specs])
+        self.weights = [float(s.weight) for s in specs]
+        self.fns = [load_reward(s.name, **s.args) for s in specs]
+
+    def _timed(
+        self, fn: RewardFn, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[list[float | None], float]:
+        start = time.perf_counter()
+        scores = fn(*args, **kwargs)
+        return scores, time.perf_counter() - start
+
+    def __call__(
+        self, prompts: Sequence[str], images: Sequence[Any], metadata: Sequence[dict], **kwargs: Any
+    ) -> RewardResult:
+        args = (prompts, images, metadata)
+        with ThreadPoolExecutor(max_workers=len(self.fns)) as pool:
+            futures = [pool.submit(self._timed, fn, args, kwargs) for fn in self.fns]
+            outcomes = [f.result() for f in futures]
+        components = {key: scores for key, (scores, _) in zip(self.keys, outcomes)}
+        total: list[float | None] = []
+        for i in range(len(prompts)):
+            column = [scores[i] for scores, _ in outcomes]
+            total.append(
+                None
+                if any(s is None for s in column)
+                else sum(w * s for w, s in zip(self.weights, column))
+            )
+        return RewardResult(
+            total=total,
+            components=components,
+            failures={k: sum(s is None for s in v) for k, v in components.items()},
+            latency_s={key: seconds for key, (_, seconds) in zip(self.keys, outcomes)},
+        )
