@@ -1,0 +1,196 @@
+"""FLUX / FLUX.1-Kontext family adapter: diffusers components seen as a guided velocity field.
+
+Only the sampling loop is replaced (SDE with log-probs lives in `r3rl.sampling`); the
+transformer, VAE, text encoders and conventions (2x2 latent packing, RoPE ids, Kontext's
+reference tokens with id[0]=1, timestep = sigma) are exactly the pipeline's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+from PIL import Image
+from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+from r3rl.models.base import TextCond
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2*W/2, 4C), FLUX's 2x2 patch packing."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of `pack_latents` for a latent grid of h x w."""
+    b, _, ch = x.shape
+    x = x.view(b, h // 2, w // 2, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, ch // 4, h, w)
+
+
+def latent_ids(h: int, w: int, first: float = 0.0) -> torch.Tensor:
+    """RoPE ids (h/2*w/2, 3) of packed tokens; Kontext marks reference tokens with first=1."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 0] = first
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def to_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
+    """PIL RGB -> (B, 3, size, size) in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL RGB."""
+    arr = x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+class FluxModel:
+    """FLUX.1 (text-to-image) or FLUX.1-Kontext (edit: reference tokens appended) components.
+
+    `guidance_scale` feeds the distilled guidance embedding when the transformer has one;
+    `true_cfg_scale > 1` runs a negative-prompt branch, and the *guided* velocity is what
+    sampling and log-probs use (FlowGRPO's requirement; R3 got this wrong).
+    """
+
+    def __init__(
+        self,
+        transformer: FluxTransformer2DModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2,
+        *,
+        image_size: int,
+        guidance_scale: float = 1.0,
+        true_cfg_scale: float = 1.0,
+        negative_prompt: str = "",
+        max_text_len: int = 32,
+    ) -> None:
+        self.transformer, self.vae = transformer, vae
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.image_size = image_size
+        self.guidance_scale, self.true_cfg_scale = guidance_scale, true_cfg_scale
+        self.negative_prompt, self.max_text_len = negative_prompt, max_text_len
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_hw = image_size // self.vae_scale
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ loading
+    COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, image_size: int, **kwargs) -> "FluxModel":
+        """Load the diffusers-layout folder a FLUX(-Kontext) checkpoint uses."""
+        p = Path(path)
+        return cls(
+            FluxTransformer2DModel.from_pretrained(p / "transformer"),
+            AutoencoderKL.from_pretrained(p / "vae"),
+            CLIPTextModel.from_pretrained(p / "text_encoder"),
+            AutoTokenizer.from_pretrained(p / "tokenizer"),
+            T5EncoderModel.from_pretrained(p / "text_encoder_2"),
+            AutoTokenizer.from_pretrained(p / "tokenizer_2"),
+            image_size=image_size,
+            **kwargs,
+        )
+
+    def save_pretrained(self, path: str | Path) -> None:
+        p = Path(path)
+        for name in self.COMPONENTS:
+            getattr(self, name).save_pretrained(p / name)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    # ------------------------------------------------------------------ text
+    def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.device
+        tok = self.tokenizer(texts, padding="max_length", max_length=self.max_text_len, truncation=True,
+                             return_tensors="pt")
+        pooled = self.text_encoder(input_ids=tok.input_ids.to(dev)).pooler_output
+        tok2 = self.tokenizer_2(texts, padding="max_length", max_length=self.max_text_len, truncation=True,
+                                return_tensors="pt")
+        embeds = self.text_encoder_2(input_ids=tok2.input_ids.to(dev)).last_hidden_state
+        return embeds, pooled
+
+    def encode_text(self, texts: list[str], *, cache: bool = True) -> TextCond:
+        """Sequence (T5) + pooled (CLIP) embeddings; cached per string while encoders are frozen."""
+        if not cache or self.text_encoder_2.training or any(p.requires_grad for p in self.text_encoder_2.parameters()):
+            embeds, pooled = self._encode_uncached(texts)
+        else:
+            missing = sorted({t for t in texts if t not in self._text_cache})
+            if missing:
+                with torch.no_grad():
+                    e, p = self._encode_uncached(missing)
+                self._text_cache.update({t: (e[i], p[i]) for i, t in enumerate(missing)})
+            embeds = torch.stack([self._text_cache[t][0] for t in texts])
+            pooled = torch.stack([self._text_cache[t][1] for t in texts])
+        cond = TextCond(embeds, pooled)
+        if self.true_cfg_scale > 1.0:
+            neg = self.encode_text([self.negative_prompt] * len(texts), cache=cache)
+            cond.neg_embeds, cond.neg_pooled = neg.embeds, neg.pooled
+        return cond
+
+    # ------------------------------------------------------------------ images
+    def encode_images(self, images: list[Image.Image], *, sample: bool = False) -> torch.Tensor:
+        """PIL -> normalised, packed latents (B, N, 4C)."""
+        x = to_tensor(images, self.image_size).to(self.device)
+        dist = self.vae.encode(x).latent_dist
+        z = dist.sample() if sample else dist.mean
+        z = (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        return pack_latents(z)
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        z = unpack_latents(latents, self.latent_hw, self.latent_hw)
+        z = z / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        with torch.no_grad():
+            return to_pil(self.vae.decode(z).sample)
+
+    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        n = (self.latent_hw // 2) ** 2
+        ch = self.transformer.config.in_channels
+        return torch.randn(batch, n, ch, generator=generator).to(self.device)
+
+    # ------------------------------------------------------------------ velocity
+    def _forward(self, x, sigma, embeds, pooled, ref):
+        h = w = self.latent_hw
+        img_ids = latent_ids(h, w)
+        inp = x
+        if ref is not None:
+            inp = torch.cat([x, ref], dim=1)
+            img_ids = torch.cat([img_ids, latent_ids(h, w, first=1.0)], dim=0)
+        txt_ids = torch.zeros(embeds.shape[1], 3)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((x.shape[0],), self.guidance_scale, device=x.device)
+        out = self.transformer(
+            hidden_states=inp,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            timestep=sigma.to(x.dtype),
+            img_ids=img_ids.to(x.device),
+            txt_ids=txt_ids.to(x.device),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        return out[:, : x.shape[1]]
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None) -> torch.Tensor:
+        """Guided velocity (epsilon - x0 convention, as FlowMatchEulerDiscreteScheduler)."""
+        sigma = sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma
+        v = self._forward(x, sigma, cond.embeds, cond.pooled, ref)
+        if self.true_cfg_scale > 1.0:
+            v_neg = self._forward(x, sigma, cond.neg_embeds, cond.neg_pooled, ref)
+            v = v_neg + self.true_cfg_scale * (v - v_neg)
+        return v
