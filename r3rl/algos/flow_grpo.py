@@ -1,0 +1,245 @@
+"""FlowGRPO math: a rectified-flow sampler step that also returns its log-probability, and the loss.
+
+Conventions (design.md §4): σ runs from 1 (noise) to 0 (data), `dt = σ_next − σ < 0`, and the
+model predicts the velocity `v` with `x_next ≈ x + v·dt`. Everything is computed in float32 so
+that bf16 models don't overflow the mean or turn log-prob ratios into noise.
+
+Log-probs are exact Gaussian log-densities, constants included, reduced over all non-batch
+dims by `mean` (FlowGRPO and R3) or `sum`. The reduction sets the scale of `logp − logp_old`,
+hence the effective PPO clip range: with `mean` a clip of 1e-4 is usual, with `sum` it must be
+scaled by the number of latent elements.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
+Sigma = float | torch.Tensor
+
+SDE_TYPES = ("sde", "cps")
+REDUCTIONS = ("mean", "sum")
+STRATEGIES = ("all", "subset", "one", "window")
+
+
+def sigma_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """σ from 1 to 0 in `num_steps` steps, shape (num_steps + 1,), with the SD3/FLUX time shift.
+
+    `shift > 1` spends more steps at high noise, where large images need them.
+    """
+    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return (shift * s / (1.0 + (shift - 1.0) * s)).float()
+
+
+def _per_sample(value: Sigma, like: torch.Tensor) -> torch.Tensor:
+    """A float or a (B,) tensor as float32 of shape (B, 1, ..., 1), broadcastable against `like`."""
+    t = torch.as_tensor(value, dtype=torch.float32, device=like.device).reshape(-1)
+    t = t.expand(like.shape[0]) if t.numel() == 1 else t
+    return t.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Mean or sum over every non-batch dim; the choice is the log-prob convention."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    dims = tuple(range(1, x.ndim))
+    return x.mean(dim=dims) if reduction == "mean" else x.sum(dim=dims)
+
+
+def _randn(shape: torch.Size, generator: Generator, device: torch.device) -> torch.Tensor:
+    """Standard normal noise; a list of generators gives one per sample so a sample's noise
+    does not depend on which batch it lands in."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=torch.float32, device=device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack(
+        [torch.randn(shape[1:], generator=g, dtype=torch.float32, device=device) for g in generator]
+    )
+
+
+def sde_noise_level(sigma: torch.Tensor, noise_level: float, sigma_cap: float = 0.95) -> torch.Tensor:
+    """FlowGRPO's diffusion coefficient `σ_t = a·sqrt(σ / (1 − min(σ, cap)))`.
+
+    The cap keeps σ=1 (the first step of a 1→0 schedule) finite, as R3 does.
+    """
+    return noise_level * torch.sqrt(sigma / (1.0 - sigma.clamp(max=sigma_cap)))
+
+
+def sde_noise_std(
+    sigma: Sigma,
+    sigma_next: Sigma,
+    noise_level: float = 0.7,
+    sde_type: str = "sde",
+    sigma_cap: float = 0.95,
+) -> torch.Tensor:
+    """Standard deviation of one transition x → x_next, in the broadcast shape of the sigmas.
+
+    sde: `σ_t·sqrt(−dt)`; cps: `σ_next·sin(a·π/2)`.
+    """
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=sigma.device)
+    if sde_type == "sde":
+        return sde_noise_level(sigma, noise_level, sigma_cap) * torch.sqrt(sigma - sigma_next)
+    if sde_type == "cps":
+        return sigma_next * math.sin(noise_level * math.pi / 2)
+    raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
+
+
+def _transition_mean(
+    v: torch.Tensor,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    std: torch.Tensor,
+    noise_level: float,
+    sde_type: str,
+    sigma_cap: float,
+) -> torch.Tensor:
+    """Mean of x_next given x and v (float32; sigmas and std broadcast per sample)."""
+    if sde_type == "sde":
+        dt = sigma_next - sigma
+        sigma_t_sq = sde_noise_level(sigma, noise_level, sigma_cap) ** 2
+        return x * (1 + sigma_t_sq / (2 * sigma) * dt) + v * (1 + sigma_t_sq * (1 - sigma) / (2 * sigma)) * dt
+    # cps: re-noise the predicted x0 to σ_next, splitting σ_next² between the predicted noise
+    # (deterministic part) and fresh noise (std²), so the marginal noise level is preserved.
+    x0 = x - sigma * v
+    x1 = x + (1 - sigma) * v
+    return x0 * (1 - sigma_next) + x1 * torch.sqrt((sigma_next**2 - std**2).clamp(min=0.0))
+
+
+def sde_step_with_logprob(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: Sigma,
+    sigma_next: Sigma,
+    noise_level: float = 0.7,
+    prev_sample: torch.Tensor | None = None,
+    generator: Generator = None,
+    sde_type: str = "sde",
+    logprob_reduction: str = "mean",
+    sigma_cap: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One stochastic denoising step and the log-probability of its result.
+
+    Args:
+        velocity: the (guided) velocity actually used for sampling, (B, ...).
+        sample: x at σ, same shape.
+        sigma, sigma_next: floats or per-sample (B,) tensors, σ > σ_next ≥ 0.
+        noise_level: `a` (≈0.7 SD3, 0.9 FLUX; R3: 0.7 generate, 1.0 edit).
+        prev_sample: when given (training), the log-prob of this x_next is returned instead of
+            sampling one; pass the float32 tensor this function returned during the rollout.
+        generator: a torch.Generator, or one per sample.
+        sde_type: "sde" (FlowGRPO) or "cps" (coefficients-preserving sampling). For cps the
+            log-prob is the full Gaussian log-density like sde, whereas FlowGRPO's cps drops the
+            constants and the 1/(2·std²) factor; std does not depend on the model, so ratios are
+            ours raised to the power 2·std² (clip ranges tuned for FlowGRPO's cps don't transfer).
+            cps has std = 0 at σ_next = 0, so its last step is deterministic and must not be trained.
+        logprob_reduction: "mean" or "sum" over the non-batch dims.
+        sigma_cap: σ is capped at this in the noise level's denominator (guards σ = 1).
+
+    Returns:
+        prev_sample (float32), log_prob (B,), prev_mean (float32, shape of sample), std (B,):
+        the transition's standard deviation, the one `log_prob` uses.
+    """
+    v, x = velocity.float(), sample.float()
+    sig, sig_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
+    std = sde_noise_std(sig, sig_next, noise_level, sde_type, sigma_cap)
+    mean = _transition_mean(v, x, sig, sig_next, std, noise_level, sde_type, sigma_cap)
+    if prev_sample is None:
+        prev_sample = mean + std * _randn(x.shape, generator, x.device)
+    prev_sample = prev_sample.detach().float()
+    log_density = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return prev_sample, _reduce(log_density, logprob_reduction), mean, std.reshape(-1)
+
+
+def ode_step(velocity: torch.Tensor, sample: torch.Tensor, sigma: Sigma, sigma_next: Sigma) -> torch.Tensor:
+    """Plain Euler step `x + v·dt` in float32: the deterministic steps outside the trained ones."""
+    x = sample.float()
+    return x + velocity.float() * (_per_sample(sigma_next, x) - _per_sample(sigma, x))
+
+
+def flow_grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_range: float = 1e-4,
+    adv_clip_max: float = 5.0,
+    prev_mean: torch.Tensor | None = None,
+    ref_prev_mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    beta: float = 0.0,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clipped policy loss of one trained denoising step, plus β·KL to the reference policy.
+
+    All tensors have batch size B; log-probs and advantages are (B,). The KL is the exact KL
+    between the two transition Gaussians, which share `std` (from `sde_step_with_logprob`):
+    `‖μ − μ_ref‖² / (2·std²)`, reduced over non-batch dims like the log-prob (`reduction`).
+    Scale relative to other codebases: FlowGRPO's sde divides by σ_t² instead of std² = σ_t²·(−dt),
+    so its β equals ours times 1/(−dt) (β_FlowGRPO 0.04 with 10 steps ≈ β 0.004 here);
+    R3 divides by std² without the 2, so β_R3 0.001 = β 0.002 here.
+
+    Metrics: clip_ratio (fraction with |ratio − 1| > clip_range), approx_kl
+    (0.5·mean((logp − logp_old)²)), ratio_mean, and kl (mean transition KL) when means are given.
+    """
+    log_prob, old_log_prob = log_prob.float(), old_log_prob.float().detach()
+    adv = advantages.float().detach().clamp(-adv_clip_max, adv_clip_max)
+    ratio = torch.exp(log_prob - old_log_prob)
+    clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(-adv * ratio, -adv * clipped).mean()
+    with torch.no_grad():
+        metrics = {
+            "clip_ratio": ((ratio - 1.0).abs() > clip_range).float().mean().item(),
+            "approx_kl": (0.5 * (log_prob - old_log_prob) ** 2).mean().item(),
+            "ratio_mean": ratio.mean().item(),
+        }
+    if prev_mean is not None and ref_prev_mean is not None and std is not None:
+        var = _per_sample(std, prev_mean).float() ** 2
+        kl = _reduce((prev_mean.float() - ref_prev_mean.float().detach()) ** 2 / (2 * var), reduction).mean()
+        loss = loss + beta * kl
+        metrics["kl"] = kl.item()
+    elif beta != 0.0:
+        raise ValueError("beta != 0 needs prev_mean, ref_prev_mean and std")
+    return loss, metrics
+
+
+def select_train_timesteps(
+    num_steps: int,
+    batch_size: int,
+    strategy: str,
+    *,
+    k: int | None = None,
+    window: int = 2,
+    max_index: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Which denoising steps of each sample run the SDE and are trained: bool (B, num_steps).
+
+    Strategies: "all"; "subset" (k random steps); "one" (one random step, R3); "window" (a
+    contiguous run of `window` steps, MixGRPO / FlowGRPO-Fast, ODE elsewhere). Choices are drawn
+    independently per sample so every step gets trained across a batch. `max_index` restricts
+    them to the first (noisiest) `max_index` steps (R3 edits: 2).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    limit = num_steps if max_index is None else min(max_index, num_steps)
+    mask = torch.zeros(batch_size, num_steps, dtype=torch.bool)
+    if strategy == "all":
+        mask[:, :limit] = True
+        return mask
+    if strategy == "window":
+        if not 1 <= window <= limit:
+            raise ValueError(f"window must be in [1, {limit}], got {window}")
+        start = torch.randint(0, limit - window + 1, (batch_size, 1), generator=generator)
+        steps = torch.arange(num_steps).unsqueeze(0)
+        return (steps >= start) & (steps < start + window)
+    k = 1 if strategy == "one" else k
+    if k is None or not 1 <= k <= limit:
+        raise ValueError(f"subset needs k in [1, {limit}], got {k}")
+    picks = torch.rand(batch_size, limit, generator=generator).argsort(dim=1)[:, :k]
+    return mask.scatter(1, picks, True)
