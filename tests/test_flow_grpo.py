@@ -44,8 +44,12 @@ def test_sde_step_mean_std_and_logprob_of_given_sample():
 
 def test_sum_reduction_is_mean_times_element_count():
     x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    prev, mean_lp, _, _ = sde_step_with_logprob(v, x, 0.8, 0.6, generator=torch.Generator().manual_seed(0))
-    _, sum_lp, _, _ = sde_step_with_logprob(v, x, 0.8, 0.6, prev_sample=prev, logprob_reduction="sum")
+    prev, mean_lp, _, _ = sde_step_with_logprob(
+        v, x, 0.8, 0.6, generator=torch.Generator().manual_seed(0)
+    )
+    _, sum_lp, _, _ = sde_step_with_logprob(
+        v, x, 0.8, 0.6, prev_sample=prev, logprob_reduction="sum"
+    )
     assert torch.allclose(sum_lp, mean_lp * 48, rtol=1e-5)
 
 
@@ -92,7 +96,9 @@ def test_cps_step():
 def test_sampling_has_the_stated_mean_and_std():
     n = 200_000
     x, v = torch.full((1, n), 1.0), torch.full((1, n), 0.5)
-    prev, logp, _, _ = sde_step_with_logprob(v, x, 0.8, 0.6, generator=torch.Generator().manual_seed(0))
+    prev, logp, _, _ = sde_step_with_logprob(
+        v, x, 0.8, 0.6, generator=torch.Generator().manual_seed(0)
+    )
     assert prev.mean().item() == pytest.approx(MU_08[0], abs=4 * STD_08 / math.sqrt(n))
     assert prev.std().item() == pytest.approx(STD_08, rel=0.01)
     # E[log N(x; μ, s)] for x ~ N(μ, s) is -1/2 - log s - log sqrt(2π)
@@ -105,20 +111,24 @@ def test_ode_limit_is_the_euler_step():
     assert ode_step(v, x, 0.8, 0.6)[0].tolist() == pytest.approx(euler, abs=1e-6)
     _, _, mean, _ = sde_step_with_logprob(v, x, 0.8, 0.6, noise_level=0.0)
     assert mean[0].tolist() == pytest.approx(euler, abs=1e-6)
-    prev, _, _, _ = sde_step_with_logprob(v, x, 0.8, 0.6, noise_level=1e-5, generator=torch.Generator().manual_seed(0))
+    prev, _, _, _ = sde_step_with_logprob(
+        v, x, 0.8, 0.6, noise_level=1e-5, generator=torch.Generator().manual_seed(0)
+    )
     assert prev[0].tolist() == pytest.approx(euler, abs=1e-4)
 
 
 def test_bf16_inputs_are_computed_in_float32():
     x, v = torch.tensor([X], dtype=torch.bfloat16), torch.tensor([V], dtype=torch.bfloat16)
-    prev, logp, mean, std = sde_step_with_logprob(v, x, 0.8, 0.6, generator=torch.Generator().manual_seed(0))
+    prev, logp, mean, std = sde_step_with_logprob(
+        v, x, 0.8, 0.6, generator=torch.Generator().manual_seed(0)
+    )
     assert {prev.dtype, logp.dtype, mean.dtype, std.dtype} == {torch.float32}
     assert mean[0].tolist() == pytest.approx(MU_08, abs=1e-6)  # X and V are exact in bf16
 
 
 def test_per_sample_generators_make_noise_independent_of_batch_position():
     x, v = torch.zeros(2, 5), torch.zeros(2, 5)
-    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
     a, _, _, _ = sde_step_with_logprob(v, x, 0.8, 0.6, generator=gens([1, 2]))
     b, _, _, _ = sde_step_with_logprob(v, x, 0.8, 0.6, generator=gens([2, 1]))
     assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0])
@@ -153,10 +163,14 @@ def test_flow_grpo_kl_on_transition_means():
     std = torch.tensor([0.5, 1.0])
     # per element Δ²/(2 std²): row 0: .01/.5=.02, .09/.5=.18 → mean .1; row 1: 0, .04/2=.02 → mean .01
     zeros = torch.zeros(2)
-    loss, m = flow_grpo_loss(zeros, zeros, zeros, prev_mean=mean, ref_prev_mean=ref, std=std, beta=0.5)
+    loss, m = flow_grpo_loss(
+        zeros, zeros, zeros, prev_mean=mean, ref_prev_mean=ref, std=std, beta=0.5
+    )
     assert m["kl"] == pytest.approx(0.055, rel=1e-6)
     assert loss.item() == pytest.approx(0.5 * 0.055, rel=1e-6)
-    _, m_sum = flow_grpo_loss(zeros, zeros, zeros, prev_mean=mean, ref_prev_mean=ref, std=std, reduction="sum")
+    _, m_sum = flow_grpo_loss(
+        zeros, zeros, zeros, prev_mean=mean, ref_prev_mean=ref, std=std, reduction="sum"
+    )
     assert m_sum["kl"] == pytest.approx(0.11, rel=1e-6)
     with pytest.raises(ValueError):
         flow_grpo_loss(zeros, zeros, zeros, beta=0.1)
@@ -176,12 +190,16 @@ def test_select_respects_max_index():
     g = torch.Generator().manual_seed(0)
     one = select_train_timesteps(10, 100, "one", max_index=2, generator=g)
     assert not one[:, 2:].any() and one[:, 0].any() and one[:, 1].any()
-    assert select_train_timesteps(4, 2, "all", max_index=3).tolist() == [[True, True, True, False]] * 2
+    assert (
+        select_train_timesteps(4, 2, "all", max_index=3).tolist() == [[True, True, True, False]] * 2
+    )
     assert select_train_timesteps(4, 2, "all").all()
 
 
 def test_select_window_is_contiguous_and_random():
-    win = select_train_timesteps(10, 200, "window", window=3, generator=torch.Generator().manual_seed(0))
+    win = select_train_timesteps(
+        10, 200, "window", window=3, generator=torch.Generator().manual_seed(0)
+    )
     assert (win.sum(1) == 3).all()
     starts = win.int().argmax(1)
     for row, s in zip(win, starts.tolist()):

@@ -4,7 +4,11 @@ import math
 
 import pytest
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from r3rl.algos.grpo import grpo_loss, k3_kl, token_logprobs
 
@@ -111,7 +115,14 @@ def test_k3_kl_term():
 def test_masked_garbage_keeps_loss_and_grads_finite():
     logps = torch.tensor([[0.0, -INF], [float("nan"), 0.0]], requires_grad=True)
     mask = torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)
-    loss, _ = grpo_loss(logps, torch.zeros(2, 2), torch.tensor([1.0, -1.0]), mask, ref_logps=torch.zeros(2, 2), beta=0.1)
+    loss, _ = grpo_loss(
+        logps,
+        torch.zeros(2, 2),
+        torch.tensor([1.0, -1.0]),
+        mask,
+        ref_logps=torch.zeros(2, 2),
+        beta=0.1,
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logps.grad).all()
 

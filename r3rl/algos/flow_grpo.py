@@ -13,7 +13,7 @@ scaled by the number of latent elements.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -61,7 +61,9 @@ def _randn(shape: torch.Size, generator: Generator, device: torch.device) -> tor
     )
 
 
-def sde_noise_level(sigma: torch.Tensor, noise_level: float, sigma_cap: float = 0.95) -> torch.Tensor:
+def sde_noise_level(
+    sigma: torch.Tensor, noise_level: float, sigma_cap: float = 0.95
+) -> torch.Tensor:
     """FlowGRPO's diffusion coefficient `σ_t = a·sqrt(σ / (1 − min(σ, cap)))`.
 
     The cap keeps σ=1 (the first step of a 1→0 schedule) finite, as R3 does.
@@ -103,7 +105,10 @@ def _transition_mean(
     if sde_type == "sde":
         dt = sigma_next - sigma
         sigma_t_sq = sde_noise_level(sigma, noise_level, sigma_cap) ** 2
-        return x * (1 + sigma_t_sq / (2 * sigma) * dt) + v * (1 + sigma_t_sq * (1 - sigma) / (2 * sigma)) * dt
+        return (
+            x * (1 + sigma_t_sq / (2 * sigma) * dt)
+            + v * (1 + sigma_t_sq * (1 - sigma) / (2 * sigma)) * dt
+        )
     # cps: re-noise the predicted x0 to σ_next, splitting σ_next² between the predicted noise
     # (deterministic part) and fresh noise (std²), so the marginal noise level is preserved.
     x0 = x - sigma * v
@@ -152,11 +157,15 @@ def sde_step_with_logprob(
     if prev_sample is None:
         prev_sample = mean + std * _randn(x.shape, generator, x.device)
     prev_sample = prev_sample.detach().float()
-    log_density = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    log_density = (
+        -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    )
     return prev_sample, _reduce(log_density, logprob_reduction), mean, std.reshape(-1)
 
 
-def ode_step(velocity: torch.Tensor, sample: torch.Tensor, sigma: Sigma, sigma_next: Sigma) -> torch.Tensor:
+def ode_step(
+    velocity: torch.Tensor, sample: torch.Tensor, sigma: Sigma, sigma_next: Sigma
+) -> torch.Tensor:
     """Plain Euler step `x + v·dt` in float32: the deterministic steps outside the trained ones."""
     x = sample.float()
     return x + velocity.float() * (_per_sample(sigma_next, x) - _per_sample(sigma, x))
@@ -200,7 +209,9 @@ def flow_grpo_loss(
         }
     if prev_mean is not None and ref_prev_mean is not None and std is not None:
         var = _per_sample(std, prev_mean).float() ** 2
-        kl = _reduce((prev_mean.float() - ref_prev_mean.float().detach()) ** 2 / (2 * var), reduction).mean()
+        kl = _reduce(
+            (prev_mean.float() - ref_prev_mean.float().detach()) ** 2 / (2 * var), reduction
+        ).mean()
         loss = loss + beta * kl
         metrics["kl"] = kl.item()
     elif beta != 0.0:

@@ -7,7 +7,9 @@ import torch
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
-def sampling_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def sampling_logits(
+    logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
     """Float32 logits of the distribution `generate()` samples from: /temperature, then top-k,
     then top-p, as HF's warpers do (filtered tokens get -inf, at least one token survives)."""
     scores = logits.float() / temperature
@@ -25,7 +27,12 @@ def sampling_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: in
 
 
 def token_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (B, T) of `token_ids` and per-token entropy (B, T) of the sampling distribution.
 
@@ -35,9 +42,13 @@ def token_logprobs(
     log-prob is infinite, so take reference/KL log-probs without the filter if that can happen.
     `logits` (B, T, V) must be aligned with `token_ids` (logits at position t predict token t).
     """
-    logp_all = torch.log_softmax(sampling_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p), dim=-1)
+    logp_all = torch.log_softmax(
+        sampling_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p), dim=-1
+    )
     logps = logp_all.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
-    p_logp = torch.where(torch.isfinite(logp_all), logp_all.exp() * logp_all, torch.zeros_like(logp_all))
+    p_logp = torch.where(
+        torch.isfinite(logp_all), logp_all.exp() * logp_all, torch.zeros_like(logp_all)
+    )
     return logps, -p_logp.sum(dim=-1)
 
 
@@ -100,7 +111,9 @@ def grpo_loss(
     if loss_type == "grpo":
         loss = (per_token.sum(dim=-1) / n_tokens).mean()
     elif loss_type == "dr_grpo":
-        loss = per_token.sum() / (per_token.shape[0] * (max_completion_length or per_token.shape[1]))
+        loss = per_token.sum() / (
+            per_token.shape[0] * (max_completion_length or per_token.shape[1])
+        )
     else:
         loss = per_token.sum() / mask.sum().clamp(min=1)
     with torch.no_grad():
