@@ -1,0 +1,143 @@
+"""The `r3rl` command line: one subcommand per job, each a small function.
+
+Heavy modules (torch, the trainer) are imported inside the subcommands, so `r3rl --help`
+answers at once. User mistakes (`UserError`) print one line and exit 2; so do usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from r3rl import __version__
+from r3rl.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train from a recipe."""
+    from r3rl.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    from r3rl.trainer import train
+
+    train(cfg)
+    return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    """Evaluation figures as a two-column table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("metric", "value")
+    for key, value in metrics.items():
+        table.add_row(str(key), f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Score rounds 0..N of a recipe's models with the recipe's rewards."""
+    from r3rl.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    from r3rl.evaluate import evaluate
+
+    _print_metrics(evaluate(cfg, args.prompts))
+    return 0
+
+
+def _cmd_rewards_list(args: argparse.Namespace) -> int:
+    """List reward names and where each comes from."""
+    from r3rl.rewards import available_rewards
+
+    rewards = available_rewards()
+    if not rewards:
+        print("no rewards installed; give one as path/to/file.py:function")
+        return 0
+    width = max(len(name) for name in rewards)
+    for name, source in rewards.items():
+        print(f"{name:<{width}}  {source}")
+    return 0
+
+
+def _cmd_data_shapes(args: argparse.Namespace) -> int:
+    """Write a shapes-world prompt file in GenEval format."""
+    from r3rl.shapes.prompts import shapes_prompts, write_jsonl
+
+    write_jsonl(shapes_prompts(args.split, args.n, args.seed), args.out)
+    print(f"wrote {args.n} {args.split} prompts to {args.out}")
+    return 0
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """RECIPE and the dotted overrides that follow it."""
+    parser.add_argument("recipe", metavar="RECIPE", help="YAML recipe, e.g. recipes/shapes_cpu.yaml")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted overrides parsed as YAML, e.g. trainer.max_steps=3 resume=auto",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command tree; a new subcommand is one more `add_parser` block."""
+    parser = argparse.ArgumentParser(
+        prog="r3rl",
+        description="Train image generators that reflect on their own output and refine it.",
+    )
+    parser.add_argument("--version", action="version", version=f"r3rl {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train from a recipe")
+    _add_recipe_args(train)
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = commands.add_parser("eval", help="score rounds 0..N with the recipe's rewards")
+    _add_recipe_args(evaluate)
+    evaluate.add_argument("--prompts", metavar="FILE", help="JSONL prompt file (default: the recipe's eval prompts)")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    rewards = commands.add_parser("rewards", help="reward plugins")
+    rewards_commands = rewards.add_subparsers(dest="rewards_command", required=True, metavar="COMMAND")
+    rewards_commands.add_parser("list", help="names of available rewards and where each comes from").set_defaults(
+        func=_cmd_rewards_list
+    )
+
+    data = commands.add_parser("data", help="prompt files")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    shapes = data_commands.add_parser("shapes", help="write a shapes-world prompt file (GenEval format)")
+    shapes.add_argument("--split", choices=["train", "eval"], default="train")
+    shapes.add_argument("--n", type=int, default=200, help="number of prompts")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--out", required=True, metavar="FILE", help="JSONL file to write")
+    shapes.set_defaults(func=_cmd_data_shapes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (2 for user errors, 130 when interrupted)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling RECIPE's overrides at the first option; take later ones too.
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.func(args)
+    except UserError as e:
+        message = " ".join(str(e).split("\n"))
+        print(f"r3rl: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("r3rl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Shared test helpers: the real CLI in a subprocess, fixture paths, and an installed toy plugin."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+@pytest.fixture
+def minimal_recipe() -> Path:
+    """A recipe with only the required key and a short run."""
+    return FIXTURES / "minimal.yaml"
+
+
+@pytest.fixture
+def run_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """Run `python -m r3rl.cli ARGS` as a user would; `pythonpath` adds plugin directories."""
+
+    def run(*args: str, pythonpath: Path | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+        env = dict(os.environ)
+        paths = [str(p) for p in (pythonpath, REPO) if p is not None]
+        env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        return subprocess.run(
+            [sys.executable, "-m", "r3rl.cli", *args],
+            capture_output=True, text=True, cwd=cwd, env=env, timeout=120,
+        )
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def toy_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A separately *installed* package, `toy-rewards`, that registers rewards through the
+    `r3rl.rewards` entry-point group: a dist-info directory next to its module, which is what
+    pip leaves in site-packages. Put the returned directory on sys.path to install it.
+    """
+    site = tmp_path_factory.mktemp("site")
+    (site / "toy_rewards_pkg.py").write_text(textwrap.dedent('''
+        import asyncio
+
+        def exclamations(prompts, images, metadata, **kwargs):
+            return [float(p.count("!")) for p in prompts]
+
+        async def slow_half(prompts, images, metadata, **kwargs):
+            await asyncio.sleep(0)
+            return [0.5 for _ in prompts]
+
+        class Judge:
+            def __init__(self, bonus=0.0):
+                self.bonus = bonus
+                self.loaded = False
+
+            def setup(self):
+                self.loaded = True
+
+            def __call__(self, prompts, images, metadata, **kwargs):
+                return [self.bonus if self.loaded else None for _ in prompts]
+    '''))
+    dist = site / "toy_rewards-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-rewards\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[r3rl.rewards]\n"
+        "toy_exclamations = toy_rewards_pkg:exclamations\n"
+        "toy_async = toy_rewards_pkg:slow_half\n"
+        "toy_judge = toy_rewards_pkg:Judge\n"
+    )
+    return site

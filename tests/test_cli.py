@@ -1,0 +1,82 @@
+"""The real `r3rl` command: exit codes, one-line errors, and the reward listing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import r3rl
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("r3rl: error: ")
+    return lines[0]
+
+
+def test_version(run_cli) -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"r3rl {r3rl.__version__}"
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "r3rl"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == f"r3rl {r3rl.__version__}"
+
+
+def test_help_lists_the_commands(run_cli) -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("train", "eval", "rewards", "data"):
+        assert f"    {command} " in result.stdout
+
+
+def test_unknown_key_suggests_the_right_one(run_cli, minimal_recipe: Path) -> None:
+    line = _one_error_line(run_cli("train", str(minimal_recipe), "trainer.max_stepz=3"))
+    assert line == "r3rl: error: config error: unknown key 'trainer.max_stepz' (did you mean 'trainer.max_steps'?)"
+
+
+def test_wrong_type_names_key_and_expected_type(run_cli, minimal_recipe: Path) -> None:
+    line = _one_error_line(run_cli("train", str(minimal_recipe), "trainer.max_steps=abc"))
+    assert line == "r3rl: error: config error: trainer.max_steps='abc' is not a valid integer"
+
+
+def test_unknown_reward_lists_available(run_cli, minimal_recipe: Path) -> None:
+    line = _one_error_line(run_cli("train", str(minimal_recipe), "rewards=[{name: no_such_reward}]"))
+    assert "unknown reward 'no_such_reward'" in line
+    assert "available: shapes_geneval" in line
+
+
+def test_missing_recipe_file(run_cli, tmp_path: Path) -> None:
+    line = _one_error_line(run_cli("train", str(tmp_path / "missing.yaml")))
+    assert line == f"r3rl: error: config error: recipe file not found: {tmp_path / 'missing.yaml'}"
+
+
+def test_missing_prompt_file(run_cli, minimal_recipe: Path) -> None:
+    line = _one_error_line(run_cli("train", str(minimal_recipe), "data.train_prompts=no/such.jsonl"))
+    assert line == "r3rl: error: config error: data.train_prompts: file not found: no/such.jsonl"
+
+
+def test_overrides_after_options_are_still_overrides(run_cli, minimal_recipe: Path) -> None:
+    line = _one_error_line(run_cli("eval", str(minimal_recipe), "--prompts", "p.jsonl", "eval.roundz=2"))
+    assert line == "r3rl: error: config error: unknown key 'eval.roundz' (did you mean 'eval.rounds'?)"
+
+
+def test_usage_errors_exit_2(run_cli) -> None:
+    assert run_cli("train").returncode == 2
+    assert run_cli("no-such-command").returncode == 2
+    assert run_cli("rewards", "list", "--bogus").returncode == 2
+
+
+def test_rewards_list_names_builtins_and_installed_plugins(run_cli, toy_plugin_site: Path) -> None:
+    result = run_cli("rewards", "list", pythonpath=toy_plugin_site)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in result.stdout.splitlines()}
+    assert rows["shapes_geneval"] == "builtin (rewards.shapes_geneval:ShapesGenEval)"
+    assert rows["toy_exclamations"] == "package toy-rewards 0.1 (toy_rewards_pkg:exclamations)"
+    assert rows["toy_judge"] == "package toy-rewards 0.1 (toy_rewards_pkg:Judge)"
