@@ -74,7 +74,9 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     """RECIPE and the dotted overrides that follow it."""
-    parser.add_argument("recipe", metavar="RECIPE", help="YAML recipe, e.g. recipes/shapes_cpu.yaml")
+    parser.add_argument(
+        "recipe", metavar="RECIPE", help="YAML recipe, e.g. recipes/shapes_cpu.yaml"
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -99,18 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="score rounds 0..N with the recipe's rewards")
     _add_recipe_args(evaluate)
-    evaluate.add_argument("--prompts", metavar="FILE", help="JSONL prompt file (default: the recipe's eval prompts)")
+    evaluate.add_argument(
+        "--prompts", metavar="FILE", help="JSONL prompt file (default: the recipe's eval prompts)"
+    )
     evaluate.set_defaults(func=_cmd_eval)
 
     rewards = commands.add_parser("rewards", help="reward plugins")
-    rewards_commands = rewards.add_subparsers(dest="rewards_command", required=True, metavar="COMMAND")
-    rewards_commands.add_parser("list", help="names of available rewards and where each comes from").set_defaults(
-        func=_cmd_rewards_list
+    rewards_commands = rewards.add_subparsers(
+        dest="rewards_command", required=True, metavar="COMMAND"
     )
+    rewards_commands.add_parser(
+        "list", help="names of available rewards and where each comes from"
+    ).set_defaults(func=_cmd_rewards_list)
 
     data = commands.add_parser("data", help="prompt files")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    shapes = data_commands.add_parser("shapes", help="write a shapes-world prompt file (GenEval format)")
+    shapes = data_commands.add_parser(
+        "shapes", help="write a shapes-world prompt file (GenEval format)"
+    )
     shapes.add_argument("--split", choices=["train", "eval"], default="train")
     shapes.add_argument("--n", type=int, default=200, help="number of prompts")
     shapes.add_argument("--seed", type=int, default=0)
@@ -124,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling RECIPE's overrides at the first option; take later ones too.
-    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+    if extra and (
+        not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)
+    ):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

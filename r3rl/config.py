@@ -35,9 +35,15 @@ def _existing_file(value: str | None) -> str | None:
 class DataConfig(_Section):
     """Prompt files; null means the shapes world's own split."""
 
-    train_prompts: str | None = Field(None, description="JSONL prompt file for training (null = shapes-world train split).")
-    eval_prompts: str | None = Field(None, description="JSONL prompt file for evaluation (null = shapes-world eval split).")
-    num_eval_prompts: int | None = Field(48, gt=0, description="Evaluate on the first N eval prompts (null = all).")
+    train_prompts: str | None = Field(
+        None, description="JSONL prompt file for training (null = shapes-world train split)."
+    )
+    eval_prompts: str | None = Field(
+        None, description="JSONL prompt file for evaluation (null = shapes-world eval split)."
+    )
+    num_eval_prompts: int | None = Field(
+        48, gt=0, description="Evaluate on the first N eval prompts (null = all)."
+    )
 
     _check_files = field_validator("train_prompts", "eval_prompts")(_existing_file)
 
@@ -46,9 +52,15 @@ class WorldConfig(_Section):
     """The embedded shapes world: image size and the short pretraining of its tiny models."""
 
     image_size: int = Field(32, gt=0, description="Side of the square images in pixels.")
-    cache_dir: str | None = Field(None, description="Where pretrained tiny models are cached (null = default cache).")
-    pretrain_diffusion_steps: int = Field(2000, ge=0, description="Supervised flow-matching steps for the tiny generator/refiner.")
-    pretrain_reflector_steps: int = Field(600, ge=0, description="SFT steps of the tiny reflector on checker-written critiques.")
+    cache_dir: str | None = Field(
+        None, description="Where pretrained tiny models are cached (null = default cache)."
+    )
+    pretrain_diffusion_steps: int = Field(
+        2000, ge=0, description="Supervised flow-matching steps for the tiny generator/refiner."
+    )
+    pretrain_reflector_steps: int = Field(
+        600, ge=0, description="SFT steps of the tiny reflector on checker-written critiques."
+    )
     pretrain_batch_size: int = Field(32, gt=0, description="Batch size of pretraining.")
 
 
@@ -58,7 +70,9 @@ class LoRAConfig(_Section):
     r: int = Field(16, gt=0, description="Adapter rank.")
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
-    target_modules: list[str] | None = Field(None, description="Module names to adapt (null = the adapter's default).")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt (null = the adapter's default)."
+    )
 
 
 class ReflectorConfig(_Section):
@@ -68,16 +82,31 @@ class ReflectorConfig(_Section):
     train: bool = Field(True, description="Train the reflector with GRPO.")
     lr: float = Field(5e-6, gt=0.0, description="AdamW learning rate.")
     lora: LoRAConfig | None = Field(None, description="LoRA settings (null = full fine-tuning).")
-    temperature: float = Field(0.9, gt=0.0, description="Sampling temperature in training rollouts.")
+    temperature: float = Field(
+        0.9, gt=0.0, description="Sampling temperature in training rollouts."
+    )
     top_k: int = Field(50, ge=0, description="Top-k filter when sampling (0 = off).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus filter when sampling (1 = off).")
     max_new_tokens: int = Field(48, gt=0, description="Longest reflection in tokens.")
     epsilon_low: float = Field(0.2, ge=0.0, description="Lower PPO clip of the token ratio.")
-    epsilon_high: float = Field(0.28, ge=0.0, description="Upper PPO clip of the token ratio (DAPO clip-higher).")
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field("grpo", description="Token-loss aggregation: per-sequence mean, constant normaliser, or batch token mean.")
-    beta: float = Field(0.001, ge=0.0, description="Weight of the k3 KL to the reference policy (0 = no reference model).")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the backward pass.")
-    trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint to run.")
+    epsilon_high: float = Field(
+        0.28, ge=0.0, description="Upper PPO clip of the token ratio (DAPO clip-higher)."
+    )
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "grpo",
+        description="Token-loss aggregation: per-sequence mean, constant normaliser, or batch token mean.",
+    )
+    beta: float = Field(
+        0.001,
+        ge=0.0,
+        description="Weight of the k3 KL to the reference policy (0 = no reference model).",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Trade compute for memory in the backward pass."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code shipped with the checkpoint to run."
+    )
 
 
 class GeneratorConfig(_Section):
@@ -88,45 +117,79 @@ class GeneratorConfig(_Section):
     lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
     lora: LoRAConfig | None = Field(None, description="LoRA settings (null = full fine-tuning).")
     num_steps: int = Field(10, gt=0, description="Denoising steps in training rollouts.")
-    guidance_scale: float = Field(1.0, ge=0.0, description="Classifier-free guidance scale (1 = no guidance).")
-    noise_level: float = Field(0.7, ge=0.0, description="SDE noise level a (eta) of the trained steps.")
+    guidance_scale: float = Field(
+        1.0, ge=0.0, description="Classifier-free guidance scale (1 = no guidance)."
+    )
+    noise_level: float = Field(
+        0.7, ge=0.0, description="SDE noise level a (eta) of the trained steps."
+    )
 
 
 class RefinerConfig(GeneratorConfig):
     """The image-editing diffusion model that turns an image and an instruction into a better image."""
 
     train: bool = Field(True, description="Train the refiner with FlowGRPO.")
-    noise_level: float = Field(1.0, ge=0.0, description="SDE noise level a (eta) of the trained steps.")
-    mode: Literal["edit", "regenerate", "region"] = Field("edit", description="edit the image (R3), regenerate from the target prompt (RvR), or refine a region (RefineAnything).")
+    noise_level: float = Field(
+        1.0, ge=0.0, description="SDE noise level a (eta) of the trained steps."
+    )
+    mode: Literal["edit", "regenerate", "region"] = Field(
+        "edit",
+        description="edit the image (R3), regenerate from the target prompt (RvR), or refine a region (RefineAnything).",
+    )
 
 
 class FlowGRPOConfig(_Section):
     """FlowGRPO on denoising steps: clipping, KL and which timesteps are trained."""
 
-    clip_range: float = Field(1e-4, gt=0.0, description="PPO clip of the per-step likelihood ratio.")
+    clip_range: float = Field(
+        1e-4, gt=0.0, description="PPO clip of the per-step likelihood ratio."
+    )
     adv_clip_max: float = Field(5.0, gt=0.0, description="Advantages are clipped to +-this.")
-    beta: float = Field(0.04, ge=0.0, description="Weight of the KL to the reference on transition means.")
-    sde_type: Literal["sde", "cps"] = Field("sde", description="Flow-SDE sampler or coefficients-preserving sampling.")
-    logprob_reduction: Literal["mean", "sum"] = Field("mean", description="Reduce a step's Gaussian log-density over C,H,W by mean or sum.")
-    timesteps: Literal["all", "subset", "one", "window"] = Field("one", description="Which SDE steps are trained (the rest are ODE).")
+    beta: float = Field(
+        0.04, ge=0.0, description="Weight of the KL to the reference on transition means."
+    )
+    sde_type: Literal["sde", "cps"] = Field(
+        "sde", description="Flow-SDE sampler or coefficients-preserving sampling."
+    )
+    logprob_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="Reduce a step's Gaussian log-density over C,H,W by mean or sum."
+    )
+    timesteps: Literal["all", "subset", "one", "window"] = Field(
+        "one", description="Which SDE steps are trained (the rest are ODE)."
+    )
     num_train_timesteps: int = Field(1, gt=0, description="How many steps 'subset' trains.")
     window_size: int = Field(2, gt=0, description="Length of the random SDE window of 'window'.")
-    refine_max_index: int | None = Field(2, gt=0, description="Refiner steps are drawn from the first N (noisiest) only (null = all).")
+    refine_max_index: int | None = Field(
+        2,
+        gt=0,
+        description="Refiner steps are drawn from the first N (noisiest) only (null = all).",
+    )
 
 
 class RolloutConfig(_Section):
     """How episodes are sampled and how credit is assigned."""
 
-    credit: Literal["r3", "tree"] = Field("r3", description="R3's alternating generate/refine steps, or tree credit.")
+    credit: Literal["r3", "tree"] = Field(
+        "r3", description="R3's alternating generate/refine steps, or tree credit."
+    )
     group_size: int = Field(8, ge=2, description="Samples per group (GRPO needs at least 2).")
     max_rounds: int = Field(2, ge=1, description="Reflect-refine rounds per episode in training.")
     tree_k: int = Field(2, ge=1, description="Reflections sampled per tree node.")
     tree_m: int = Field(2, ge=1, description="Refinements sampled per reflection.")
-    perfect_prob: float = Field(0.15, ge=0.0, le=1.0, description="Chance to draw a perfect-score image from the buffer for a refine step.")
+    perfect_prob: float = Field(
+        0.15,
+        ge=0.0,
+        le=1.0,
+        description="Chance to draw a perfect-score image from the buffer for a refine step.",
+    )
     buffer_size: int = Field(256, gt=0, description="Generated images kept for refine steps.")
-    scale_rewards: bool = Field(False, description="Divide advantages by the group std (R3 does not).")
+    scale_rewards: bool = Field(
+        False, description="Divide advantages by the group std (R3 does not)."
+    )
     format_weight: float = Field(1.0, ge=0.0, description="Weight of the reflection format reward.")
-    perfect_stop_bonus: float = Field(1.0, description="Improvement credited for stopping on an already perfect image.")
+    perfect_stop_bonus: float = Field(
+        1.0, description="Improvement credited for stopping on an already perfect image."
+    )
 
 
 class TrainerConfig(_Section):
@@ -139,8 +202,12 @@ class TrainerConfig(_Section):
     grad_accum: int = Field(1, ge=1, description="Rollout batches accumulated per optimiser step.")
     image_loss_weight: float = Field(2.0, ge=0.0, description="Weight of the FlowGRPO loss.")
     text_loss_weight: float = Field(1.0, ge=0.0, description="Weight of the GRPO loss.")
-    log_images_every: int = Field(10, ge=0, description="Log image grids every N steps (0 = never).")
-    max_nonfinite_steps: int = Field(3, ge=1, description="Stop after this many NaN/inf losses in a row.")
+    log_images_every: int = Field(
+        10, ge=0, description="Log image grids every N steps (0 = never)."
+    )
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="Stop after this many NaN/inf losses in a row."
+    )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
 
 
@@ -156,15 +223,24 @@ class EvalConfig(_Section):
 class JudgeConfig(_Section):
     """Limits on reward/judge failures."""
 
-    max_failure_rate: float = Field(0.5, ge=0.0, le=1.0, description="Save and stop when a step's unscored fraction exceeds this.")
+    max_failure_rate: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Save and stop when a step's unscored fraction exceeds this.",
+    )
 
 
 class RewardSpec(_Section):
     """One reward of the weighted sum."""
 
-    name: str = Field(description="Entry-point name (see `r3rl rewards list`) or path/to/file.py:function.")
+    name: str = Field(
+        description="Entry-point name (see `r3rl rewards list`) or path/to/file.py:function."
+    )
     weight: float = Field(1.0, description="Weight in the sum.")
-    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the reward.")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the reward."
+    )
 
     @field_validator("name")
     @classmethod
@@ -179,21 +255,42 @@ class RewardSpec(_Section):
 class Config(_Section):
     """A whole recipe."""
 
-    output_dir: str = Field(description="Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints go.")
+    output_dir: str = Field(
+        description="Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints go."
+    )
     seed: int = Field(0, ge=0, description="Seed of every random number generator.")
-    resume: str | None = Field(None, description="null, 'auto' (newest complete checkpoint in output_dir), or a checkpoint path.")
-    deterministic: bool = Field(True, description="Use deterministic kernels, so runs repeat exactly.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run ('auto' = cuda if available).")
+    resume: str | None = Field(
+        None,
+        description="null, 'auto' (newest complete checkpoint in output_dir), or a checkpoint path.",
+    )
+    deterministic: bool = Field(
+        True, description="Use deterministic kernels, so runs repeat exactly."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to run ('auto' = cuda if available)."
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Prompt files.")
-    world: WorldConfig = Field(default_factory=WorldConfig, description="The embedded shapes world.")
-    reflector: ReflectorConfig = Field(default_factory=ReflectorConfig, description="The reflector (VLM).")
-    generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="The text-to-image generator.")
+    world: WorldConfig = Field(
+        default_factory=WorldConfig, description="The embedded shapes world."
+    )
+    reflector: ReflectorConfig = Field(
+        default_factory=ReflectorConfig, description="The reflector (VLM)."
+    )
+    generator: GeneratorConfig = Field(
+        default_factory=GeneratorConfig, description="The text-to-image generator."
+    )
     refiner: RefinerConfig = Field(default_factory=RefinerConfig, description="The image refiner.")
-    flow_grpo: FlowGRPOConfig = Field(default_factory=FlowGRPOConfig, description="FlowGRPO on denoising steps.")
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling and credit assignment.")
+    flow_grpo: FlowGRPOConfig = Field(
+        default_factory=FlowGRPOConfig, description="FlowGRPO on denoising steps."
+    )
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig, description="Sampling and credit assignment."
+    )
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The training loop.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
-    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Reward/judge failure limits.")
+    judge: JudgeConfig = Field(
+        default_factory=JudgeConfig, description="Reward/judge failure limits."
+    )
     rewards: list[RewardSpec] = Field(
         default_factory=lambda: [RewardSpec.model_construct(name="shapes_geneval")],
         min_length=1,
@@ -282,7 +379,9 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config error: override '{override}' is not valid YAML ({_yaml_problem(e)})") from None
+        raise ConfigError(
+            f"config error: override '{override}' is not valid YAML ({_yaml_problem(e)})"
+        ) from None
     node: Any = data
     parts = dotted.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -343,5 +442,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config error: {path} must be a mapping of keys, not {type(data).__name__}")
+        raise ConfigError(
+            f"config error: {path} must be a mapping of keys, not {type(data).__name__}"
+        )
     return parse_config(data, overrides)

@@ -26,7 +26,9 @@ def _check_object(item: Any, where: str, allowed: set[str]) -> None:
         raise ValueError(f"{where} must be an object, got {item!r}")
     unknown = sorted(set(item) - allowed)
     if unknown:
-        raise ValueError(f"{where} has unknown key '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
+        raise ValueError(
+            f"{where} has unknown key '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})"
+        )
     if not isinstance(item.get("class"), str) or not item["class"]:
         raise ValueError(f"{where}.class must be a non-empty string")
     count = item.get("count")
@@ -92,7 +94,9 @@ def load_prompts(path: str | Path) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise UserError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"
+                ) from None
             try:
                 _check_record(record)
             except ValueError as e:

@@ -35,7 +35,9 @@ def _plain(key: str, value: Any) -> Metric:
         return None  # strict JSON has no NaN; the caller logs its own non-finite counter
     if value is None or isinstance(value, (str, int, float)):
         return value
-    raise TypeError(f"metric '{key}' has type {type(value).__name__}; expected a number, string or None")
+    raise TypeError(
+        f"metric '{key}' has type {type(value).__name__}; expected a number, string or None"
+    )
 
 
 def _drop_rows_from(path: Path, start_step: int) -> None:
@@ -58,7 +60,9 @@ def _drop_rows_from(path: Path, start_step: int) -> None:
     os.replace(tmp, path)
 
 
-def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int, max_lines: int) -> list[str]:
+def _wrap(
+    text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int, max_lines: int
+) -> list[str]:
     """Greedy word wrap to a pixel width; the last kept line ends with '...' when text is cut."""
     lines: list[str] = []
     for paragraph in text.splitlines() or [""]:

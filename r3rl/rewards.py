@@ -160,7 +160,9 @@ class RewardFn:
         params = inspect.signature(fn).parameters
         self.is_text = "completions" in params  # TRL-style fn(prompts, completions, **kwargs)
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        self._accepts: Callable[[str], bool] = (lambda key: True) if takes_any else params.__contains__
+        self._accepts: Callable[[str], bool] = (
+            (lambda key: True) if takes_any else params.__contains__
+        )
 
     def __call__(
         self, prompts: Sequence[str], images: Sequence[Any], metadata: Sequence[dict], **kwargs: Any
@@ -181,7 +183,9 @@ class RewardFn:
         if hasattr(result, "tolist"):
             result = result.tolist()
         if not isinstance(result, (list, tuple)):
-            raise UserError(f"reward '{self.name}' returned {type(result).__name__}; expected a list")
+            raise UserError(
+                f"reward '{self.name}' returned {type(result).__name__}; expected a list"
+            )
         if len(result) != len(prompts):
             raise UserError(
                 f"reward '{self.name}' returned {len(result)} scores for {len(prompts)} samples"

@@ -25,13 +25,20 @@ def minimal_recipe() -> Path:
 def run_cli() -> Callable[..., subprocess.CompletedProcess]:
     """Run `python -m r3rl.cli ARGS` as a user would; `pythonpath` adds plugin directories."""
 
-    def run(*args: str, pythonpath: Path | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    def run(
+        *args: str, pythonpath: Path | None = None, cwd: Path = REPO
+    ) -> subprocess.CompletedProcess:
         env = dict(os.environ)
         paths = [str(p) for p in (pythonpath, REPO) if p is not None]
         env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         return subprocess.run(
             [sys.executable, "-m", "r3rl.cli", *args],
-            capture_output=True, text=True, cwd=cwd, env=env, timeout=120,
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env=env,
+            timeout=120,
         )
 
     return run
@@ -44,7 +51,8 @@ def toy_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pip leaves in site-packages. Put the returned directory on sys.path to install it.
     """
     site = tmp_path_factory.mktemp("site")
-    (site / "toy_rewards_pkg.py").write_text(textwrap.dedent('''
+    (site / "toy_rewards_pkg.py").write_text(
+        textwrap.dedent("""
         import asyncio
 
         def exclamations(prompts, images, metadata, **kwargs):
@@ -64,7 +72,8 @@ def toy_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
             def __call__(self, prompts, images, metadata, **kwargs):
                 return [self.bonus if self.loaded else None for _ in prompts]
-    '''))
+    """)
+    )
     dist = site / "toy_rewards-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-rewards\nVersion: 0.1\n")

@@ -25,7 +25,9 @@ def test_version(run_cli) -> None:
 
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "r3rl"
-    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(script), "--version"], check=False, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and result.stdout.strip() == f"r3rl {r3rl.__version__}"
 
 
@@ -38,7 +40,10 @@ def test_help_lists_the_commands(run_cli) -> None:
 
 def test_unknown_key_suggests_the_right_one(run_cli, minimal_recipe: Path) -> None:
     line = _one_error_line(run_cli("train", str(minimal_recipe), "trainer.max_stepz=3"))
-    assert line == "r3rl: error: config error: unknown key 'trainer.max_stepz' (did you mean 'trainer.max_steps'?)"
+    assert (
+        line
+        == "r3rl: error: config error: unknown key 'trainer.max_stepz' (did you mean 'trainer.max_steps'?)"
+    )
 
 
 def test_wrong_type_names_key_and_expected_type(run_cli, minimal_recipe: Path) -> None:
@@ -47,7 +52,9 @@ def test_wrong_type_names_key_and_expected_type(run_cli, minimal_recipe: Path) -
 
 
 def test_unknown_reward_lists_available(run_cli, minimal_recipe: Path) -> None:
-    line = _one_error_line(run_cli("train", str(minimal_recipe), "rewards=[{name: no_such_reward}]"))
+    line = _one_error_line(
+        run_cli("train", str(minimal_recipe), "rewards=[{name: no_such_reward}]")
+    )
     assert "unknown reward 'no_such_reward'" in line
     assert "available: shapes_geneval" in line
 
@@ -58,13 +65,19 @@ def test_missing_recipe_file(run_cli, tmp_path: Path) -> None:
 
 
 def test_missing_prompt_file(run_cli, minimal_recipe: Path) -> None:
-    line = _one_error_line(run_cli("train", str(minimal_recipe), "data.train_prompts=no/such.jsonl"))
+    line = _one_error_line(
+        run_cli("train", str(minimal_recipe), "data.train_prompts=no/such.jsonl")
+    )
     assert line == "r3rl: error: config error: data.train_prompts: file not found: no/such.jsonl"
 
 
 def test_overrides_after_options_are_still_overrides(run_cli, minimal_recipe: Path) -> None:
-    line = _one_error_line(run_cli("eval", str(minimal_recipe), "--prompts", "p.jsonl", "eval.roundz=2"))
-    assert line == "r3rl: error: config error: unknown key 'eval.roundz' (did you mean 'eval.rounds'?)"
+    line = _one_error_line(
+        run_cli("eval", str(minimal_recipe), "--prompts", "p.jsonl", "eval.roundz=2")
+    )
+    assert (
+        line == "r3rl: error: config error: unknown key 'eval.roundz' (did you mean 'eval.rounds'?)"
+    )
 
 
 def test_usage_errors_exit_2(run_cli) -> None:

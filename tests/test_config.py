@@ -42,18 +42,26 @@ def test_overrides_are_dotted_and_parsed_as_yaml(minimal_recipe: Path) -> None:
 
 
 def test_override_into_a_list_item() -> None:
-    cfg = parse_config({"output_dir": "o", "rewards": [{"name": "shapes_geneval"}]}, ["rewards.0.weight=0.5"])
+    cfg = parse_config(
+        {"output_dir": "o", "rewards": [{"name": "shapes_geneval"}]}, ["rewards.0.weight=0.5"]
+    )
     assert cfg.rewards[0].weight == 0.5
 
 
 def test_unknown_key_suggests_the_closest(minimal_recipe: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(minimal_recipe, ["trainer.max_stepz=3"])
-    assert str(e.value) == "config error: unknown key 'trainer.max_stepz' (did you mean 'trainer.max_steps'?)"
+    assert (
+        str(e.value)
+        == "config error: unknown key 'trainer.max_stepz' (did you mean 'trainer.max_steps'?)"
+    )
 
 
 def test_unknown_key_inside_a_list_item() -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'rewards\[0\]\.wieght' \(did you mean 'rewards\[0\]\.weight'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key 'rewards\[0\]\.wieght' \(did you mean 'rewards\[0\]\.weight'\?\)",
+    ):
         parse_config({"output_dir": "o", "rewards": [{"name": "shapes_geneval", "wieght": 1}]})
 
 
@@ -101,16 +109,24 @@ def test_recipe_that_is_not_yaml(tmp_path: Path) -> None:
 
 
 def test_override_without_equals_sign() -> None:
-    with pytest.raises(ConfigError, match="override 'trainer.max_steps' is not of the form key=value"):
+    with pytest.raises(
+        ConfigError, match="override 'trainer.max_steps' is not of the form key=value"
+    ):
         parse_config({"output_dir": "o"}, ["trainer.max_steps"])
 
 
 def test_prompt_files_must_exist(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=f"data.train_prompts: file not found: {tmp_path}/missing.jsonl"):
-        parse_config({"output_dir": "o", "data": {"train_prompts": str(tmp_path / "missing.jsonl")}})
+    with pytest.raises(
+        ConfigError, match=f"data.train_prompts: file not found: {tmp_path}/missing.jsonl"
+    ):
+        parse_config(
+            {"output_dir": "o", "data": {"train_prompts": str(tmp_path / "missing.jsonl")}}
+        )
     present = tmp_path / "p.jsonl"
     present.write_text('{"prompt": "a circle"}\n')
-    assert parse_config({"output_dir": "o", "data": {"eval_prompts": str(present)}}).data.eval_prompts == str(present)
+    assert parse_config(
+        {"output_dir": "o", "data": {"eval_prompts": str(present)}}
+    ).data.eval_prompts == str(present)
 
 
 def test_resume_is_null_auto_or_an_existing_path(tmp_path: Path) -> None:
@@ -131,7 +147,9 @@ def test_unknown_reward_lists_available_ones() -> None:
 
 def test_file_rewards_are_checked_at_load_time(tmp_path: Path) -> None:
     reward_file = tmp_path / "my_reward.py"
-    reward_file.write_text("def score(prompts, images, metadata):\n    return [1.0] * len(prompts)\n")
+    reward_file.write_text(
+        "def score(prompts, images, metadata):\n    return [1.0] * len(prompts)\n"
+    )
     cfg = parse_config({"output_dir": "o", "rewards": [{"name": f"{reward_file}:score"}]})
     assert cfg.rewards[0].name == f"{reward_file}:score"
     with pytest.raises(ConfigError, match="reward file not found"):
@@ -155,13 +173,20 @@ def test_errors_are_user_errors_on_one_line(minimal_recipe: Path) -> None:
 def _models(model: type[BaseModel]) -> list[type[BaseModel]]:
     found = [model]
     for field in model.model_fields.values():
-        inner = [a for a in (field.annotation, *getattr(field.annotation, "__args__", ())) if isinstance(a, type)]
+        inner = [
+            a
+            for a in (field.annotation, *getattr(field.annotation, "__args__", ()))
+            if isinstance(a, type)
+        ]
         found += [m for a in inner if issubclass(a, BaseModel) for m in _models(a)]
     return found
 
 
 def test_every_field_is_documented() -> None:
     undocumented = [
-        f"{m.__name__}.{name}" for m in _models(Config) for name, f in m.model_fields.items() if not f.description
+        f"{m.__name__}.{name}"
+        for m in _models(Config)
+        for name, f in m.model_fields.items()
+        if not f.description
     ]
     assert undocumented == []

@@ -20,7 +20,9 @@ def _rows(output_dir: Path) -> list[dict]:
 
 
 def _events(output_dir: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(output_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc = EventAccumulator(
+        str(output_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0}
+    )
     acc.Reload()
     return acc
 
@@ -28,12 +30,28 @@ def _events(output_dir: Path) -> EventAccumulator:
 def test_log_appends_one_json_row_per_call(tmp_path: Path) -> None:
     with RunLogger(tmp_path, total_steps=2) as logger:
         logger.log(0, {"eval/final_mean": 0.25})
-        logger.log(1, {"stage": "generate", "reward/mean": np.float32(0.5), "loss/grpo": torch.tensor(2.0),
-                       "kl/text": float("nan"), "judge/failures": 0, "note": None})
+        logger.log(
+            1,
+            {
+                "stage": "generate",
+                "reward/mean": np.float32(0.5),
+                "loss/grpo": torch.tensor(2.0),
+                "kl/text": float("nan"),
+                "judge/failures": 0,
+                "note": None,
+            },
+        )
     assert _rows(tmp_path) == [
         {"step": 0, "eval/final_mean": 0.25},
-        {"step": 1, "stage": "generate", "reward/mean": 0.5, "loss/grpo": 2.0, "kl/text": None,
-         "judge/failures": 0, "note": None},
+        {
+            "step": 1,
+            "stage": "generate",
+            "reward/mean": 0.5,
+            "loss/grpo": 2.0,
+            "kl/text": None,
+            "judge/failures": 0,
+            "note": None,
+        },
     ]
 
 
@@ -43,7 +61,11 @@ def test_numbers_go_to_tensorboard_scalars(tmp_path: Path) -> None:
             logger.log(step, {"reward/mean": reward, "stage": "refine"})
     acc = _events(tmp_path)
     assert acc.Tags()["scalars"] == ["reward/mean"]  # strings are not scalars
-    assert [(e.step, e.value) for e in acc.Scalars("reward/mean")] == [(1, 0.25), (2, 0.5), (3, 0.75)]
+    assert [(e.step, e.value) for e in acc.Scalars("reward/mean")] == [
+        (1, 0.25),
+        (2, 0.5),
+        (3, 0.75),
+    ]
 
 
 def test_image_grid_goes_to_tensorboard(tmp_path: Path) -> None:
@@ -69,7 +91,9 @@ def test_image_grid_enlarges_pixels_and_leaves_room_for_captions() -> None:
 
 def test_resume_drops_rows_from_the_interrupted_run(tmp_path: Path) -> None:
     rows = [json.dumps({"step": s, "reward/mean": s / 10}) for s in range(5)]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 5, "rew')  # killed mid-write
+    (tmp_path / "metrics.jsonl").write_text(
+        "\n".join(rows) + '\n{"step": 5, "rew'
+    )  # killed mid-write
     with RunLogger(tmp_path, total_steps=10, start_step=3) as logger:
         logger.log(3, {"reward/mean": 1.0})
     assert _rows(tmp_path) == [

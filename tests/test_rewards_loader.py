@@ -34,7 +34,10 @@ def test_builtins_are_registered_through_the_entry_point_group() -> None:
 
 
 def test_installed_package_reward_is_listed_and_loads_by_name(toy_installed: None) -> None:
-    assert available_rewards()["toy_exclamations"] == "package toy-rewards 0.1 (toy_rewards_pkg:exclamations)"
+    assert (
+        available_rewards()["toy_exclamations"]
+        == "package toy-rewards 0.1 (toy_rewards_pkg:exclamations)"
+    )
     fn = load_reward("toy_exclamations")
     assert fn(PROMPTS, IMAGES, METADATA) == [1.0, 2.0, 0.0]
 
@@ -73,14 +76,18 @@ def test_file_class_is_instantiated_and_set_up_once() -> None:
 
 
 def test_file_without_the_function_suggests_one() -> None:
-    with pytest.raises(UserError, match="has no 'prompt_lenght' \\(did you mean 'prompt_length'\\?\\)"):
+    with pytest.raises(
+        UserError, match="has no 'prompt_lenght' \\(did you mean 'prompt_length'\\?\\)"
+    ):
         load_reward(f"{FILE_REWARDS}:prompt_lenght")
 
 
 def test_unknown_name_suggests_and_lists_available() -> None:
     with pytest.raises(UserError) as e:
         load_reward("shapes_genevall")
-    assert str(e.value).startswith("unknown reward 'shapes_genevall' (did you mean 'shapes_geneval'?); available: ")
+    assert str(e.value).startswith(
+        "unknown reward 'shapes_genevall' (did you mean 'shapes_geneval'?); available: "
+    )
     assert "shapes_geneval" in str(e.value).split("available: ")[1]
 
 
@@ -92,8 +99,14 @@ def test_none_means_unscored_and_non_finite_too() -> None:
 def test_numpy_and_torch_scores_become_floats() -> None:
     as_array = _fn("np", lambda prompts, images, metadata: np.array([1, 2, 3], dtype=np.float32))
     as_tensor = _fn("torch", lambda prompts, images, metadata: torch.tensor([0.5, 1.5, 2.5]))
-    as_scalars = _fn("scalars", lambda prompts, images, metadata: [np.float64(1.0), torch.tensor(2.0), 3])
-    for fn, expected in [(as_array, [1.0, 2.0, 3.0]), (as_tensor, [0.5, 1.5, 2.5]), (as_scalars, [1.0, 2.0, 3.0])]:
+    as_scalars = _fn(
+        "scalars", lambda prompts, images, metadata: [np.float64(1.0), torch.tensor(2.0), 3]
+    )
+    for fn, expected in [
+        (as_array, [1.0, 2.0, 3.0]),
+        (as_tensor, [0.5, 1.5, 2.5]),
+        (as_scalars, [1.0, 2.0, 3.0]),
+    ]:
         scores = fn(PROMPTS, IMAGES, METADATA)
         assert scores == expected and all(type(s) is float for s in scores)
 
@@ -106,7 +119,9 @@ def test_wrong_number_of_scores_is_a_clear_error() -> None:
 
 def test_non_numeric_score_is_a_clear_error() -> None:
     fn = _fn("words", lambda prompts, images, metadata: ["good", "bad", "ugly"])
-    with pytest.raises(UserError, match="reward 'words' returned 'good'; expected a number or None"):
+    with pytest.raises(
+        UserError, match="reward 'words' returned 'good'; expected a number or None"
+    ):
         fn(PROMPTS, IMAGES, METADATA)
 
 
@@ -125,7 +140,11 @@ def test_text_reward_without_kwargs_gets_only_what_it_names() -> None:
         return [len(c) - len(p) for p, c in zip(prompts, completions)]
 
     fn = _fn("length", length)
-    assert fn(PROMPTS, IMAGES, METADATA, completions=["abcdefghij"] * 3, step=4) == [1.0, -3.0, -4.0]
+    assert fn(PROMPTS, IMAGES, METADATA, completions=["abcdefghij"] * 3, step=4) == [
+        1.0,
+        -3.0,
+        -4.0,
+    ]
 
 
 def test_text_reward_without_completions_is_a_clear_error() -> None:
@@ -148,7 +167,10 @@ def _write_components(tmp_path: Path) -> Path:
 
 def test_combined_reward_weights_masks_and_counts(tmp_path: Path) -> None:
     module = _write_components(tmp_path)
-    specs = [RewardSpec(name=f"{module}:a", weight=2.0), RewardSpec(name=f"{module}:b", weight=-1.0)]
+    specs = [
+        RewardSpec(name=f"{module}:a", weight=2.0),
+        RewardSpec(name=f"{module}:b", weight=-1.0),
+    ]
     result = CombinedReward(specs)(PROMPTS, IMAGES, METADATA)
     # sample 0: 2*1.0 - 1*0.5 = 1.5; samples 1 and 2 have a None component, so no total
     assert result.total == [1.5, None, None]
@@ -159,9 +181,9 @@ def test_combined_reward_weights_masks_and_counts(tmp_path: Path) -> None:
 
 def test_combined_reward_repeated_names_get_distinct_keys(tmp_path: Path) -> None:
     module = _write_components(tmp_path)
-    result = CombinedReward([RewardSpec(name=f"{module}:c"), RewardSpec(name=f"{module}:c", weight=0.5)])(
-        PROMPTS, IMAGES, METADATA
-    )
+    result = CombinedReward(
+        [RewardSpec(name=f"{module}:c"), RewardSpec(name=f"{module}:c", weight=0.5)]
+    )(PROMPTS, IMAGES, METADATA)
     assert list(result.components) == ["c", "c#2"]
     assert result.total == [6.0, 6.0, 6.0]  # 4 + 0.5*4
 
@@ -177,8 +199,12 @@ def test_combined_reward_runs_components_concurrently(tmp_path: Path) -> None:
 
 def test_combined_reward_passes_completions_to_text_rewards(tmp_path: Path) -> None:
     module = tmp_path / "text.py"
-    module.write_text("def fmt(completions, **kw):\n    return [float('</think>' in c) for c in completions]\n")
+    module.write_text(
+        "def fmt(completions, **kw):\n    return [float('</think>' in c) for c in completions]\n"
+    )
     module_c = _write_components(tmp_path)
-    combined = CombinedReward([RewardSpec(name=f"{module}:fmt"), RewardSpec(name=f"{module_c}:c", weight=0.25)])
+    combined = CombinedReward(
+        [RewardSpec(name=f"{module}:fmt"), RewardSpec(name=f"{module_c}:c", weight=0.25)]
+    )
     result = combined(PROMPTS, IMAGES, METADATA, completions=["<think></think>x", "x", "</think>"])
     assert result.total == [2.0, 1.0, 2.0]  # fmt + 0.25*4
