@@ -67,8 +67,9 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
     """Write a shapes-world prompt file in GenEval format."""
     from r3rl.shapes.prompts import shapes_prompts, write_jsonl
 
-    write_jsonl(shapes_prompts(args.split, args.n, args.seed), args.out)
-    print(f"wrote {args.n} {args.split} prompts to {args.out}")
+    records = shapes_prompts(args.split, args.n, args.seed)
+    write_jsonl(records, args.out)
+    print(f"wrote {len(records)} {args.split} prompts to {args.out}")
     return 0
 
 
