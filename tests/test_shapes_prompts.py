@@ -14,7 +14,12 @@ def test_all_prompts_cover_every_combination_once():
     # position 6 pairs * 4 relations = 24, color_attr 6 pairs * (6*5) colour pairs = 180
     records = all_prompts()
     assert Counter(r["tag"] for r in records) == {
-        "single_object": 3, "two_object": 6, "counting": 9, "colors": 18, "position": 24, "color_attr": 180,
+        "single_object": 3,
+        "two_object": 6,
+        "counting": 9,
+        "colors": 18,
+        "position": 24,
+        "color_attr": 180,
     }
     assert len({r["prompt"] for r in records}) == 240
 
@@ -22,7 +27,11 @@ def test_all_prompts_cover_every_combination_once():
 @pytest.mark.parametrize(
     "record",
     [
-        {"tag": "single_object", "include": [{"class": "triangle", "count": 1}], "prompt": "a photo of a triangle"},
+        {
+            "tag": "single_object",
+            "include": [{"class": "triangle", "count": 1}],
+            "prompt": "a photo of a triangle",
+        },
         {
             "tag": "two_object",
             "include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1}],
@@ -34,15 +43,25 @@ def test_all_prompts_cover_every_combination_once():
             "exclude": [{"class": "circle", "count": 4}],
             "prompt": "a photo of three circles",
         },
-        {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "orange"}], "prompt": "a photo of an orange circle"},
+        {
+            "tag": "colors",
+            "include": [{"class": "circle", "count": 1, "color": "orange"}],
+            "prompt": "a photo of an orange circle",
+        },
         {
             "tag": "position",
-            "include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["right of", 0]}],
+            "include": [
+                {"class": "square", "count": 1},
+                {"class": "circle", "count": 1, "position": ["right of", 0]},
+            ],
             "prompt": "a photo of a circle right of a square",
         },
         {
             "tag": "color_attr",
-            "include": [{"class": "triangle", "count": 1, "color": "yellow"}, {"class": "square", "count": 1, "color": "purple"}],
+            "include": [
+                {"class": "triangle", "count": 1, "color": "yellow"},
+                {"class": "square", "count": 1, "color": "purple"},
+            ],
             "prompt": "a photo of a yellow triangle and a purple square",
         },
     ],
@@ -57,7 +76,10 @@ def test_records_have_geneval_format(record):
 def test_position_refers_to_include_zero_and_color_attr_uses_two_classes_and_colours():
     for r in all_prompts():
         if r["tag"] == "position":
-            assert r["include"][1]["position"][1] == 0 and r["include"][0]["class"] != r["include"][1]["class"]
+            assert (
+                r["include"][1]["position"][1] == 0
+                and r["include"][0]["class"] != r["include"][1]["class"]
+            )
         if r["tag"] == "color_attr":
             a, b = r["include"]
             assert a["class"] != b["class"] and a["color"] != b["color"]
@@ -71,7 +93,14 @@ def test_split_is_disjoint_complete_and_stratified():
     per_tag = Counter(r["tag"] for r in evals)
     # round-robin over tags, each capped at a third of its prompts:
     # single 1, two_object 2, counting 3, colors 6, position 8, the remaining 28 color_attr
-    assert per_tag == {"single_object": 1, "two_object": 2, "counting": 3, "colors": 6, "position": 8, "color_attr": 28}
+    assert per_tag == {
+        "single_object": 1,
+        "two_object": 2,
+        "counting": 3,
+        "colors": 6,
+        "position": 8,
+        "color_attr": 28,
+    }
     assert [r["tag"] for r in evals[:6]] == list(TAGS)  # interleaved: any prefix is balanced
 
 

@@ -26,7 +26,10 @@ GREEN_TRIANGLE = Obj("triangle", "green", 0.5, 0.15, 0.22)
 
 POSITION = {
     "tag": "position",
-    "include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["left of", 0]}],
+    "include": [
+        {"class": "square", "count": 1},
+        {"class": "circle", "count": 1, "position": ["left of", 0]},
+    ],
     "prompt": "a photo of a circle left of a square",
 }
 COUNTING = {
@@ -37,18 +40,29 @@ COUNTING = {
 }
 COLOR_ATTR = {
     "tag": "color_attr",
-    "include": [{"class": "circle", "count": 1, "color": "red"}, {"class": "square", "count": 1, "color": "blue"}],
+    "include": [
+        {"class": "circle", "count": 1, "color": "red"},
+        {"class": "square", "count": 1, "color": "blue"},
+    ],
     "prompt": "a photo of a red circle and a blue square",
 }
 METAS = [
-    {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"},
+    {
+        "tag": "single_object",
+        "include": [{"class": "circle", "count": 1}],
+        "prompt": "a photo of a circle",
+    },
     {
         "tag": "two_object",
         "include": [{"class": "circle", "count": 1}, {"class": "triangle", "count": 1}],
         "prompt": "a photo of a circle and a triangle",
     },
     COUNTING,
-    {"tag": "colors", "include": [{"class": "square", "count": 1, "color": "orange"}], "prompt": "a photo of an orange square"},
+    {
+        "tag": "colors",
+        "include": [{"class": "square", "count": 1, "color": "orange"}],
+        "prompt": "a photo of an orange square",
+    },
     POSITION,
     COLOR_ATTR,
 ]
@@ -82,14 +96,20 @@ def test_render_without_antialias_uses_only_palette_and_background():
 
 
 def test_render_is_deterministic():
-    assert np.array_equal(_pixels(render([RED_CIRCLE, BLUE_SQUARE])), _pixels(render([RED_CIRCLE, BLUE_SQUARE])))
+    assert np.array_equal(
+        _pixels(render([RED_CIRCLE, BLUE_SQUARE])), _pixels(render([RED_CIRCLE, BLUE_SQUARE]))
+    )
 
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_unchanged_object_renders_bit_identically_whatever_else_changes(size):
     alone = _pixels(render([RED_CIRCLE], size))
     own = (alone != np.array(BG)).any(-1)  # every pixel the red circle touches
-    for other in (BLUE_SQUARE, Obj("triangle", "yellow", 0.75, 0.6, 0.34), Obj("circle", "purple", 0.7, 0.3, 0.22)):
+    for other in (
+        BLUE_SQUARE,
+        Obj("triangle", "yellow", 0.75, 0.6, 0.34),
+        Obj("circle", "purple", 0.7, 0.3, 0.22),
+    ):
         together = _pixels(render([RED_CIRCLE, other], size))
         assert np.array_equal(together[own], alone[own])
 
@@ -111,21 +131,32 @@ def test_relations_follow_geneval_threshold():
     # offset (-0.25, -0.35), shrink 0.052 -> (-0.198, -0.298) / 0.430 = (-0.46, -0.69): above only
     assert relations(GREEN_TRIANGLE, BLUE_SQUARE) == {"above"}
     # offset (0.05, 0.3), shrink 0.06: x revised 0, y 0.24/0.304 = 0.79: below only
-    assert relations(Obj("circle", "red", 0.55, 0.8, 0.3), Obj("square", "red", 0.5, 0.5, 0.3)) == {"below"}
+    assert relations(Obj("circle", "red", 0.55, 0.8, 0.3), Obj("square", "red", 0.5, 0.5, 0.3)) == {
+        "below"
+    }
     # offsets within the shrink: no relation
-    assert relations(Obj("circle", "red", 0.52, 0.5, 0.3), Obj("square", "red", 0.5, 0.5, 0.3)) == set()
+    assert (
+        relations(Obj("circle", "red", 0.52, 0.5, 0.3), Obj("square", "red", 0.5, 0.5, 0.3))
+        == set()
+    )
 
 
 def test_satisfies_applies_counts_colours_positions_and_excludes():
     assert satisfies([RED_CIRCLE, BLUE_SQUARE], POSITION)
-    assert not satisfies([Obj("circle", "red", 0.75, 0.5, 0.3), Obj("square", "blue", 0.25, 0.5, 0.3)], POSITION)
+    assert not satisfies(
+        [Obj("circle", "red", 0.75, 0.5, 0.3), Obj("square", "blue", 0.25, 0.5, 0.3)], POSITION
+    )
     assert satisfies([RED_CIRCLE, BLUE_SQUARE], COLOR_ATTR)
-    assert not satisfies([Obj("circle", "blue", 0.25, 0.5, 0.3), Obj("square", "red", 0.75, 0.5, 0.3)], COLOR_ATTR)
+    assert not satisfies(
+        [Obj("circle", "blue", 0.25, 0.5, 0.3), Obj("square", "red", 0.75, 0.5, 0.3)], COLOR_ATTR
+    )
     tri = [Obj("triangle", "red", 0.2 + 0.3 * k, 0.5, 0.22) for k in range(4)]
     assert satisfies(tri[:3], COUNTING)
     assert not satisfies(tri[:2], COUNTING)
     assert not satisfies(tri, COUNTING)
-    bare = {k: v for k, v in COUNTING.items() if k != "exclude"}  # counting without exclude is still exact
+    bare = {
+        k: v for k, v in COUNTING.items() if k != "exclude"
+    }  # counting without exclude is still exact
     assert not satisfies(tri, bare)
 
 
@@ -135,7 +166,12 @@ def test_satisfies_applies_counts_colours_positions_and_excludes():
 def _separated(objs):
     """Every pair of boxes is at least GAP apart along some axis, and inside the canvas."""
     for i, a in enumerate(objs):
-        assert 0 < a.x - a.size / 2 and a.x + a.size / 2 < 1 and 0 < a.y - a.size / 2 and a.y + a.size / 2 < 1
+        assert (
+            0 < a.x - a.size / 2
+            and a.x + a.size / 2 < 1
+            and 0 < a.y - a.size / 2
+            and a.y + a.size / 2 < 1
+        )
         for b in objs[i + 1 :]:
             reach = (a.size + b.size) / 2 + GAP - 1e-9
             assert abs(a.x - b.x) >= reach or abs(a.y - b.y) >= reach
@@ -144,10 +180,20 @@ def _separated(objs):
 @pytest.mark.parametrize("meta", METAS, ids=[m["tag"] for m in METAS])
 def test_sample_scene_draws_exactly_the_asked_objects_apart_and_large(meta):
     rng = random.Random(0)
-    wanted = sorted((r["class"], r.get("color")) for r in meta["include"] for _ in range(r["count"]))
+    wanted = sorted(
+        (r["class"], r.get("color")) for r in meta["include"] for _ in range(r["count"])
+    )
     for _ in range(20):
         objs = sample_scene(meta, rng)
-        got = sorted((o.shape, o.color if any("color" in r for r in meta["include"] if r["class"] == o.shape) else None) for o in objs)
+        got = sorted(
+            (
+                o.shape,
+                o.color
+                if any("color" in r for r in meta["include"] if r["class"] == o.shape)
+                else None,
+            )
+            for o in objs
+        )
         assert got == wanted
         assert all(0.22 <= o.size <= 0.34 and o.color in COLORS for o in objs)
         _separated(objs)
@@ -184,7 +230,10 @@ def test_add_appends_one_new_object_and_keeps_the_rest():
 
 
 def test_remove_drops_the_named_object():
-    assert apply_instruction(SCENE, "remove the blue square", random.Random(0)) == [RED_CIRCLE, GREEN_TRIANGLE]
+    assert apply_instruction(SCENE, "remove the blue square", random.Random(0)) == [
+        RED_CIRCLE,
+        GREEN_TRIANGLE,
+    ]
 
 
 def test_make_recolours_or_reshapes_in_place():

@@ -30,42 +30,64 @@ def all_prompts() -> list[dict]:
     """Every distinct record the world supports, grouped by tag in TAGS order."""
     records: list[dict] = []
     for s in SHAPES:
-        records.append({"tag": "single_object", "include": [{"class": s, "count": 1}], "prompt": f"a photo of {_a(s)}"})
+        records.append(
+            {
+                "tag": "single_object",
+                "include": [{"class": s, "count": 1}],
+                "prompt": f"a photo of {_a(s)}",
+            }
+        )
     for a, b in permutations(SHAPES, 2):
-        records.append({
-            "tag": "two_object",
-            "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
-            "prompt": f"a photo of {_a(a)} and {_a(b)}",
-        })
+        records.append(
+            {
+                "tag": "two_object",
+                "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+                "prompt": f"a photo of {_a(a)} and {_a(b)}",
+            }
+        )
     for s in SHAPES:
         for n in COUNTS:
-            records.append({
-                "tag": "counting",
-                "include": [{"class": s, "count": n}],
-                "exclude": [{"class": s, "count": n + 1}],
-                "prompt": f"a photo of {NUMBERS[n]} {s}s",
-            })
+            records.append(
+                {
+                    "tag": "counting",
+                    "include": [{"class": s, "count": n}],
+                    "exclude": [{"class": s, "count": n + 1}],
+                    "prompt": f"a photo of {NUMBERS[n]} {s}s",
+                }
+            )
     for s in SHAPES:
         for c in COLORS:
-            records.append({
-                "tag": "colors",
-                "include": [{"class": s, "count": 1, "color": c}],
-                "prompt": f"a photo of {_a(c)} {s}",
-            })
+            records.append(
+                {
+                    "tag": "colors",
+                    "include": [{"class": s, "count": 1, "color": c}],
+                    "prompt": f"a photo of {_a(c)} {s}",
+                }
+            )
     for a, b in permutations(SHAPES, 2):
         for rel in RELATIONS:
-            records.append({
-                "tag": "position",
-                "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
-                "prompt": f"a photo of {_a(a)} {rel} {_a(b)}",
-            })
+            records.append(
+                {
+                    "tag": "position",
+                    "include": [
+                        {"class": b, "count": 1},
+                        {"class": a, "count": 1, "position": [rel, 0]},
+                    ],
+                    "prompt": f"a photo of {_a(a)} {rel} {_a(b)}",
+                }
+            )
     for a, b in permutations(SHAPES, 2):
         for ca, cb in permutations(COLORS, 2):
-            records.append({
-                "tag": "color_attr",
-                "include": [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
-                "prompt": f"a photo of {_a(ca)} {a} and {_a(cb)} {b}",
-            })
+            records.append(
+                {
+                    "tag": "color_attr",
+                    "include": [
+                        {"class": a, "count": 1, "color": ca},
+                        {"class": b, "count": 1, "color": cb},
+                    ],
+                    "prompt": f"a photo of {_a(ca)} {a} and {_a(cb)} {b}",
+                }
+            )
     return records
 
 
@@ -75,7 +97,9 @@ def _eval_quota(sizes: dict[str, int], n_eval: int) -> dict[str, int]:
     instead of 3/4 color_attr under proportional sampling."""
     caps = {t: n // 3 for t, n in sizes.items()}
     if not len(sizes) <= n_eval <= sum(caps.values()) or min(caps.values()) < 1:
-        raise ValueError(f"n_eval={n_eval}: expected {len(sizes)}..{sum(caps.values())} (one per tag, a third of each tag at most)")
+        raise ValueError(
+            f"n_eval={n_eval}: expected {len(sizes)}..{sum(caps.values())} (one per tag, a third of each tag at most)"
+        )
     quota = dict.fromkeys(sizes, 0)
     while n_eval:
         for t in sizes:

@@ -154,9 +154,7 @@ def satisfies(objs: Sequence[Obj], meta: dict, threshold: float = POSITION_THRES
             if any(rel not in relations(o, t, threshold) for o in found for t in matched[target]):
                 return False
         matched.append(found)
-    return all(
-        sum(o.shape == req["class"] for o in objs) < req["count"] for req in _excludes(meta)
-    )
+    return all(sum(o.shape == req["class"] for o in objs) < req["count"] for req in _excludes(meta))
 
 
 def _excludes(meta: dict) -> list[dict]:
@@ -233,7 +231,7 @@ def _move(objs: Sequence[Obj], i: int, side: str) -> Obj:
     obj, others = objs[i], [o for j, o in enumerate(objs) if j != i]
     half = obj.size / 2
     lo, hi = MARGIN + half, 1 - MARGIN - half
-    steps = int(round((hi - lo) / 0.01))
+    steps = round((hi - lo) / 0.01)
     grid = [lo + (hi - lo) * k / steps for k in range(steps + 1)]
     toward = [v for v in grid if (v + half <= 0.5 if side in ("left", "top") else v - half >= 0.5)]
     if side in ("right", "bottom"):
@@ -277,7 +275,13 @@ def apply_instruction(objs: Sequence[Obj], instruction: str, rng: random.Random)
     if verb == "make" and len(rest) == 1 and rest[0] in COLORS and rest[0] != color:
         objs[i] = dataclasses.replace(objs[i], color=rest[0])
         return objs
-    if verb == "make" and len(rest) == 2 and rest[0] == "a" and rest[1] in SHAPES and rest[1] != shape:
+    if (
+        verb == "make"
+        and len(rest) == 2
+        and rest[0] == "a"
+        and rest[1] in SHAPES
+        and rest[1] != shape
+    ):
         objs[i] = dataclasses.replace(objs[i], shape=rest[1])
         return objs
     if verb == "move" and len(rest) == 3 and rest[:2] == ["to", "the"] and rest[2] in SIDES:
@@ -295,7 +299,9 @@ def _required(meta: dict, scene: Sequence[Obj]) -> list[int]:
     return [i for i, o in enumerate(scene) if o.shape in classes]
 
 
-def _unused_shape(meta: dict, scene: Sequence[Obj], keep_color: str, rng: random.Random) -> str | None:
+def _unused_shape(
+    meta: dict, scene: Sequence[Obj], keep_color: str, rng: random.Random
+) -> str | None:
     """A shape outside the metadata that no object of `keep_color` has, so the flawed
     object stays uniquely nameable; any other free shape when all three are used."""
     classes = {req["class"] for req in meta["include"]}
@@ -334,7 +340,11 @@ def _flaw_color(meta: dict, scene: list[Obj], rng: random.Random) -> tuple[list[
     colored = {req["class"]: req["color"] for req in meta["include"] if "color" in req}
     i = rng.choice([i for i, o in enumerate(scene) if o.shape in colored])
     obj = scene[i]
-    free = [c for c in COLORS if c != obj.color and all((o.color, o.shape) != (c, obj.shape) for o in scene)]
+    free = [
+        c
+        for c in COLORS
+        if c != obj.color and all((o.color, o.shape) != (c, obj.shape) for o in scene)
+    ]
     flawed = list(scene)
     flawed[i] = dataclasses.replace(obj, color=rng.choice(free))
     return flawed, f"make the {flawed[i].color} {obj.shape} {obj.color}"
@@ -397,6 +407,8 @@ def make_edit_pair(meta: dict, rng: random.Random) -> tuple[list[Obj], str, list
             fixed = apply_instruction(flawed, instruction, rng)
         except ValueError:
             continue
-        if satisfies(fixed, meta, threshold=2 * POSITION_THRESHOLD) and not satisfies(flawed, meta, threshold=0.0):
+        if satisfies(fixed, meta, threshold=2 * POSITION_THRESHOLD) and not satisfies(
+            flawed, meta, threshold=0.0
+        ):
             return flawed, instruction, fixed
     raise RuntimeError(f"could not make an edit pair for {meta.get('prompt', meta)!r}")
