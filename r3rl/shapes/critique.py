@@ -22,7 +22,13 @@ from r3rl.shapes.scene import (
     apply_instruction,
     relations,
 )
-from rewards.shapes_geneval import Detection, Outcome, evaluate, exclude_clauses
+from rewards.shapes_geneval import (
+    Detection,
+    Outcome,
+    evaluate,
+    exclude_clauses,
+    relative_position,
+)
 
 MAX_SPOKEN = 9  # counts above this are said "many": keeps the vocabulary closed
 OTHER_SIDE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
@@ -85,9 +91,8 @@ def _fix_color(meta: dict, failed: Outcome) -> tuple[str, str]:
     seen = sorted({d.color for d in failed.found})
     see = " and ".join(_thing(sum(d.color == c for d in failed.found), c, cls) for c in seen)
     wrong = next(d for d in failed.found if d.color != color)
-    return _want_see(
-        _thing(req.get("count", 1), color, cls), see
-    ), f"make the {wrong.color} {cls} {color}"
+    analysis = _want_see(_thing(req.get("count", 1), color, cls), see)
+    return analysis, f"make the {wrong.color} {cls} {color}"
 
 
 def _fix_position(
@@ -98,8 +103,8 @@ def _fix_position(
     req = meta["include"][failed.index]
     rel, j = req["position"]
     target = next(o for o in outcomes if o.index == j and o.kind != "exclude").found[0]
-    subject = next(s for s in failed.found if rel not in relations(*_as_objs([s, target])))
-    seen = " and ".join(sorted(relations(*_as_objs([subject, target])))) or "near"
+    subject = next(s for s in failed.found if rel not in relative_position(s, target))
+    seen = " and ".join(sorted(relative_position(subject, target))) or "near"
     analysis = _want_see(
         f"{subject.shape} {rel} {target.shape}", f"{subject.shape} {seen} {target.shape}"
     )
@@ -124,9 +129,8 @@ def _fix_exclude(meta: dict, failed: Outcome) -> tuple[str, str]:
     limit = exclude_clauses(meta)[failed.index]["count"]
     unique = [d for d in failed.found if sum(e.color == d.color for e in failed.found) == 1]
     victim = (unique or list(failed.found))[-1]
-    return _want_see(
-        _thing(limit - 1, None, cls), _thing(_num(len(failed.found)), None, cls)
-    ), f"remove the {victim.color} {cls}"
+    analysis = _want_see(_thing(limit - 1, None, cls), _thing(_num(len(failed.found)), None, cls))
+    return analysis, f"remove the {victim.color} {cls}"
 
 
 def critique(meta: dict, detections: list[Detection]) -> tuple[str, str | None]:
