@@ -98,6 +98,22 @@ def test_checkpoint_generation_defaults_do_not_change_the_sampled_distribution()
         torch.testing.assert_close(logps[i, : len(r.token_ids)], torch.tensor(r.logprobs), atol=1e-4, rtol=0)
 
 
+def test_image_placeholders_are_never_sampled():
+    """With every logit equal, sampling is uniform over the vocabulary minus the 2 placeholders."""
+    reflector = build_tiny_reflector(CORPUS, 32, seed=0)
+    with torch.no_grad():
+        reflector.model.lm_head.weight.zero_()
+    vocab = reflector.model.config.text_config.vocab_size
+    placeholders = set(reflector.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"]))
+    out = reflector.reflect(PROMPTS * 2, IMAGES * 2, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=32, seed=0)
+    assert not placeholders & {t for r in out for t in r.token_ids}
+    for r in out:
+        torch.testing.assert_close(torch.tensor(r.logprobs), torch.full((len(r.logprobs),), -math.log(vocab - 2)))
+    logps, mask, _ = reflector.completion_logprobs(PROMPTS * 2, IMAGES * 2, [r.token_ids for r in out],
+                                                   temperature=1.0, top_k=0, top_p=1.0, with_grad=False)
+    torch.testing.assert_close(logps[mask], torch.full((int(mask.sum()),), -math.log(vocab - 2)))
+
+
 def test_completion_logprobs_carry_gradients(reflector):
     logps, mask, _ = reflector.completion_logprobs(
         PROMPTS[:2], IMAGES[:2], _ids(reflector, "see red square", " blue"), temperature=1.0, top_k=0, top_p=1.0

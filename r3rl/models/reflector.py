@@ -157,6 +157,10 @@ class HFReflector:
         self.stop_ids = sorted({self.end_id, self.tokenizer.eos_token_id, *gen_eos} - {None})
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.end_id if pad is None else pad
+        # image/video placeholders are banned from completions: re-scored, they would be taken
+        # for image slots (and the forward would fail)
+        placeholders = [getattr(processor, name, None) for name in ("image_token", "video_token")]
+        self.banned_ids = sorted({vocab[t] for t in placeholders if t in vocab})
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -230,7 +234,7 @@ class HFReflector:
             sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, **_NEUTRAL_WARPERS)
         return GenerationConfig(
             max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-            output_scores=True, return_dict_in_generate=True, **sampling, **_NEUTRAL,
+            suppress_tokens=self.banned_ids or None, output_scores=True, return_dict_in_generate=True, **sampling, **_NEUTRAL,
         )
 
     def _reflection(self, ids: list[int], logps: list[float]) -> Reflection:
@@ -280,6 +284,8 @@ class HFReflector:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher-forced logits (B, T, V) predicting each completion token, its ids (B, T), mask (B, T).
 
+        Banned placeholder tokens get -inf, as generation's suppression gives them.
+
         Prompts stay left-padded as in `reflect`, completions are right-padded after them, so
         positions (incl. multimodal RoPE) are exactly the ones generation used.
         """
@@ -299,7 +305,8 @@ class HFReflector:
             raise ValueError("disable_adapter needs a peft LoRA model; for full fine-tuning use frozen_copy()")
         with self.model.disable_adapter() if disable_adapter else nullcontext():
             logits = self.model(**inputs, use_cache=False, logits_to_keep=t + 1).logits
-        return logits[:, :-1].float(), ids, mask
+        banned = torch.tensor(self.banned_ids, dtype=torch.long, device=logits.device)
+        return logits[:, :-1].float().index_fill(-1, banned, float("-inf")), ids, mask
 
     def completion_logprobs(
         self,

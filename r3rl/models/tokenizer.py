@@ -58,8 +58,9 @@ def train_chat_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=MAX_VOCAB, special_tokens=specials, initial_alphabet=_alphabet(), show_progress=False
     )
-    # the chat template's own words, so role headers are single tokens too
-    tok.train_from_iterator([*corpus, "system", "user", "assistant"], trainer)
+    # each text also after a space, so a word is one token at the start of a turn and mid-text;
+    # plus the chat template's own words, so role headers are single tokens too
+    tok.train_from_iterator([*corpus, *(" " + t for t in corpus), "system", "user", "assistant"], trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
