@@ -61,7 +61,12 @@ class WorldConfig(_Section):
     pretrain_reflector_steps: int = Field(
         600, ge=0, description="SFT steps of the tiny reflector on checker-written critiques."
     )
-    pretrain_batch_size: int = Field(32, gt=0, description="Batch size of pretraining.")
+    pretrain_batch_size: int = Field(32, gt=0, description="Batch size of flow-matching and SFT pretraining.")
+    pretrain_vae_steps: int = Field(1000, ge=0, description="Reconstruction steps of the tiny VAE.")
+    pretrain_vae_batch_size: int = Field(8, gt=0, description="Batch size of VAE pretraining (small is faster).")
+    reflector_sft_examples: int = Field(
+        1500, gt=0, description="Checker-critiqued images (generated + rendered) the reflector is fine-tuned on."
+    )
 
 
 class LoRAConfig(_Section):

@@ -1,0 +1,127 @@
+"""Atomic checkpoints: weights in safetensors (transformers / diffusers / peft layouts), optimiser
+and RNG state loaded with `weights_only=True`, the rollout buffer, and a COMPLETE marker.
+
+Written to a temp folder and renamed, so a run killed mid-save resumes from the previous
+complete checkpoint. References for KL are never restored from a checkpoint: they stay the
+original weights (R3's resume made the reference drift to the resumed policy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from r3rl.errors import UserError
+
+if TYPE_CHECKING:
+    from r3rl.trainer import Run
+
+COMPLETE = "COMPLETE"
+
+
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    root = out / "checkpoints"
+    found = []
+    for p in root.glob("step-*") if root.exists() else []:
+        if (p / COMPLETE).exists() and p.name[5:].isdigit():
+            found.append((int(p.name[5:]), p))
+    return sorted(found)
+
+
+def find_resume(resume: str | None, out: Path) -> Path | None:
+    """`auto` = newest complete checkpoint in output_dir (None when there is none); a path = that one."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = _checkpoints(out)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / COMPLETE).exists():
+        raise UserError(f"resume={resume!r} is not a complete checkpoint (no {COMPLETE} marker)")
+    return path
+
+
+def _load_module(module: torch.nn.Module, folder: Path) -> None:
+    files = sorted(folder.glob("*.safetensors"))
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    from peft import PeftModel, set_peft_model_state_dict
+
+    if isinstance(module, PeftModel):
+        set_peft_model_state_dict(module, state)
+    else:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        real_missing = [k for k in missing if k not in module.state_dict() or "tied" in k]
+        if unexpected or real_missing:
+            raise UserError(f"checkpoint {folder} does not match the model (unexpected={unexpected[:3]})")
+
+
+def save_checkpoint(run: "Run", out: Path, step: int, *, keep_last: int) -> Path:
+    root = out / "checkpoints"
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    run.reflector.save_pretrained(tmp / "reflector")
+    optim = {}
+    if run.reflector_opt is not None:
+        optim["reflector"] = run.reflector_opt.state_dict()
+    for name, pol in (("generator", run.generator), ("refiner", run.refiner)):
+        if pol.train:
+            pol.model.transformer.save_pretrained(tmp / name / "transformer")
+            optim[name] = pol.opt.state_dict()
+    torch.save(optim, tmp / "optimizers.pt")
+    torch.save({"torch": torch.get_rng_state(), "python": list(_py_state(run.rng))}, tmp / "rng.pt")
+    buf = tmp / "buffer"
+    buf.mkdir()
+    items = []
+    for i, it in enumerate(run.buffer.items):
+        it.image.save(buf / f"{i}.png")
+        items.append({"meta": it.meta, "reward": it.reward, "round": it.round})
+    state = {"step": step, "buffer": items, "nonfinite_in_row": run.nonfinite_in_row}
+    (tmp / "trainer_state.json").write_text(json.dumps(state))
+    (tmp / COMPLETE).touch()
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for _, old in _checkpoints(out)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _py_state(rng: random.Random) -> tuple:
+    version, internal, gauss = rng.getstate()
+    return version, list(internal), gauss
+
+
+def load_checkpoint(run: "Run", path: Path) -> int:
+    """Restore policies, optimisers, RNGs and buffer; return the step to continue after."""
+    from r3rl.rollout import BufferItem
+
+    _load_module(run.reflector.model, path / "reflector")
+    optim = torch.load(path / "optimizers.pt", weights_only=True)
+    if run.reflector_opt is not None and "reflector" in optim:
+        run.reflector_opt.load_state_dict(optim["reflector"])
+    for name, pol in (("generator", run.generator), ("refiner", run.refiner)):
+        if pol.train and (path / name).exists():
+            _load_module(pol.model.transformer, path / name / "transformer")
+            pol.opt.load_state_dict(optim[name])
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    version, internal, gauss = rng["python"]
+    run.rng.setstate((version, tuple(internal), gauss))
+    state = json.loads((path / "trainer_state.json").read_text())
+    run.buffer.items = [
+        BufferItem(it["meta"], Image.open(path / "buffer" / f"{i}.png").convert("RGB"), it["reward"], it["round"])
+        for i, it in enumerate(state["buffer"])
+    ]
+    run.nonfinite_in_row = state["nonfinite_in_row"]
+    return int(state["step"])

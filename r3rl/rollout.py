@@ -1,0 +1,181 @@
+"""Rollouts: generate -> reflect -> refine, recording what the losses need.
+
+One file holds the episode logic for training (R3's two step kinds and tree credit) and for
+evaluation (multi-round, early stop). Images are PIL at the boundary; rewards come from the
+recipe's `CombinedReward`, with `None` turned into NaN so it is masked, never counted as 0.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from r3rl.algos.flow_grpo import select_train_timesteps, sigma_schedule
+from r3rl.models.base import TextCond
+from r3rl.models.flux import FluxModel
+from r3rl.models.reflector import HFReflector, Reflection
+from r3rl.rewards import CombinedReward
+from r3rl.sampling import SDEConfig, Trajectory, sample
+
+PERFECT = 1.0 - 1e-6
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How one diffusion policy samples during training rollouts."""
+
+    num_steps: int
+    sde: SDEConfig
+    strategy: str = "one"  # which steps run SDE and are trained (see select_train_timesteps)
+    num_train_timesteps: int = 1
+    window_size: int = 2
+    max_index: int | None = None
+    shift: float = 1.0
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    temperature: float
+    top_k: int
+    top_p: float
+    max_new_tokens: int
+
+
+@dataclass
+class Scored:
+    """Reward of a batch: the weighted total (NaN = could not score) and each component."""
+
+    total: torch.Tensor
+    components: dict[str, list[float | None]]
+    failures: dict[str, int]
+    latency_s: dict[str, float]
+
+
+def score(reward: CombinedReward, metas: list[dict], images: list[Image.Image], texts: list[str] | None = None) -> Scored:
+    kwargs = {"completions": texts} if texts is not None else {}
+    res = reward([m["prompt"] for m in metas], images, metas, **kwargs)
+    total = torch.tensor([math.nan if r is None else float(r) for r in res.total])
+    return Scored(total, res.components, res.failures, res.latency_s)
+
+
+@dataclass
+class DiffusionRollout:
+    """Images from one diffusion policy with the trained transitions and their conditioning."""
+
+    images: list[Image.Image]
+    traj: Trajectory
+    texts: list[str]  # conditioning text per sample (prompt or instruction)
+    ref: torch.Tensor | None  # reference latents (edit) or None (text-to-image)
+
+
+def run_diffusion(
+    model: FluxModel,
+    texts: list[str],
+    refs: list[Image.Image] | None,
+    settings: SamplerSettings,
+    *,
+    train: bool,
+    generator: torch.Generator,
+) -> DiffusionRollout:
+    """Sample images; SDE (with log-probs) on the chosen steps when `train`, ODE everywhere otherwise."""
+    b = len(texts)
+    if train:
+        mask = select_train_timesteps(
+            settings.num_steps, b, settings.strategy, k=settings.num_train_timesteps,
+            window=settings.window_size, max_index=settings.max_index, generator=generator,
+        )
+    else:
+        mask = torch.zeros(b, settings.num_steps, dtype=torch.bool)
+    cond = model.encode_text(texts)
+    ref = model.encode_images(refs) if refs is not None else None
+    with torch.no_grad():
+        traj = sample(model, cond, ref, sigma_schedule(settings.num_steps, settings.shift), mask, settings.sde,
+                      generator=generator)
+    return DiffusionRollout(model.decode(traj.latents), traj, texts, ref)
+
+
+def text_cond(model: FluxModel, texts: list[str]) -> TextCond:
+    return model.encode_text(texts)
+
+
+@dataclass
+class BufferItem:
+    meta: dict
+    image: Image.Image
+    reward: float
+    round: int
+
+
+@dataclass
+class ImageBuffer:
+    """Generated (and refined) images waiting to be reflected on; R3 draws perfect ones with prob p."""
+
+    capacity: int
+    items: list[BufferItem] = field(default_factory=list)
+
+    def add(self, item: BufferItem) -> None:
+        if math.isnan(item.reward):
+            return  # an unscored input cannot anchor an improvement reward
+        self.items.append(item)
+        if len(self.items) > self.capacity:
+            self.items.pop(0)
+
+    def draw(self, rng: random.Random, perfect_prob: float) -> BufferItem:
+        perfect = [i for i, it in enumerate(self.items) if it.reward >= PERFECT]
+        flawed = [i for i, it in enumerate(self.items) if it.reward < PERFECT]
+        pool = perfect if (perfect and (not flawed or rng.random() < perfect_prob)) else flawed
+        return self.items.pop(rng.choice(pool))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class RefineGroup:
+    """G reflections on the same input image, and the refinements of those that asked for an edit."""
+
+    item: BufferItem
+    reflections: list[Reflection]
+    edited: list[int]  # indices into reflections that produced an edit
+    refined: DiffusionRollout | None
+    images: list[Image.Image]  # per reflection: refined image, or the input when it stopped
+    scored: Scored  # rewards of `images` (stopped samples re-use the input reward)
+
+
+def reflect_and_refine(
+    reflector: HFReflector,
+    refiner: FluxModel,
+    reward: CombinedReward,
+    metas: list[dict],
+    images: list[Image.Image],
+    input_rewards: torch.Tensor,
+    text: TextSettings,
+    diffusion: SamplerSettings,
+    *,
+    train_refiner: bool,
+    generator: torch.Generator,
+    seed: int,
+) -> tuple[list[Reflection], list[int], DiffusionRollout | None, list[Image.Image], Scored]:
+    """One reflect-refine round for a batch; stopped samples keep their image and reward."""
+    refl = reflector.reflect([m["prompt"] for m in metas], images, temperature=text.temperature,
+                             top_k=text.top_k, top_p=text.top_p, max_new_tokens=text.max_new_tokens, seed=seed)
+    edited = [i for i, r in enumerate(refl) if r.instruction is not None]
+    out = list(images)
+    total = input_rewards.clone()
+    components: dict[str, list[float | None]] = {}
+    failures: dict[str, int] = {}
+    latency: dict[str, float] = {}
+    rollout = None
+    if edited:
+        rollout = run_diffusion(refiner, [refl[i].instruction for i in edited], [images[i] for i in edited],
+                                diffusion, train=train_refiner, generator=generator)
+        s = score(reward, [metas[i] for i in edited], rollout.images, [refl[i].text for i in edited])
+        for j, i in enumerate(edited):
+            out[i] = rollout.images[j]
+            total[i] = s.total[j]
+        components, failures, latency = s.components, s.failures, s.latency_s
+    return refl, edited, rollout, out, Scored(total, components, failures, latency)

@@ -1,0 +1,546 @@
+"""The R3 trainer: composes models, rollouts, rewards and the two RL losses from a recipe.
+
+Read top to bottom: `build_run` loads the policies; `Run.train_step` does one rollout and
+one optimiser step of the chosen stage (R3's `generate` or `refine`, or `tree`); `train`
+is the loop with evaluation, logging and checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from r3rl.algos.advantages import group_advantages, r3_generate_rewards, r3_refine_rewards, tree_advantages
+from r3rl.algos.flow_grpo import flow_grpo_loss
+from r3rl.algos.grpo import grpo_loss
+from r3rl.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from r3rl.config import Config
+from r3rl.data import load_prompts
+from r3rl.errors import UserError
+from r3rl.evaluate import EvalResult, evaluate_rounds
+from r3rl.logger import RunLogger
+from r3rl.models.flux import FluxModel
+from r3rl.models.reflector import HFReflector, Reflection
+from r3rl.rewards import CombinedReward
+from r3rl.rollout import (
+    PERFECT, BufferItem, DiffusionRollout, ImageBuffer, SamplerSettings, TextSettings, reflect_and_refine,
+    run_diffusion, score,
+)
+from r3rl.sampling import SDEConfig, transition_logprob
+from r3rl.shapes.world import SHAPES_MODEL, ensure_world
+
+# --------------------------------------------------------------------------- loading
+
+
+def _model_path(name: str, world_dir: Path | None, sub: str) -> Path:
+    if name == SHAPES_MODEL:
+        return world_dir / sub
+    path = Path(name)
+    if not path.exists():
+        raise UserError(f"model path not found: {name!r} (expected '{SHAPES_MODEL}' or a local directory)")
+    return path
+
+
+def _frozen(module: torch.nn.Module) -> torch.nn.Module:
+    ref = copy.deepcopy(module).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+@dataclass
+class Policy:
+    """A trainable diffusion policy: the model, its frozen reference (for KL) and optimiser."""
+
+    model: FluxModel
+    settings: SamplerSettings
+    train: bool
+    ref_transformer: torch.nn.Module | None = None
+    opt: torch.optim.Optimizer | None = None
+
+
+@dataclass
+class Run:
+    cfg: Config
+    reflector: HFReflector
+    ref_reflector: HFReflector | None
+    reflector_opt: torch.optim.Optimizer | None
+    generator: Policy
+    refiner: Policy
+    reward: CombinedReward
+    train_prompts: list[dict]
+    eval_prompts: list[dict]
+    text: TextSettings
+    rng: random.Random
+    buffer: ImageBuffer
+    nonfinite_in_row: int = 0
+    stats: dict = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate(self, step: int | None) -> EvalResult:
+        e = self.cfg.eval
+        text = TextSettings(e.temperature, self.text.top_k, self.text.top_p, self.text.max_new_tokens)
+        return evaluate_rounds(
+            self.reflector, self.generator.model, self.refiner.model, self.reward, self.eval_prompts,
+            rounds=e.rounds, num_steps=e.num_steps, text=text, batch_size=e.batch_size, seed=self.cfg.seed + 1,
+        )
+
+    # ----------------------------------------------------------------- stages
+    def stage_for(self, step: int) -> str:
+        if self.cfg.rollout.credit == "tree":
+            return "tree"
+        if self.generator.train and step % 2 == 1:
+            return "generate"
+        return "refine"
+
+    def train_step(self, step: int) -> dict[str, float]:
+        stage = self.stage_for(step)
+        seed = self.cfg.seed * 100003 + step
+        gen = torch.Generator().manual_seed(seed)
+        t0 = time.perf_counter()
+        if stage == "generate":
+            batch = self._generate_rollout(gen, train=True)
+        elif stage == "refine":
+            if self.generator.train is False or len(self.buffer) == 0:
+                self._generate_rollout(gen, train=False)  # keep the buffer fed with fresh images
+            batch = self._refine_rollout(gen, seed)
+        else:
+            batch = self._tree_rollout(gen, seed)
+        t1 = time.perf_counter()
+        metrics = self._update(batch)
+        t2 = time.perf_counter()
+        metrics.update(batch.metrics)
+        metrics.update({"stage": stage, "time/rollout_s": t1 - t0, "time/train_s": t2 - t1, "time/step_s": t2 - t0})
+        return metrics
+
+    # ----------------------------------------------------------------- rollouts
+    def _generate_rollout(self, gen: torch.Generator, *, train: bool) -> "Batch":
+        g = self.cfg.rollout.group_size
+        meta = self.rng.choice(self.train_prompts)
+        ro = run_diffusion(self.generator.model, [meta["prompt"]] * g, None, self.generator.settings,
+                           train=train, generator=gen)
+        s = score(self.reward, [meta] * g, ro.images)
+        for im, r in zip(ro.images, s.total.tolist()):
+            self.buffer.add(BufferItem(meta, im, r, 0))
+        batch = Batch(metrics=_reward_metrics(s.total, s))
+        if train:
+            _, image_r = r3_generate_rewards(s.total, torch.ones_like(s.total), self.cfg.rollout.format_weight)
+            adv, valid, zero, groups = group_advantages(image_r, torch.zeros(g), scale_std=self.cfg.rollout.scale_rewards)
+            batch.image_terms.append(ImageTerm(self.generator, ro, adv, valid))
+            batch.metrics["frac_reward_zero_std"] = zero / groups
+        return batch
+
+    def _refine_rollout(self, gen: torch.Generator, seed: int) -> "Batch":
+        ro_cfg = self.cfg.rollout
+        g = ro_cfg.group_size
+        item = self.buffer.draw(self.rng, ro_cfg.perfect_prob)
+        metas, inputs = [item.meta] * g, [item.image] * g
+        r_in = torch.full((g,), item.reward)
+        refl, edited, ro, out, s = reflect_and_refine(
+            self.reflector, self.refiner.model, self.reward, metas, inputs, r_in, self.text, self.refiner.settings,
+            train_refiner=self.refiner.train, generator=gen, seed=seed,
+        )
+        stopped = torch.tensor([r.instruction is None for r in refl])
+        fmt = torch.tensor([float(r.format_ok) for r in refl])
+        text_r, image_r, image_mask = r3_refine_rewards(
+            s.total, r_in, stopped, fmt, input_perfect=item.reward >= PERFECT,
+            format_weight=ro_cfg.format_weight, perfect_stop_bonus=ro_cfg.perfect_stop_bonus,
+        )
+        ids = torch.zeros(g)
+        t_adv, t_valid, zero, groups = group_advantages(text_r, ids, scale_std=ro_cfg.scale_rewards)
+        i_adv, i_valid, _, _ = group_advantages(image_r, ids, scale_std=ro_cfg.scale_rewards)
+        if item.round + 1 < ro_cfg.max_rounds and edited:
+            k = self.rng.choice(edited)  # one refined image goes on to the next round
+            self.buffer.add(BufferItem(item.meta, out[k], float(s.total[k]), item.round + 1))
+        batch = Batch(metrics=_reward_metrics(s.total, s))
+        batch.metrics.update({
+            "reward/format_mean": float(fmt.mean()),
+            "reward/improvement_mean": _nanmean(image_r),
+            "reward/input_mean": item.reward,
+            "refine/stop_rate": float(stopped.float().mean()),
+            "refine/input_round": item.round,
+            "frac_reward_zero_std": zero / groups,
+        })
+        batch.text_terms.append(TextTerm([m["prompt"] for m in metas], inputs, refl, t_adv, t_valid))
+        if ro is not None:
+            idx = torch.tensor(edited)
+            batch.image_terms.append(ImageTerm(self.refiner, ro, i_adv[idx], i_valid[idx] & image_mask[idx]))
+        return batch
+
+    def _tree_rollout(self, gen: torch.Generator, seed: int) -> "Batch":
+        """G roots x K reflections x M refinements per level, `max_rounds` levels; values are
+        leaf-reward means, advantages are relative to siblings (design.md §4, tree credit)."""
+        ro_cfg = self.cfg.rollout
+        meta = self.rng.choice(self.train_prompts)
+        roots = run_diffusion(self.generator.model, [meta["prompt"]] * ro_cfg.group_size, None,
+                              self.generator.settings, train=self.generator.train, generator=gen)
+        root_s = score(self.reward, [meta] * ro_cfg.group_size, roots.images)
+        parent = [-1] * ro_cfg.group_size
+        reward = root_s.total.tolist()
+        # frontier: (node id, image, reward) of images still to reflect on
+        frontier = [(i, im, reward[i]) for i, im in enumerate(roots.images)]
+        text_nodes: list[tuple[int, Reflection, object]] = []  # (node, reflection, input image)
+        image_nodes: list[tuple[list[int], DiffusionRollout]] = []
+        stops = 0
+        total_refl = 0
+        for level in range(ro_cfg.max_rounds):
+            if not frontier:
+                break
+            src = [f for f in frontier for _ in range(ro_cfg.tree_k)]
+            refl = self.reflector.reflect([meta["prompt"]] * len(src), [f[1] for f in src], temperature=self.text.temperature,
+                                          top_k=self.text.top_k, top_p=self.text.top_p,
+                                          max_new_tokens=self.text.max_new_tokens, seed=seed + 31 * level)
+            total_refl += len(refl)
+            next_frontier = []
+            edit_src: list[tuple[int, object, str]] = []
+            for (node, image, r), rf in zip(src, refl):
+                rid = len(parent)
+                parent.append(node)
+                reward.append(r if rf.instruction is None else math.nan)  # stop: value = unchanged image
+                text_nodes.append((rid, rf, image))
+                if rf.instruction is None:
+                    stops += 1
+                else:
+                    edit_src += [(rid, image, rf.instruction)] * ro_cfg.tree_m
+            if edit_src:
+                ro = run_diffusion(self.refiner.model, [e[2] for e in edit_src], [e[1] for e in edit_src],
+                                   self.refiner.settings, train=self.refiner.train, generator=gen)
+                s = score(self.reward, [meta] * len(edit_src), ro.images)
+                nodes = []
+                for (rid, _, _), im, r in zip(edit_src, ro.images, s.total.tolist()):
+                    nid = len(parent)
+                    parent.append(rid)
+                    reward.append(r)
+                    nodes.append(nid)
+                    next_frontier.append((nid, im, r))
+                image_nodes.append((nodes, ro))
+            frontier = next_frontier
+        rewards = torch.tensor(reward, dtype=torch.float64)
+        values, adv, zero, sets = tree_advantages(parent, rewards, scale_std=ro_cfg.scale_rewards)
+        adv = adv.float()
+        batch = Batch(metrics=_reward_metrics(values[torch.tensor([n for n, p in enumerate(parent) if p < 0])].float(), root_s))
+        batch.metrics.update({"refine/stop_rate": stops / max(1, total_refl), "frac_reward_zero_std": zero / max(1, sets),
+                              "reward/final_mean": _nanmean(torch.tensor([r for _, _, r in frontier])) if frontier else math.nan})
+        valid_of = lambda ids: ~torch.isnan(values[ids])  # noqa: E731
+        if text_nodes:
+            ids = torch.tensor([n for n, _, _ in text_nodes])
+            batch.text_terms.append(TextTerm([meta["prompt"]] * len(ids), [im for _, _, im in text_nodes],
+                                             [rf for _, rf, _ in text_nodes], adv[ids], valid_of(ids)))
+        if self.generator.train:
+            ids = torch.arange(ro_cfg.group_size)
+            batch.image_terms.append(ImageTerm(self.generator, roots, adv[ids], valid_of(ids)))
+        for nodes, ro in image_nodes:
+            ids = torch.tensor(nodes)
+            batch.image_terms.append(ImageTerm(self.refiner, ro, adv[ids], valid_of(ids)))
+        return batch
+
+    # ----------------------------------------------------------------- update
+    def _update(self, batch: "Batch") -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        loss = torch.zeros(())
+        opts = []
+        if self.reflector_opt is not None and batch.text_terms:
+            l_text, m = self._text_loss(batch.text_terms)
+            loss = loss + self.cfg.trainer.text_loss_weight * l_text
+            metrics.update(m)
+            opts.append((self.reflector_opt, self.reflector.trainable_parameters()))
+        terms = [t for t in batch.image_terms if t.policy.train and t.policy.opt is not None]
+        if terms:
+            l_img, m = self._image_loss(terms)
+            loss = loss + self.cfg.trainer.image_loss_weight * l_img
+            metrics.update(m)
+            for p in {id(t.policy): t.policy for t in terms}.values():
+                opts.append((p.opt, [q for q in p.model.transformer.parameters() if q.requires_grad]))
+        if not opts:
+            return metrics
+        if not torch.isfinite(loss):
+            self.nonfinite_in_row += 1
+            metrics["train/skipped_nonfinite"] = 1
+            if self.nonfinite_in_row >= self.cfg.trainer.max_nonfinite_steps:
+                raise UserError(f"loss was NaN/inf for {self.nonfinite_in_row} steps in a row; stopping "
+                                "(lower the learning rates or check the rewards)")
+            return metrics
+        self.nonfinite_in_row = 0
+        loss.backward()
+        for opt, params in opts:
+            metrics.setdefault("grad_norm", 0.0)
+            metrics["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return metrics
+
+    def _text_loss(self, terms: list["TextTerm"]) -> tuple[torch.Tensor, dict[str, float]]:
+        rc = self.cfg.reflector
+        prompts = [p for t in terms for p in t.prompts]
+        images = [im for t in terms for im in t.images]
+        refl = [r for t in terms for r in t.reflections]
+        adv = torch.cat([t.adv for t in terms])
+        valid = torch.cat([t.valid for t in terms])
+        comp = [r.token_ids for r in refl]
+        keep = [i for i, c in enumerate(comp) if c]
+        if not keep:
+            return torch.zeros(()), {}
+        sel = lambda xs: [xs[i] for i in keep]  # noqa: E731
+        prompts, images, comp, refl = sel(prompts), sel(images), sel(comp), sel(refl)
+        adv, valid = adv[keep], valid[keep]
+        kw = dict(temperature=self.text.temperature, top_k=self.text.top_k, top_p=self.text.top_p)
+        logps, mask, entropy = self.reflector.completion_logprobs(prompts, images, comp, **kw)
+        old = torch.zeros_like(logps)
+        for i, r in enumerate(refl):
+            old[i, : len(r.logprobs)] = torch.tensor(r.logprobs)
+        ref = None
+        if rc.beta > 0:
+            if self.ref_reflector is not None:
+                ref, _, _ = self.ref_reflector.completion_logprobs(prompts, images, comp, with_grad=False, **kw)
+            else:
+                ref, _, _ = self.reflector.completion_logprobs(prompts, images, comp, with_grad=False,
+                                                               disable_adapter=True, **kw)
+        mask = mask & valid[:, None]
+        loss, m = grpo_loss(logps, old, torch.nan_to_num(adv), mask, ref_logps=ref, epsilon_low=rc.epsilon_low,
+                            epsilon_high=rc.epsilon_high, beta=rc.beta, loss_type=rc.loss_type,
+                            max_completion_length=rc.max_new_tokens)
+        out = {"loss/grpo": float(loss), "entropy": float(entropy[mask].mean()) if mask.any() else math.nan,
+               "completion_length": float(mask.sum(1).float().mean())}
+        out["clip_ratio"] = m.get("clip_ratio/region_mean", math.nan)
+        if "kl" in m:
+            out["kl/text"] = m["kl"]
+        return loss, out
+
+    def _image_loss(self, terms: list["ImageTerm"]) -> tuple[torch.Tensor, dict[str, float]]:
+        fg = self.cfg.flow_grpo
+        total = torch.zeros(())
+        kls, clips, losses = [], [], []
+        for t in terms:
+            if not bool(t.valid.any()) or t.rollout.traj.states.shape[1] == 0:
+                continue
+            pol, ro = t.policy, t.rollout
+            idx = torch.nonzero(t.valid).flatten()
+            traj = ro.traj.index(idx)
+            texts = [ro.texts[i] for i in idx.tolist()]
+            ref_lat = ro.ref[idx] if ro.ref is not None else None
+            cond = pol.model.encode_text(texts)
+            k_steps = traj.states.shape[1]
+            for k in range(k_steps):
+                logp, mean, std = transition_logprob(pol.model, traj, k, cond, ref_lat, pol.settings.sde)
+                ref_mean = None
+                if fg.beta > 0 and pol.ref_transformer is not None:
+                    with torch.no_grad(), _swap_transformer(pol.model, pol.ref_transformer):
+                        _, ref_mean, _ = transition_logprob(pol.model, traj, k, cond, ref_lat, pol.settings.sde)
+                loss, m = flow_grpo_loss(
+                    logp, traj.logps[:, k], torch.nan_to_num(t.adv[idx]), clip_range=fg.clip_range,
+                    adv_clip_max=fg.adv_clip_max, prev_mean=mean if ref_mean is not None else None,
+                    ref_prev_mean=ref_mean, std=std if ref_mean is not None else None,
+                    beta=fg.beta if ref_mean is not None else 0.0, reduction=fg.logprob_reduction,
+                )
+                total = total + loss * (len(idx) / max(1, len(t.valid))) / k_steps
+                losses.append(float(loss))
+                clips.append(m["clip_ratio"])
+                if "kl" in m:
+                    kls.append(m["kl"])
+        out = {"loss/flow_grpo": sum(losses) / len(losses) if losses else math.nan,
+               "clip_ratio/image": sum(clips) / len(clips) if clips else math.nan}
+        if kls:
+            out["kl/image"] = sum(kls) / len(kls)
+        return total / max(1, len(terms)), out
+
+
+class _swap_transformer:
+    """Temporarily run a FluxModel with another transformer (the frozen reference)."""
+
+    def __init__(self, model: FluxModel, transformer: torch.nn.Module) -> None:
+        self.model, self.other = model, transformer
+
+    def __enter__(self):
+        self.model.transformer, self.other = self.other, self.model.transformer
+
+    def __exit__(self, *exc):
+        self.model.transformer, self.other = self.other, self.model.transformer
+
+
+@dataclass
+class TextTerm:
+    prompts: list[str]
+    images: list
+    reflections: list[Reflection]
+    adv: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass
+class ImageTerm:
+    policy: Policy
+    rollout: DiffusionRollout
+    adv: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass
+class Batch:
+    metrics: dict[str, float]
+    text_terms: list[TextTerm] = field(default_factory=list)
+    image_terms: list[ImageTerm] = field(default_factory=list)
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    v = x[~torch.isnan(x)]
+    return float(v.mean()) if v.numel() else math.nan
+
+
+def _reward_metrics(total: torch.Tensor, s) -> dict[str, float]:
+    out = {"reward/mean": _nanmean(total), "reward/std": float(total[~torch.isnan(total)].std()) if (~torch.isnan(total)).sum() > 1 else 0.0,
+           "judge/failures": int(torch.isnan(total).sum())}
+    for name, vals in s.components.items():
+        v = torch.tensor([math.nan if x is None else x for x in vals], dtype=torch.float32)
+        out[f"reward/{name}"] = _nanmean(v)
+    for name, sec in s.latency_s.items():
+        out[f"time/reward_{name}_s"] = sec
+    return out
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _diffusion_policy(cfg_section, path: Path, image_size: int, fg, *, max_index, shift: float = 1.0) -> Policy:
+    model = FluxModel.from_pretrained(path, image_size=image_size, guidance_scale=cfg_section.guidance_scale)
+    for m in (model.vae, model.text_encoder, model.text_encoder_2):
+        m.eval().requires_grad_(False)
+    model.transformer.requires_grad_(cfg_section.train)
+    settings = SamplerSettings(
+        num_steps=cfg_section.num_steps,
+        sde=SDEConfig(noise_level=cfg_section.noise_level, sde_type=fg.sde_type, logprob_reduction=fg.logprob_reduction),
+        strategy=fg.timesteps, num_train_timesteps=fg.num_train_timesteps, window_size=fg.window_size,
+        max_index=max_index, shift=shift,
+    )
+    policy = Policy(model, settings, cfg_section.train)
+    if cfg_section.train:
+        policy.opt = torch.optim.AdamW(model.transformer.parameters(), lr=cfg_section.lr, betas=(0.9, 0.95),
+                                       weight_decay=0.0)
+        if fg.beta > 0:
+            policy.ref_transformer = _frozen(model.transformer)
+    return policy
+
+
+def _prompts(path: str | None, split: str, n: int | None) -> list[dict]:
+    if path is not None:
+        records = load_prompts(path)
+    else:
+        from r3rl.shapes.prompts import split_prompts
+
+        train, evals = split_prompts()
+        records = train if split == "train" else evals
+    return records[:n] if n else records
+
+
+def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: bool = True) -> Run:
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    names = (cfg.reflector.model, cfg.generator.model, cfg.refiner.model)
+    world = ensure_world(cfg.world, cfg.seed).root if SHAPES_MODEL in names else None
+    reflector = HFReflector.from_pretrained(
+        _model_path(cfg.reflector.model, world, "reflector"), trust_remote_code=cfg.reflector.trust_remote_code,
+        lora=cfg.reflector.lora.model_dump() if cfg.reflector.lora else None,
+        gradient_checkpointing=cfg.reflector.gradient_checkpointing,
+    )
+    train_refl = for_training and cfg.reflector.train
+    reflector.model.requires_grad_(False) if not train_refl else None
+    ref_reflector, opt = None, None
+    if train_refl:
+        opt = torch.optim.AdamW(reflector.trainable_parameters(), lr=cfg.reflector.lr, betas=(0.9, 0.95),
+                                weight_decay=0.0)
+        if cfg.reflector.beta > 0 and cfg.reflector.lora is None:
+            ref_reflector = reflector.frozen_copy()
+    fg = cfg.flow_grpo
+    gen_cfg = cfg.generator.model_copy(update={"train": for_training and cfg.generator.train})
+    ref_cfg = cfg.refiner.model_copy(update={"train": for_training and cfg.refiner.train})
+    size = cfg.world.image_size
+    generator = _diffusion_policy(gen_cfg, _model_path(cfg.generator.model, world, "flux"), size, fg, max_index=None)
+    refiner = _diffusion_policy(ref_cfg, _model_path(cfg.refiner.model, world, "flux"), size, fg,
+                                max_index=fg.refine_max_index)
+    rc = cfg.reflector
+    return Run(
+        cfg=cfg, reflector=reflector, ref_reflector=ref_reflector, reflector_opt=opt, generator=generator,
+        refiner=refiner, reward=CombinedReward(cfg.rewards),
+        train_prompts=_prompts(cfg.data.train_prompts, "train", None),
+        eval_prompts=_prompts(eval_prompts or cfg.data.eval_prompts, "eval", cfg.data.num_eval_prompts),
+        text=TextSettings(rc.temperature, rc.top_k, rc.top_p, rc.max_new_tokens),
+        rng=random.Random(cfg.seed), buffer=ImageBuffer(cfg.rollout.buffer_size),
+    )
+
+
+# --------------------------------------------------------------------------- loop
+
+
+class _StopRequested:
+    """SIGTERM/SIGINT set a flag; the loop finishes the step, checkpoints and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.flag:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _log_eval_images(logger: RunLogger, step: int, result: EvalResult, n: int = 8) -> None:
+    for k, (ims, caps) in enumerate(zip(result.images, result.captions)):
+        logger.log_images(step, f"eval/round{k}", ims[:n], caps[:n])
+
+
+def train(cfg: Config) -> None:
+    """`r3rl train`: pretrain (shapes world, cached), then RL with evaluation and checkpoints."""
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, torch.get_num_threads())))
+    run = build_run(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = 0
+    resume = find_resume(cfg.resume, out)
+    if resume is not None:
+        start = load_checkpoint(run, resume)
+    tc = cfg.trainer
+    with RunLogger(out, total_steps=tc.max_steps, start_step=start) as logger, _StopRequested() as stop:
+        logger.save_config(cfg)
+        if resume is not None:
+            logger.info(f"resumed from {resume} at step {start}")
+        if start == 0:
+            result = run.evaluate(0)
+            logger.log(0, {"step": 0, **result.metrics})
+            _log_eval_images(logger, 0, result)
+        for step in range(start + 1, tc.max_steps + 1):
+            row = run.train_step(step)
+            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
+                result = run.evaluate(step)
+                row.update(result.metrics)
+                if tc.log_images_every:
+                    _log_eval_images(logger, step, result)
+            logger.log(step, row)
+            failure_rate = row.get("judge/failures", 0) / max(1, cfg.rollout.group_size)
+            last = step == tc.max_steps
+            if (tc.save_every and step % tc.save_every == 0) or last or stop.flag:
+                path = save_checkpoint(run, out, step, keep_last=tc.keep_last)
+                if stop.flag and not last:
+                    logger.info(f"stopped by signal at step {step}; checkpoint {path}. "
+                                f"Resume with: r3rl train <recipe> output_dir={out} resume=auto")
+                    return
+            if failure_rate > cfg.judge.max_failure_rate:
+                path = save_checkpoint(run, out, step, keep_last=tc.keep_last)
+                raise UserError(f"reward failures {failure_rate:.0%} exceed judge.max_failure_rate="
+                                f"{cfg.judge.max_failure_rate} at step {step}; checkpoint saved to {path}")
