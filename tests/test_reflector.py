@@ -18,7 +18,12 @@ from r3rl.shapes.tiny_reflector import build_tiny_reflector
 CORPUS = ["<think>see red</think> make the red square blue", f"<think>see blue</think> {STOP}"]
 RED, BLUE = Image.new("RGB", (32, 32), (220, 30, 30)), Image.new("RGB", (32, 32), (30, 30, 220))
 # prompts of different lengths, so rows are really left-padded
-PROMPTS = ["a blue square", "two green circles left of a red triangle", "a blue square", "a red circle"]
+PROMPTS = [
+    "a blue square",
+    "two green circles left of a red triangle",
+    "a blue square",
+    "a red circle",
+]
 IMAGES = [RED, BLUE, BLUE, RED]
 
 
@@ -53,7 +58,9 @@ def test_parse_reflection(text, expected):
 
 
 def test_reflect_returns_well_formed_reflections(reflector):
-    out = reflector.reflect(PROMPTS, IMAGES, temperature=0.9, top_k=5, top_p=1.0, max_new_tokens=12, seed=0)
+    out = reflector.reflect(
+        PROMPTS, IMAGES, temperature=0.9, top_k=5, top_p=1.0, max_new_tokens=12, seed=0
+    )
     assert len(out) == len(PROMPTS)
     for r in out:
         assert 1 <= len(r.token_ids) == len(r.logprobs) <= 12
@@ -66,23 +73,27 @@ def test_reflect_returns_well_formed_reflections(reflector):
 
 
 def test_reflect_is_reproducible_with_a_seed(reflector):
-    kw = dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10)
+    kw = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 10}
     a = reflector.reflect(PROMPTS, IMAGES, seed=3, **kw)
     b = reflector.reflect(PROMPTS, IMAGES, seed=3, **kw)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.9, 5, 1.0), (0.7, 0, 0.8), (0.0, 0, 1.0)])
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(0.9, 5, 1.0), (0.7, 0, 0.8), (0.0, 0, 1.0)]
+)
 def test_behaviour_logprobs_equal_recomputed(reflector, temperature, top_k, top_p):
     """The ratio starts at 1: generate's log-probs == one teacher-forced forward (R3's bug)."""
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    kw = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     out = reflector.reflect(PROMPTS, IMAGES, max_new_tokens=12, seed=1, **kw)
     logps, mask, entropy = reflector.completion_logprobs(
         PROMPTS, IMAGES, [r.token_ids for r in out], with_grad=False, **kw
     )
     for i, r in enumerate(out):
         assert mask[i].sum().item() == len(r.token_ids)
-        torch.testing.assert_close(logps[i, : len(r.token_ids)], torch.tensor(r.logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            logps[i, : len(r.token_ids)], torch.tensor(r.logprobs), atol=1e-4, rtol=0
+        )
     assert (logps[~mask] == 0).all() and (entropy[~mask] == 0).all()
     assert (entropy[mask] >= 0).all()
 
@@ -91,11 +102,15 @@ def test_checkpoint_generation_defaults_do_not_change_the_sampled_distribution()
     """A checkpoint's own repetition penalty would make behaviour log-probs unreproducible."""
     reflector = build_tiny_reflector(CORPUS, 32, seed=0)
     reflector.model.generation_config.repetition_penalty = 1.5
-    kw = dict(temperature=0.9, top_k=5, top_p=1.0)
+    kw = {"temperature": 0.9, "top_k": 5, "top_p": 1.0}
     out = reflector.reflect(PROMPTS, IMAGES, max_new_tokens=12, seed=2, **kw)
-    logps, _, _ = reflector.completion_logprobs(PROMPTS, IMAGES, [r.token_ids for r in out], with_grad=False, **kw)
+    logps, _, _ = reflector.completion_logprobs(
+        PROMPTS, IMAGES, [r.token_ids for r in out], with_grad=False, **kw
+    )
     for i, r in enumerate(out):
-        torch.testing.assert_close(logps[i, : len(r.token_ids)], torch.tensor(r.logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            logps[i, : len(r.token_ids)], torch.tensor(r.logprobs), atol=1e-4, rtol=0
+        )
 
 
 def test_image_placeholders_are_never_sampled():
@@ -104,19 +119,37 @@ def test_image_placeholders_are_never_sampled():
     with torch.no_grad():
         reflector.model.lm_head.weight.zero_()
     vocab = reflector.model.config.text_config.vocab_size
-    placeholders = set(reflector.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"]))
-    out = reflector.reflect(PROMPTS * 2, IMAGES * 2, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=32, seed=0)
+    placeholders = set(
+        reflector.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+    )
+    out = reflector.reflect(
+        PROMPTS * 2, IMAGES * 2, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=32, seed=0
+    )
     assert not placeholders & {t for r in out for t in r.token_ids}
     for r in out:
-        torch.testing.assert_close(torch.tensor(r.logprobs), torch.full((len(r.logprobs),), -math.log(vocab - 2)))
-    logps, mask, _ = reflector.completion_logprobs(PROMPTS * 2, IMAGES * 2, [r.token_ids for r in out],
-                                                   temperature=1.0, top_k=0, top_p=1.0, with_grad=False)
+        torch.testing.assert_close(
+            torch.tensor(r.logprobs), torch.full((len(r.logprobs),), -math.log(vocab - 2))
+        )
+    logps, mask, _ = reflector.completion_logprobs(
+        PROMPTS * 2,
+        IMAGES * 2,
+        [r.token_ids for r in out],
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        with_grad=False,
+    )
     torch.testing.assert_close(logps[mask], torch.full((int(mask.sum()),), -math.log(vocab - 2)))
 
 
 def test_completion_logprobs_carry_gradients(reflector):
     logps, mask, _ = reflector.completion_logprobs(
-        PROMPTS[:2], IMAGES[:2], _ids(reflector, "see red square", " blue"), temperature=1.0, top_k=0, top_p=1.0
+        PROMPTS[:2],
+        IMAGES[:2],
+        _ids(reflector, "see red square", " blue"),
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
     )
     assert logps.shape == mask.shape == (2, 3)
     assert mask.tolist() == [[True, True, True], [True, False, False]]
@@ -129,10 +162,17 @@ def test_completion_logprobs_carry_gradients(reflector):
 def test_disable_adapter_gives_the_base_policy():
     reflector = build_tiny_reflector(CORPUS, 32, seed=0)
     completions = _ids(reflector, "make the red square", "see blue", "no further edit", "red")
-    kw = dict(temperature=1.0, top_k=0, top_p=1.0, with_grad=False)  # unfiltered: these tokens weren't sampled
+    kw = {
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "with_grad": False,
+    }  # unfiltered: these tokens weren't sampled
     base, mask, _ = reflector.completion_logprobs(PROMPTS, IMAGES, completions, **kw)
-    lora = HFReflector(get_peft_model(reflector.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])),
-                       reflector.processor)
+    lora = HFReflector(
+        get_peft_model(reflector.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])),
+        reflector.processor,
+    )
     with torch.no_grad():  # a trained adapter: LoRA's B starts at zero, which would prove nothing
         for name, p in lora.model.named_parameters():
             if "lora_B" in name:
@@ -146,8 +186,15 @@ def test_disable_adapter_gives_the_base_policy():
 
 def test_disable_adapter_without_lora_is_an_error(reflector):
     with pytest.raises(ValueError, match="frozen_copy"):
-        reflector.completion_logprobs(PROMPTS[:1], IMAGES[:1], _ids(reflector, "red"), temperature=1.0, top_k=0, top_p=1.0,
-                                      disable_adapter=True)
+        reflector.completion_logprobs(
+            PROMPTS[:1],
+            IMAGES[:1],
+            _ids(reflector, "red"),
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            disable_adapter=True,
+        )
 
 
 def test_frozen_copy_is_a_detached_reference(reflector):
@@ -178,7 +225,9 @@ def test_save_load_round_trip_gives_identical_logits(reflector, tmp_path):
 
 def test_lora_from_pretrained_saves_and_resumes_the_adapter(reflector, tmp_path):
     reflector.save_pretrained(tmp_path / "base")
-    lora = HFReflector.from_pretrained(tmp_path / "base", lora=dict(r=4, target_modules=["q_proj", "v_proj"]))
+    lora = HFReflector.from_pretrained(
+        tmp_path / "base", lora={"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    )
     assert isinstance(lora.model, PeftModel)
     with torch.no_grad():
         for name, p in lora.model.named_parameters():
@@ -197,8 +246,9 @@ def test_sft_loss_is_cross_entropy_on_the_target_tokens(reflector):
     loss = sft_loss(reflector, PROMPTS[:2], IMAGES[:2], targets)
     completions = [reflector.encode_completion(t) for t in targets]
     assert completions[0][-1] == reflector.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    logps, mask, _ = reflector.completion_logprobs(PROMPTS[:2], IMAGES[:2], completions, temperature=1.0,
-                                                   top_k=0, top_p=1.0, with_grad=False)
+    logps, mask, _ = reflector.completion_logprobs(
+        PROMPTS[:2], IMAGES[:2], completions, temperature=1.0, top_k=0, top_p=1.0, with_grad=False
+    )
     # token mean over the whole batch, end-of-turn token included
     expected = -logps[mask].sum() / (len(completions[0]) + len(completions[1]))
     torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=0)
@@ -218,16 +268,36 @@ def _tiny_llava() -> HFReflector:
     tok = train_chat_tokenizer([*CORPUS, REFLECTION_PROMPT], extra_special_tokens=("<image>",))
     tok.chat_template = LLAVA_TEMPLATE
     processor = LlavaProcessor(
-        image_processor=SiglipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok, patch_size=8,
-        vision_feature_select_strategy="full", image_token="<image>", chat_template=LLAVA_TEMPLATE,
+        image_processor=SiglipImageProcessorPil(size={"height": 32, "width": 32}),
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="full",
+        image_token="<image>",
+        chat_template=LLAVA_TEMPLATE,
     )
     config = LlavaConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="full",
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": len(tok),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="full",
         vision_feature_layer=-1,
     )
     torch.manual_seed(0)
@@ -238,11 +308,15 @@ def test_a_llava_family_model_works_through_the_same_adapter(tmp_path):
     _tiny_llava().save_pretrained(tmp_path)
     reflector = HFReflector.from_pretrained(tmp_path)
     assert isinstance(reflector.model, LlavaForConditionalGeneration)
-    kw = dict(temperature=0.9, top_k=5, top_p=1.0)
+    kw = {"temperature": 0.9, "top_k": 5, "top_p": 1.0}
     out = reflector.reflect(PROMPTS, IMAGES, max_new_tokens=10, seed=0, **kw)
-    logps, _, _ = reflector.completion_logprobs(PROMPTS, IMAGES, [r.token_ids for r in out], with_grad=False, **kw)
+    logps, _, _ = reflector.completion_logprobs(
+        PROMPTS, IMAGES, [r.token_ids for r in out], with_grad=False, **kw
+    )
     for i, r in enumerate(out):
-        torch.testing.assert_close(logps[i, : len(r.token_ids)], torch.tensor(r.logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            logps[i, : len(r.token_ids)], torch.tensor(r.logprobs), atol=1e-4, rtol=0
+        )
     loss = sft_loss(reflector, PROMPTS[:2], IMAGES[:2], CORPUS)
     loss.backward()
     assert math.isfinite(loss.item())

@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, ProcessorMixin
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationConfig,
+    ProcessorMixin,
+)
 from transformers.models.auto.processing_auto import processor_class_from_name
 
 from r3rl.algos.grpo import token_logprobs
@@ -41,8 +46,8 @@ _TOKEN_ALIGNED = ("attention_mask", "mm_token_type_ids", "token_type_ids")
 # generation settings that would reshape the sampled distribution if a checkpoint's own
 # generation_config set them (Qwen2.5-VL ships repetition_penalty=1.05): pinned to neutral,
 # the first for every decode, the rest (warpers) where sampling applies them
-_NEUTRAL = dict(repetition_penalty=1.0, no_repeat_ngram_size=0)
-_NEUTRAL_WARPERS = dict(typical_p=1.0, min_p=0.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+_NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+_NEUTRAL_WARPERS = {"typical_p": 1.0, "min_p": 0.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
 def _words(text: str) -> str:
@@ -53,9 +58,13 @@ def _words(text: str) -> str:
 def _format_ok(text: str) -> bool:
     """Exactly one think block, at the start, with non-empty reasoning and a non-empty instruction after it."""
     head = text.lstrip()
-    if not head.startswith(THINK_OPEN) or text.count(THINK_OPEN) != 1 or text.count(THINK_CLOSE) != 1:
+    if (
+        not head.startswith(THINK_OPEN)
+        or text.count(THINK_OPEN) != 1
+        or text.count(THINK_CLOSE) != 1
+    ):
         return False
-    reasoning, instruction = head[len(THINK_OPEN):].split(THINK_CLOSE)
+    reasoning, instruction = head[len(THINK_OPEN) :].split(THINK_CLOSE)
     return bool(reasoning.strip()) and bool(instruction.strip())
 
 
@@ -100,8 +109,14 @@ def image_only_processor(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        cls.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                     chat_template=chat_template, **kwargs)
+        cls.__init__(
+            self,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
+        )
 
     return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__})
 
@@ -173,7 +188,7 @@ class HFReflector:
         trust_remote_code: bool = False,
         lora: dict | None = None,
         gradient_checkpointing: bool = False,
-    ) -> "HFReflector":
+    ) -> HFReflector:
         """Load a model folder or a saved LoRA adapter folder (its base is read from adapter_config.json).
 
         `lora` (LoraConfig kwargs) adds a fresh adapter to a full model; a saved adapter is
@@ -183,14 +198,18 @@ class HFReflector:
         is_adapter = (path / "adapter_config.json").exists()
         base = PeftConfig.from_pretrained(path).base_model_name_or_path if is_adapter else path
         kwargs = {} if dtype is None else {"dtype": dtype}
-        model = AutoModelForImageTextToText.from_pretrained(base, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(
+            base, trust_remote_code=trust_remote_code, **kwargs
+        )
         if is_adapter:
             model = PeftModel.from_pretrained(model, path, is_trainable=True)
         elif lora is not None:
             model = get_peft_model(model, LoraConfig(**lora))
         model.to(device)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         return cls(model, load_processor(path, trust_remote_code=trust_remote_code))
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -198,7 +217,7 @@ class HFReflector:
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
 
-    def frozen_copy(self) -> "HFReflector":
+    def frozen_copy(self) -> HFReflector:
         """A deep-copied, grad-free reference policy (for full fine-tuning; LoRA uses `disable_adapter`)."""
         model = copy.deepcopy(self.model).requires_grad_(False).eval()
         return HFReflector(model, self.processor)
@@ -211,16 +230,28 @@ class HFReflector:
         return next(self.model.parameters()).device
 
     # ------------------------------------------------------------------ inputs
-    def prompt_inputs(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+    def prompt_inputs(
+        self, prompts: Sequence[str], images: Sequence[Image.Image]
+    ) -> dict[str, torch.Tensor]:
         """Processor outputs for the user turn (image + REFLECTION_PROMPT), left-padded for generation."""
         messages = [
-            [{"role": "user", "content": [
-                {"type": "image"}, {"type": "text", "text": REFLECTION_PROMPT.format(prompt=p)}]}]
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image"},
+                        {"type": "text", "text": REFLECTION_PROMPT.format(prompt=p)},
+                    ],
+                }
+            ]
             for p in prompts
         ]
-        texts = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = self.processor(text=texts, images=list(images), padding=True, padding_side="left",
-                                return_tensors="pt")
+        texts = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        inputs = self.processor(
+            text=texts, images=list(images), padding=True, padding_side="left", return_tensors="pt"
+        )
         return {k: v.to(self.device) for k, v in inputs.items() if torch.is_tensor(v)}
 
     def encode_completion(self, text: str) -> list[int]:
@@ -228,13 +259,27 @@ class HFReflector:
         return self.tokenizer(text, add_special_tokens=False).input_ids + [self.end_id]
 
     # ------------------------------------------------------------------ sampling
-    def _generation_config(self, temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> GenerationConfig:
-        sampling = dict(do_sample=False)
+    def _generation_config(
+        self, temperature: float, top_k: int, top_p: float, max_new_tokens: int
+    ) -> GenerationConfig:
+        sampling = {"do_sample": False}
         if temperature > 0:
-            sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, **_NEUTRAL_WARPERS)
+            sampling = dict(
+                do_sample=True,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                **_NEUTRAL_WARPERS,
+            )
         return GenerationConfig(
-            max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-            suppress_tokens=self.banned_ids or None, output_scores=True, return_dict_in_generate=True, **sampling, **_NEUTRAL,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            suppress_tokens=self.banned_ids or None,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **sampling,
+            **_NEUTRAL,
         )
 
     def _reflection(self, ids: list[int], logps: list[float]) -> Reflection:
@@ -267,9 +312,13 @@ class HFReflector:
         config = self._generation_config(temperature, top_k, top_p, max_new_tokens)
         with _eval_mode(self.model), _seeded(seed, self.device):
             out = self.model.generate(**inputs, generation_config=config)
-        new = out.sequences[:, inputs["input_ids"].shape[1]:]
+        new = out.sequences[:, inputs["input_ids"].shape[1] :]
         logps = torch.stack(
-            [s.float().log_softmax(-1).gather(1, new[:, i:i + 1])[:, 0] for i, s in enumerate(out.scores)], 1
+            [
+                s.float().log_softmax(-1).gather(1, new[:, i : i + 1])[:, 0]
+                for i, s in enumerate(out.scores)
+            ],
+            1,
         )
         return [self._reflection(ids, lp) for ids, lp in zip(new.tolist(), logps.tolist())]
 
@@ -284,10 +333,9 @@ class HFReflector:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher-forced logits (B, T, V) predicting each completion token, its ids (B, T), mask (B, T).
 
-        Banned placeholder tokens get -inf, as generation's suppression gives them.
-
         Prompts stay left-padded as in `reflect`, completions are right-padded after them, so
-        positions (incl. multimodal RoPE) are exactly the ones generation used.
+        positions (incl. multimodal RoPE) are exactly the ones generation used. Banned
+        placeholder tokens get -inf, as generation's suppression gave them.
         """
         b, t = len(completions), max(len(c) for c in completions)
         ids = torch.full((b, t), self.pad_id, dtype=torch.long)
@@ -302,7 +350,9 @@ class HFReflector:
                 tail = mask if key == "attention_mask" else torch.zeros_like(ids)
                 inputs[key] = torch.cat([inputs[key], tail.to(inputs[key].dtype)], 1)
         if disable_adapter and not isinstance(self.model, PeftModel):
-            raise ValueError("disable_adapter needs a peft LoRA model; for full fine-tuning use frozen_copy()")
+            raise ValueError(
+                "disable_adapter needs a peft LoRA model; for full fine-tuning use frozen_copy()"
+            )
         with self.model.disable_adapter() if disable_adapter else nullcontext():
             logits = self.model(**inputs, use_cache=False, logits_to_keep=t + 1).logits
         banned = torch.tensor(self.banned_ids, dtype=torch.long, device=logits.device)
@@ -326,14 +376,21 @@ class HFReflector:
         scores with the LoRA-free base: the reference policy of a LoRA run at no extra memory.
         """
         with torch.enable_grad() if with_grad else torch.no_grad():
-            logits, ids, mask = self.completion_logits(prompts, images, completions, disable_adapter=disable_adapter)
+            logits, ids, mask = self.completion_logits(
+                prompts, images, completions, disable_adapter=disable_adapter
+            )
             temperature, top_k, top_p = _distribution(temperature, top_k, top_p)
-            logps, entropy = token_logprobs(logits, ids, temperature=temperature, top_k=top_k, top_p=top_p)
+            logps, entropy = token_logprobs(
+                logits, ids, temperature=temperature, top_k=top_k, top_p=top_p
+            )
             return logps.masked_fill(~mask, 0.0), mask, entropy.masked_fill(~mask, 0.0)
 
 
 def sft_loss(
-    reflector: HFReflector, prompts: Sequence[str], images: Sequence[Image.Image], targets: Sequence[str]
+    reflector: HFReflector,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image],
+    targets: Sequence[str],
 ) -> torch.Tensor:
     """Token-mean cross-entropy of the assistant targets (+ end-of-turn) given image and prompt."""
     completions = [reflector.encode_completion(t) for t in targets]

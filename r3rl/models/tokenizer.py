@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 PAD, UNK = "<|endoftext|>", "<unk>"
@@ -56,11 +65,16 @@ def train_chat_tokenizer(
     tok.pre_tokenizer = pre_tokenizers.Split(PIECES, behavior="isolated")
     tok.decoder = decoders.Fuse()
     trainer = trainers.BpeTrainer(
-        vocab_size=MAX_VOCAB, special_tokens=specials, initial_alphabet=_alphabet(), show_progress=False
+        vocab_size=MAX_VOCAB,
+        special_tokens=specials,
+        initial_alphabet=_alphabet(),
+        show_progress=False,
     )
     # each text also after a space, so a word is one token at the start of a turn and mid-text;
     # plus the chat template's own words, so role headers are single tokens too
-    tok.train_from_iterator([*corpus, *(" " + t for t in corpus), "system", "user", "assistant"], trainer)
+    tok.train_from_iterator(
+        [*corpus, *(" " + t for t in corpus), "system", "user", "assistant"], trainer
+    )
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,

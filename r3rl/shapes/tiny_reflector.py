@@ -29,8 +29,11 @@ PATCHES_PER_SIDE = 8
 def _processor(tokenizer, image_size: int) -> Qwen2_5_VLProcessor:
     """Qwen2.5-VL processor whose resize keeps every image at image_size^2 pixels (16 tokens)."""
     images = Qwen2VLImageProcessorPil(
-        patch_size=image_size // PATCHES_PER_SIDE, merge_size=2, temporal_patch_size=2,
-        min_pixels=image_size * image_size, max_pixels=image_size * image_size,
+        patch_size=image_size // PATCHES_PER_SIDE,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=image_size * image_size,
+        max_pixels=image_size * image_size,
     )
     cls = image_only_processor(Qwen2_5_VLProcessor)
     return cls(image_processor=images, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
@@ -38,23 +41,44 @@ def _processor(tokenizer, image_size: int) -> Qwen2_5_VLProcessor:
 
 def _config(tokenizer, image_size: int) -> Qwen2_5_VLConfig:
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-        max_position_embeddings=2048, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": MROPE_SECTION},
-        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = dict(
-        depth=VISION_DEPTH, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_heads=VISION_HEADS,
-        patch_size=image_size // PATCHES_PER_SIDE, spatial_merge_size=2, temporal_patch_size=2,
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": HIDDEN,
+        "intermediate_size": 2 * HIDDEN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": MROPE_SECTION,
+        },
+        "bos_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {
+        "depth": VISION_DEPTH,
+        "hidden_size": VISION_HIDDEN,
+        "intermediate_size": 2 * VISION_HIDDEN,
+        "num_heads": VISION_HEADS,
+        "patch_size": image_size // PATCHES_PER_SIDE,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
         # one attention window covering the whole (small) image
-        window_size=image_size, fullatt_block_indexes=[VISION_DEPTH - 1], out_hidden_size=HIDDEN,
-    )
+        "window_size": image_size,
+        "fullatt_block_indexes": [VISION_DEPTH - 1],
+        "out_hidden_size": HIDDEN,
+    }
     return Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision,
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
     )
 
 
