@@ -241,6 +241,23 @@ def test_lora_from_pretrained_saves_and_resumes_the_adapter(reflector, tmp_path)
     torch.testing.assert_close(_logits(resumed), _logits(lora), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("lora", [None, {"r": 4, "target_modules": ["q_proj", "v_proj"]}])
+def test_gradient_checkpointing_keeps_sampling_and_scoring_exact(reflector, tmp_path, lora):
+    reflector.save_pretrained(tmp_path)
+    ckpt = HFReflector.from_pretrained(tmp_path, gradient_checkpointing=True, lora=lora)
+    ckpt.model.train()
+    kw = {"temperature": 0.9, "top_k": 5, "top_p": 1.0}
+    out = ckpt.reflect(PROMPTS, IMAGES, max_new_tokens=8, seed=0, **kw)
+    assert ckpt.model.training  # reflect switches to eval (KV cache) and back
+    logps, mask, _ = ckpt.completion_logprobs(PROMPTS, IMAGES, [r.token_ids for r in out], **kw)
+    for i, r in enumerate(out):
+        torch.testing.assert_close(
+            logps[i, : len(r.token_ids)].detach(), torch.tensor(r.logprobs), atol=1e-4, rtol=0
+        )
+    logps[mask].sum().backward()
+    assert all(p.grad is not None for p in ckpt.trainable_parameters())
+
+
 def test_sft_loss_is_cross_entropy_on_the_target_tokens(reflector):
     targets = ["<think>see red</think> make the red square blue", "<think>x</think> y"]
     loss = sft_loss(reflector, PROMPTS[:2], IMAGES[:2], targets)
