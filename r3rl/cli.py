@@ -7,6 +7,7 @@ answers at once. User mistakes (`UserError`) print one line and exit 2; so do us
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -14,6 +15,10 @@ from r3rl import __version__
 from r3rl.errors import UserError
 
 EXIT_USER_ERROR = 2
+
+# OpenMP threads that spin while waiting collapse throughput when cores are shared (CI, a
+# judge server beside the trainer): 4-5x slower steps measured on 2 cores. Must precede torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

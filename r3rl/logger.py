@@ -27,6 +27,16 @@ if TYPE_CHECKING:
 Metric = float | int | str | None
 
 
+def quiet_libraries() -> None:
+    """Silence transformers/diffusers per-call progress bars and info logs: the run has one bar."""
+    import diffusers
+    import transformers
+
+    for lib in (transformers, diffusers):
+        lib.utils.logging.disable_progress_bar()
+        lib.utils.logging.set_verbosity_error()
+
+
 def _plain(key: str, value: Any) -> Metric:
     """A JSON-safe metric value: tensor/numpy scalars become numbers, NaN/inf become null."""
     if hasattr(value, "item"):

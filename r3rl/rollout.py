@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from r3rl.algos.flow_grpo import select_train_timesteps, sigma_schedule
-from r3rl.models.base import TextCond
 from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector, Reflection
 from r3rl.rewards import CombinedReward
@@ -98,10 +97,6 @@ def run_diffusion(
     return DiffusionRollout(model.decode(traj.latents), traj, texts, ref)
 
 
-def text_cond(model: FluxModel, texts: list[str]) -> TextCond:
-    return model.encode_text(texts)
-
-
 @dataclass
 class BufferItem:
     meta: dict
@@ -132,18 +127,6 @@ class ImageBuffer:
 
     def __len__(self) -> int:
         return len(self.items)
-
-
-@dataclass
-class RefineGroup:
-    """G reflections on the same input image, and the refinements of those that asked for an edit."""
-
-    item: BufferItem
-    reflections: list[Reflection]
-    edited: list[int]  # indices into reflections that produced an edit
-    refined: DiffusionRollout | None
-    images: list[Image.Image]  # per reflection: refined image, or the input when it stopped
-    scored: Scored  # rewards of `images` (stopped samples re-use the input reward)
 
 
 def reflect_and_refine(

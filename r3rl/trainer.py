@@ -26,7 +26,7 @@ from r3rl.config import Config
 from r3rl.data import load_prompts
 from r3rl.errors import UserError
 from r3rl.evaluate import EvalResult, evaluate_rounds
-from r3rl.logger import RunLogger
+from r3rl.logger import RunLogger, quiet_libraries
 from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector, Reflection
 from r3rl.rewards import CombinedReward
@@ -297,11 +297,12 @@ class Run:
             old[i, : len(r.logprobs)] = torch.tensor(r.logprobs)
         ref = None
         if rc.beta > 0:
+            # unfiltered reference: a token outside the reference's own top-k would make k3 infinite
+            ref_kw = dict(temperature=self.text.temperature, top_k=0, top_p=1.0, with_grad=False)
             if self.ref_reflector is not None:
-                ref, _, _ = self.ref_reflector.completion_logprobs(prompts, images, comp, with_grad=False, **kw)
+                ref, _, _ = self.ref_reflector.completion_logprobs(prompts, images, comp, **ref_kw)
             else:
-                ref, _, _ = self.reflector.completion_logprobs(prompts, images, comp, with_grad=False,
-                                                               disable_adapter=True, **kw)
+                ref, _, _ = self.reflector.completion_logprobs(prompts, images, comp, disable_adapter=True, **ref_kw)
         mask = mask & valid[:, None]
         loss, m = grpo_loss(logps, old, torch.nan_to_num(adv), mask, ref_logps=ref, epsilon_low=rc.epsilon_low,
                             epsilon_high=rc.epsilon_high, beta=rc.beta, loss_type=rc.loss_type,
@@ -439,6 +440,7 @@ def _prompts(path: str | None, split: str, n: int | None) -> list[dict]:
 
 
 def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: bool = True) -> Run:
+    quiet_libraries()
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -37,6 +37,7 @@ def build_tiny_flux(tokenizer, image_size: int, seed: int = 0) -> FluxModel:
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab, hidden_size=TEXT_DIM, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id,
         projection_dim=TEXT_DIM,
     ))
     t5 = T5EncoderModel(T5Config(
@@ -75,7 +76,7 @@ def pretrain_vae(
         opt.step()
         sched.step()
         if on_step:
-            on_step(step, float(loss))
+            on_step(step, loss.item())
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         z = vae.encode(to_tensor(make_images(256), image_size)).latent_dist.mean
@@ -119,7 +120,7 @@ def pretrain_flow(
         opt.step()
         sched.step()
         if on_step:
-            on_step(step, float(loss))
+            on_step(step, loss.item())
     for m in (model.transformer, model.text_encoder, model.text_encoder_2):
         m.eval().requires_grad_(False)
 
