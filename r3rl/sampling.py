@@ -60,9 +60,14 @@ def sample(
     """
     b = cond.embeds.shape[0]
     x = model.noise(b, generator) if x is None else x
+    if tuple(sde_mask.shape) != (b, len(sigmas) - 1):
+        raise ValueError(f"sde_mask must be (batch, steps) = {(b, len(sigmas) - 1)}, got {tuple(sde_mask.shape)}")
     k = int(sde_mask[0].sum())
     if not bool((sde_mask.sum(1) == k).all()):
         raise ValueError("every sample must train the same number of steps")
+    if sde.sde_type == "cps" and bool((sde_mask & (sigmas[1:] <= 0).to(sde_mask.device)).any()):
+        # cps has std = sigma_next·sin(...) = 0 there: a deterministic step with log-prob NaN
+        raise ValueError("cps cannot train a step that ends at sigma = 0 (std 0); exclude the last step")
     states, nexts, s_now, s_next, logps = [], [], [], [], []
     for i in range(len(sigmas) - 1):
         sig, sig_next = float(sigmas[i]), float(sigmas[i + 1])

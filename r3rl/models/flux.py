@@ -7,6 +7,7 @@ reference tokens with id[0]=1, timestep = sigma) are exactly the pipeline's.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from r3rl.models.base import TextCond
+
+ADAPTER_FILE = "r3rl_adapter.json"  # adapter settings saved next to the diffusers components
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -91,8 +94,10 @@ class FluxModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, image_size: int, **kwargs) -> "FluxModel":
-        """Load the diffusers-layout folder a FLUX(-Kontext) checkpoint uses."""
+        """Load the diffusers-layout folder a FLUX(-Kontext) checkpoint uses; settings saved by
+        `save_pretrained` (max_text_len) are defaults that `kwargs` override."""
         p = Path(path)
+        settings = json.loads((p / ADAPTER_FILE).read_text()) if (p / ADAPTER_FILE).exists() else {}
         return cls(
             FluxTransformer2DModel.from_pretrained(p / "transformer"),
             AutoencoderKL.from_pretrained(p / "vae"),
@@ -101,13 +106,16 @@ class FluxModel:
             T5EncoderModel.from_pretrained(p / "text_encoder_2"),
             AutoTokenizer.from_pretrained(p / "tokenizer_2"),
             image_size=image_size,
-            **kwargs,
+            **{**settings, **kwargs},
         )
 
     def save_pretrained(self, path: str | Path) -> None:
         p = Path(path)
         for name in self.COMPONENTS:
             getattr(self, name).save_pretrained(p / name)
+        # the padded text length changes T5's output (no attention mask, as in FluxPipeline),
+        # so it belongs to the weights; sampling settings (guidance) stay the caller's
+        (p / ADAPTER_FILE).write_text(json.dumps({"max_text_len": self.max_text_len}))
 
     @property
     def device(self) -> torch.device:
@@ -124,22 +132,34 @@ class FluxModel:
         embeds = self.text_encoder_2(input_ids=tok2.input_ids.to(dev)).last_hidden_state
         return embeds, pooled
 
+    def _encoders_trainable(self) -> bool:
+        return any(
+            m.training or any(p.requires_grad for p in m.parameters())
+            for m in (self.text_encoder, self.text_encoder_2)
+        )
+
+    def _encode(self, texts: list[str], cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._encoders_trainable():
+            # weights that can change make cached embeddings stale (and would cut the gradient)
+            self._text_cache.clear()
+            return self._encode_uncached(texts)
+        if not cache:
+            return self._encode_uncached(texts)
+        missing = sorted({t for t in texts if t not in self._text_cache})
+        if missing:
+            with torch.no_grad():
+                e, p = self._encode_uncached(missing)
+            self._text_cache.update({t: (e[i], p[i]) for i, t in enumerate(missing)})
+        embeds = torch.stack([self._text_cache[t][0] for t in texts])
+        pooled = torch.stack([self._text_cache[t][1] for t in texts])
+        return embeds, pooled
+
     def encode_text(self, texts: list[str], *, cache: bool = True) -> TextCond:
-        """Sequence (T5) + pooled (CLIP) embeddings; cached per string while encoders are frozen."""
-        if not cache or self.text_encoder_2.training or any(p.requires_grad for p in self.text_encoder_2.parameters()):
-            embeds, pooled = self._encode_uncached(texts)
-        else:
-            missing = sorted({t for t in texts if t not in self._text_cache})
-            if missing:
-                with torch.no_grad():
-                    e, p = self._encode_uncached(missing)
-                self._text_cache.update({t: (e[i], p[i]) for i, t in enumerate(missing)})
-            embeds = torch.stack([self._text_cache[t][0] for t in texts])
-            pooled = torch.stack([self._text_cache[t][1] for t in texts])
-        cond = TextCond(embeds, pooled)
+        """Sequence (T5) + pooled (CLIP) embeddings; cached per string while both encoders are
+        frozen (eval mode, no grad); the cache is dropped whenever either one is trainable."""
+        cond = TextCond(*self._encode(texts, cache))
         if self.true_cfg_scale > 1.0:
-            neg = self.encode_text([self.negative_prompt] * len(texts), cache=cache)
-            cond.neg_embeds, cond.neg_pooled = neg.embeds, neg.pooled
+            cond.neg_embeds, cond.neg_pooled = self._encode([self.negative_prompt] * len(texts), cache)
         return cond
 
     # ------------------------------------------------------------------ images
