@@ -49,7 +49,8 @@ def find_resume(resume: str | None, out: Path) -> Path | None:
     return path
 
 
-def _load_module(module: torch.nn.Module, folder: Path) -> None:
+def load_module(module: torch.nn.Module, folder: Path) -> None:
+    """Load the safetensors weights saved in `folder` (transformers/diffusers/peft layout) into `module`."""
     files = sorted(folder.glob("*.safetensors"))
     state = {}
     for f in files:
@@ -106,13 +107,13 @@ def load_checkpoint(run: "Run", path: Path) -> int:
     """Restore policies, optimisers, RNGs and buffer; return the step to continue after."""
     from r3rl.rollout import BufferItem
 
-    _load_module(run.reflector.model, path / "reflector")
+    load_module(run.reflector.model, path / "reflector")
     optim = torch.load(path / "optimizers.pt", weights_only=True)
     if run.reflector_opt is not None and "reflector" in optim:
         run.reflector_opt.load_state_dict(optim["reflector"])
     for name, pol in (("generator", run.generator), ("refiner", run.refiner)):
         if pol.train and (path / name).exists():
-            _load_module(pol.model.transformer, path / name / "transformer")
+            load_module(pol.model.transformer, path / name / "transformer")
             pol.opt.load_state_dict(optim[name])
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])

@@ -51,6 +51,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from r3rl.evaluate import evaluate
 
     _print_metrics(evaluate(cfg, args.prompts))
+    print(f"wrote round grids and metrics.json to {os.path.join(cfg.output_dir, 'eval')}")
+    return 0
+
+
+def _cmd_refine(args: argparse.Namespace) -> int:
+    """Generate, reflect and refine with a trained checkpoint; save every round and a trace."""
+    from r3rl.inference import TRACE, refine, summarize
+
+    trace = refine(
+        args.checkpoint,
+        args.prompts,
+        args.out,
+        rounds=args.rounds,
+        temperature=args.temperature,
+        num_steps=args.num_steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    print(summarize(trace))
+    print(f"wrote images and {TRACE} to {args.out}")
     return 0
 
 
@@ -111,6 +131,48 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts", metavar="FILE", help="JSONL prompt file (default: the recipe's eval prompts)"
     )
     evaluate.set_defaults(func=_cmd_eval)
+
+    refine = commands.add_parser(
+        "refine",
+        help="generate -> reflect -> refine with a trained checkpoint; saves images and a trace",
+    )
+    refine.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="OUTPUT_DIR/checkpoints/step-N, or an output_dir (its newest complete checkpoint)",
+    )
+    refine.add_argument(
+        "--prompts", required=True, metavar="FILE", help="JSONL prompt file (GenEval format)"
+    )
+    refine.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for the images and trace.jsonl"
+    )
+    refine.add_argument(
+        "--rounds",
+        type=int,
+        metavar="N",
+        help="refine rounds after round 0 (default: the run's eval.rounds)",
+    )
+    refine.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help="reflector temperature, 0 = greedy (default: eval.temperature)",
+    )
+    refine.add_argument(
+        "--num-steps", type=int, metavar="S", help="denoising steps (default: eval.num_steps)"
+    )
+    refine.add_argument(
+        "--seed",
+        type=int,
+        metavar="S",
+        help="sampling seed (default: the run's seed + 1, as its eval)",
+    )
+    refine.add_argument(
+        "--batch-size", type=int, metavar="B", help="prompts per batch (default: eval.batch_size)"
+    )
+    refine.set_defaults(func=_cmd_refine)
 
     rewards = commands.add_parser("rewards", help="reward plugins")
     rewards_commands = rewards.add_subparsers(

@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 from r3rl.config import Config
 from r3rl.models.flux import FluxModel
-from r3rl.models.reflector import HFReflector
+from r3rl.models.reflector import HFReflector, Reflection
 from r3rl.rewards import CombinedReward
 from r3rl.rollout import SamplerSettings, TextSettings, reflect_and_refine, run_diffusion, score
 from r3rl.sampling import SDEConfig
@@ -26,6 +27,10 @@ class EvalResult:
     metrics: dict[str, float]
     images: list[list[Image.Image]]  # [round][sample]
     captions: list[list[str]]  # [round][sample]: prompt + reflection that led to it
+    scores: torch.Tensor | None = None  # [round, sample] weighted reward; NaN = could not score
+    # [round][sample]: the reflection written in that round (None in round 0 and after a stop);
+    # a reflection whose `instruction` is None is the stop ("no further edit needed")
+    reflections: list[list[Reflection | None]] | None = None
 
 
 def _nanmean(x: torch.Tensor) -> float:
@@ -54,6 +59,7 @@ def evaluate_rounds(
     images: list[list[Image.Image]] = [[] for _ in range(rounds + 1)]
     captions: list[list[str]] = [[m["prompt"] for m in metas] for _ in range(rounds + 1)]
     stopped_at = torch.full((n,), rounds)
+    reflections: list[list[Reflection | None]] = [[None] * n for _ in range(rounds + 1)]
     for start in range(0, n, batch_size):
         sl = slice(start, min(n, start + batch_size))
         batch = metas[sl]
@@ -73,6 +79,7 @@ def evaluate_rounds(
                 )
                 for j, i in enumerate(active):
                     captions[k][start + i] = f"{batch[i]['prompt']} | {refl[j].text}"
+                    reflections[k][start + i] = refl[j]
                     new_scores[i] = s.total[j]
                     cur[i] = out[j]
                 done = [active[j] for j in range(len(active)) if j not in set(edited)]
@@ -97,13 +104,19 @@ def evaluate_rounds(
         by_tag[m.get("tag", "untagged")].append(float(scores[rounds, i]))
     for tag, vals in sorted(by_tag.items()):
         metrics[f"eval/tag/{tag}"] = _nanmean(torch.tensor(vals))
-    return EvalResult(metrics, images, captions)
+    return EvalResult(metrics, images, captions, scores, reflections)
 
 
 def evaluate(cfg: Config, prompts_path: str | None = None) -> dict[str, float]:
-    """`r3rl eval`: score rounds 0..eval.rounds of the recipe's models on held-out prompts."""
+    """`r3rl eval`: score rounds 0..eval.rounds of the recipe's models on held-out prompts.
+
+    Also writes `output_dir/eval/round{k}.png` (image grids captioned with prompt, reflection
+    and reward) and `output_dir/eval/metrics.json` (see `r3rl.inference.write_eval_outputs`).
+    """
+    from r3rl.inference import write_eval_outputs
     from r3rl.trainer import build_run
 
     run = build_run(cfg, eval_prompts=prompts_path, for_training=False)
     result = run.evaluate(step=None)
+    write_eval_outputs(result, Path(cfg.output_dir) / "eval")
     return result.metrics
