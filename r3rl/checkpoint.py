@@ -50,23 +50,31 @@ def find_resume(resume: str | None, out: Path) -> Path | None:
 
 
 def load_module(module: torch.nn.Module, folder: Path) -> None:
-    """Load the safetensors weights saved in `folder` (transformers/diffusers/peft layout) into `module`."""
-    files = sorted(folder.glob("*.safetensors"))
-    state = {}
-    for f in files:
-        state.update(load_file(f))
+    """Load weights saved in `folder` into `module`, in place (optimisers keep their params).
+
+    A peft model gets its adapter state. Anything else goes through its own class's
+    `from_pretrained` (transformers >= 5 writes checkpoint-format key names, e.g. `visual.*`
+    for Qwen-VL's `model.visual.*`, that only `from_pretrained` maps back), then a strict copy.
+    """
     from peft import PeftModel, set_peft_model_state_dict
 
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"checkpoint folder {folder} has no *.safetensors weights")
     if isinstance(module, PeftModel):
+        state = {}
+        for f in files:
+            state.update(load_file(f))
         set_peft_model_state_dict(module, state)
-    else:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        real_missing = [k for k in missing if k not in module.state_dict() or "tied" in k]
-        if unexpected or real_missing:
-            raise UserError(f"checkpoint {folder} does not match the model (unexpected={unexpected[:3]})")
+        return
+    loaded = type(module).from_pretrained(folder)
+    try:
+        module.load_state_dict(loaded.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {folder} does not match the model ({str(e).splitlines()[0]})") from None
 
 
-def save_checkpoint(run: "Run", out: Path, step: int, *, keep_last: int) -> Path:
+def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
     root = out / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
@@ -103,7 +111,7 @@ def _py_state(rng: random.Random) -> tuple:
     return version, list(internal), gauss
 
 
-def load_checkpoint(run: "Run", path: Path) -> int:
+def load_checkpoint(run: Run, path: Path) -> int:
     """Restore policies, optimisers, RNGs and buffer; return the step to continue after."""
     from r3rl.rollout import BufferItem
 

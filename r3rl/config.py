@@ -56,13 +56,16 @@ class WorldConfig(_Section):
         None, description="Where pretrained tiny models are cached (null = default cache)."
     )
     pretrain_diffusion_steps: int = Field(
-        2000, ge=0, description="Supervised flow-matching steps for the tiny generator/refiner."
+        1800, ge=0, description="Supervised flow-matching steps for the tiny generator/refiner."
     )
     pretrain_reflector_steps: int = Field(
-        600, ge=0, description="SFT steps of the tiny reflector on checker-written critiques."
+        400, ge=0, description="SFT steps of the tiny reflector on checker-written critiques."
     )
     pretrain_batch_size: int = Field(32, gt=0, description="Batch size of flow-matching and SFT pretraining.")
-    pretrain_vae_steps: int = Field(1000, ge=0, description="Reconstruction steps of the tiny VAE.")
+    pretrain_pairs: int = Field(
+        3000, gt=0, description="Rendered text-to-image pairs and edit triples encoded once for flow matching."
+    )
+    pretrain_vae_steps: int = Field(800, ge=0, description="Reconstruction steps of the tiny VAE.")
     pretrain_vae_batch_size: int = Field(8, gt=0, description="Batch size of VAE pretraining (small is faster).")
     reflector_sft_examples: int = Field(
         1500, gt=0, description="Checker-critiqued images (generated + rendered) the reflector is fine-tuned on."
@@ -123,7 +126,11 @@ class GeneratorConfig(_Section):
     lora: LoRAConfig | None = Field(None, description="LoRA settings (null = full fine-tuning).")
     num_steps: int = Field(10, gt=0, description="Denoising steps in training rollouts.")
     guidance_scale: float = Field(
-        1.0, ge=0.0, description="Classifier-free guidance scale (1 = no guidance)."
+        1.0, ge=0.0, description="Distilled guidance embedding value (FLUX.1-dev style models only)."
+    )
+    cfg_scale: float = Field(
+        1.0, ge=1.0, description="True classifier-free guidance against an empty prompt (1 = off); "
+        "log-probs are those of the guided velocity."
     )
     noise_level: float = Field(
         0.7, ge=0.0, description="SDE noise level a (eta) of the trained steps."

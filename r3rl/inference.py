@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 from r3rl.errors import UserError
 
 if TYPE_CHECKING:
-    import torch
 
     from r3rl.evaluate import EvalResult
     from r3rl.trainer import Run
@@ -71,30 +70,6 @@ def _weights(folder: Path, what: str) -> Path:
     return folder
 
 
-def _load_reflector(model: torch.nn.Module, folder: Path) -> None:
-    """Checkpoint weights into the reflector built from the recipe.
-
-    A LoRA reflector saved its adapter (peft key names): `load_module`. A full model was saved by
-    transformers' `save_pretrained`, which (transformers >= 5) writes checkpoint-format names
-    (`visual.*`, `model.layers.*`) that differ from the module's own (`model.visual.*`,
-    `model.language_model.*`); only `from_pretrained` applies the model's conversion mapping.
-    """
-    from peft import PeftModel
-
-    from r3rl.checkpoint import load_module
-
-    if isinstance(model, PeftModel):
-        load_module(model, folder)
-        return
-    loaded = type(model).from_pretrained(folder, dtype=model.dtype)
-    try:
-        model.load_state_dict(loaded.state_dict(), strict=True)
-    except RuntimeError as e:
-        raise UserError(
-            f"checkpoint {folder} does not match the run's reflector ({str(e).splitlines()[0]})"
-        ) from None
-
-
 def load_trained(checkpoint: str | Path, *, eval_prompts: str | None = None) -> tuple[Run, Path]:
     """The run's models (built from its `config.yaml`) with the checkpoint's weights; returns (run, checkpoint)."""
     from r3rl.checkpoint import load_module
@@ -112,7 +87,7 @@ def load_trained(checkpoint: str | Path, *, eval_prompts: str | None = None) -> 
         if (ckpt / name).exists()
     }
     run = build_run(load_config(recipe), eval_prompts=eval_prompts, for_training=False)
-    _load_reflector(run.reflector.model, reflector_dir)
+    load_module(run.reflector.model, reflector_dir)
     for name, folder in policies.items():
         load_module(getattr(run, name).model.transformer, folder)
     return run, ckpt

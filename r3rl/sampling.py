@@ -25,11 +25,11 @@ class Trajectory:
     sigmas_next: torch.Tensor  # (B, K)
     logps: torch.Tensor  # (B, K) behaviour log-probs
 
-    def index(self, idx: torch.Tensor | slice) -> "Trajectory":
+    def index(self, idx: torch.Tensor | slice) -> Trajectory:
         return Trajectory(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
     @staticmethod
-    def cat(trajs: list["Trajectory"]) -> "Trajectory":
+    def cat(trajs: list[Trajectory]) -> Trajectory:
         return Trajectory(*(torch.cat([getattr(t, f) for t in trajs]) for f in Trajectory.__dataclass_fields__))
 
 
@@ -91,7 +91,7 @@ def sample(
         return Trajectory(x, empty, empty, z, z, z)
     # keep, per sample, only the steps its mask selected (other rows were ODE at that step)
     mask = sde_mask[:, [i for i in range(sde_mask.shape[1]) if sde_mask[:, i].any()]]
-    pick = lambda seq: torch.stack(seq, 1)[mask].view(b, k, *seq[0].shape[1:])  # noqa: E731
+    pick = lambda seq: torch.stack(seq, 1)[mask].view(b, k, *seq[0].shape[1:])
     return Trajectory(x, pick(states), pick(nexts), pick(s_now), pick(s_next), pick(logps))
 
 

@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 
-from r3rl.algos.advantages import group_advantages, r3_generate_rewards, r3_refine_rewards, tree_advantages
+from r3rl.algos.advantages import (
+    group_advantages,
+    r3_generate_rewards,
+    r3_refine_rewards,
+    tree_advantages,
+)
 from r3rl.algos.flow_grpo import flow_grpo_loss
 from r3rl.algos.grpo import grpo_loss
 from r3rl.checkpoint import find_resume, load_checkpoint, save_checkpoint
@@ -31,8 +36,15 @@ from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector, Reflection
 from r3rl.rewards import CombinedReward
 from r3rl.rollout import (
-    PERFECT, BufferItem, DiffusionRollout, ImageBuffer, SamplerSettings, TextSettings, reflect_and_refine,
-    run_diffusion, score,
+    PERFECT,
+    BufferItem,
+    DiffusionRollout,
+    ImageBuffer,
+    SamplerSettings,
+    TextSettings,
+    reflect_and_refine,
+    run_diffusion,
+    score,
 )
 from r3rl.sampling import SDEConfig, transition_logprob
 from r3rl.shapes.world import SHAPES_MODEL, ensure_world
@@ -121,7 +133,7 @@ class Run:
         return metrics
 
     # ----------------------------------------------------------------- rollouts
-    def _generate_rollout(self, gen: torch.Generator, *, train: bool) -> "Batch":
+    def _generate_rollout(self, gen: torch.Generator, *, train: bool) -> Batch:
         g = self.cfg.rollout.group_size
         meta = self.rng.choice(self.train_prompts)
         ro = run_diffusion(self.generator.model, [meta["prompt"]] * g, None, self.generator.settings,
@@ -137,7 +149,7 @@ class Run:
             batch.metrics["frac_reward_zero_std"] = zero / groups
         return batch
 
-    def _refine_rollout(self, gen: torch.Generator, seed: int) -> "Batch":
+    def _refine_rollout(self, gen: torch.Generator, seed: int) -> Batch:
         ro_cfg = self.cfg.rollout
         g = ro_cfg.group_size
         item = self.buffer.draw(self.rng, ro_cfg.perfect_prob)
@@ -174,7 +186,7 @@ class Run:
             batch.image_terms.append(ImageTerm(self.refiner, ro, i_adv[idx], i_valid[idx] & image_mask[idx]))
         return batch
 
-    def _tree_rollout(self, gen: torch.Generator, seed: int) -> "Batch":
+    def _tree_rollout(self, gen: torch.Generator, seed: int) -> Batch:
         """G roots x K reflections x M refinements per level, `max_rounds` levels; values are
         leaf-reward means, advantages are relative to siblings (design.md §4, tree credit)."""
         ro_cfg = self.cfg.rollout
@@ -228,7 +240,7 @@ class Run:
         batch = Batch(metrics=_reward_metrics(values[torch.tensor([n for n, p in enumerate(parent) if p < 0])].float(), root_s))
         batch.metrics.update({"refine/stop_rate": stops / max(1, total_refl), "frac_reward_zero_std": zero / max(1, sets),
                               "reward/final_mean": _nanmean(torch.tensor([r for _, _, r in frontier])) if frontier else math.nan})
-        valid_of = lambda ids: ~torch.isnan(values[ids])  # noqa: E731
+        valid_of = lambda ids: ~torch.isnan(values[ids])
         if text_nodes:
             ids = torch.tensor([n for n, _, _ in text_nodes])
             batch.text_terms.append(TextTerm([meta["prompt"]] * len(ids), [im for _, _, im in text_nodes],
@@ -242,7 +254,7 @@ class Run:
         return batch
 
     # ----------------------------------------------------------------- update
-    def _update(self, batch: "Batch") -> dict[str, float]:
+    def _update(self, batch: Batch) -> dict[str, float]:
         metrics: dict[str, float] = {}
         loss = torch.zeros(())
         opts = []
@@ -276,7 +288,7 @@ class Run:
             opt.zero_grad(set_to_none=True)
         return metrics
 
-    def _text_loss(self, terms: list["TextTerm"]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _text_loss(self, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str, float]]:
         rc = self.cfg.reflector
         prompts = [p for t in terms for p in t.prompts]
         images = [im for t in terms for im in t.images]
@@ -287,7 +299,7 @@ class Run:
         keep = [i for i, c in enumerate(comp) if c]
         if not keep:
             return torch.zeros(()), {}
-        sel = lambda xs: [xs[i] for i in keep]  # noqa: E731
+        sel = lambda xs: [xs[i] for i in keep]
         prompts, images, comp, refl = sel(prompts), sel(images), sel(comp), sel(refl)
         adv, valid = adv[keep], valid[keep]
         kw = dict(temperature=self.text.temperature, top_k=self.text.top_k, top_p=self.text.top_p)
@@ -314,7 +326,7 @@ class Run:
             out["kl/text"] = m["kl"]
         return loss, out
 
-    def _image_loss(self, terms: list["ImageTerm"]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _image_loss(self, terms: list[ImageTerm]) -> tuple[torch.Tensor, dict[str, float]]:
         fg = self.cfg.flow_grpo
         total = torch.zeros(())
         kls, clips, losses = [], [], []
@@ -409,10 +421,13 @@ def _reward_metrics(total: torch.Tensor, s) -> dict[str, float]:
 
 
 def _diffusion_policy(cfg_section, path: Path, image_size: int, fg, *, max_index, shift: float = 1.0) -> Policy:
-    model = FluxModel.from_pretrained(path, image_size=image_size, guidance_scale=cfg_section.guidance_scale)
+    model = FluxModel.from_pretrained(path, image_size=image_size, guidance_scale=cfg_section.guidance_scale,
+                                     true_cfg_scale=cfg_section.cfg_scale)
     for m in (model.vae, model.text_encoder, model.text_encoder_2):
         m.eval().requires_grad_(False)
     model.transformer.requires_grad_(cfg_section.train)
+    if fg.sde_type == "cps":  # CPS has zero noise on the step that ends at sigma=0: never train it
+        max_index = min(max_index or cfg_section.num_steps, cfg_section.num_steps - 1)
     settings = SamplerSettings(
         num_steps=cfg_section.num_steps,
         sde=SDEConfig(noise_level=cfg_section.noise_level, sde_type=fg.sde_type, logprob_reduction=fg.logprob_reduction),

@@ -18,8 +18,8 @@ class TextCond:
     neg_embeds: torch.Tensor | None = None  # true-CFG negative branch, when used
     neg_pooled: torch.Tensor | None = None
 
-    def index(self, idx: torch.Tensor | slice) -> "TextCond":
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+    def index(self, idx: torch.Tensor | slice) -> TextCond:
+        pick = lambda t: None if t is None else t[idx]
         return TextCond(self.embeds[idx], self.pooled[idx], pick(self.neg_embeds), pick(self.neg_pooled))
 
 

@@ -93,7 +93,7 @@ class FluxModel:
     COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, image_size: int, **kwargs) -> "FluxModel":
+    def from_pretrained(cls, path: str | Path, *, image_size: int, **kwargs) -> FluxModel:
         """Load the diffusers-layout folder a FLUX(-Kontext) checkpoint uses; settings saved by
         `save_pretrained` (max_text_len) are defaults that `kwargs` override."""
         p = Path(path)

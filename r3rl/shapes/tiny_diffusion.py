@@ -9,8 +9,8 @@ transformer learns both text-to-image (no reference tokens) and instruction edit
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -83,34 +83,60 @@ def pretrain_vae(
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
 
 
+@dataclass
+class FlowPairs:
+    """Pre-encoded flow-matching data: conditioning texts, target latents, reference latents (edits)."""
+
+    texts: list[str]
+    x0: torch.Tensor
+    ref: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def encode_pairs(
+    model: FluxModel, texts: list[str], targets: list[Image.Image], refs: list[Image.Image] | None = None,
+    chunk: int = 256,
+) -> FlowPairs:
+    """Encode once with the frozen VAE, so training steps never render or encode images."""
+    enc = lambda ims: torch.cat([model.encode_images(ims[i : i + chunk]) for i in range(0, len(ims), chunk)])
+    return FlowPairs(texts, enc(targets), enc(refs) if refs is not None else None)
+
+
 def pretrain_flow(
     model: FluxModel,
-    sample_batch: Callable[[int], tuple[list[str], list[Image.Image], list[Image.Image] | None]],
+    datasets: Sequence[FlowPairs],
     *,
     steps: int,
     batch_size: int,
     lr: float = 1e-3,
+    seed: int = 0,
+    cond_dropout: float = 0.1,
     on_step: Callable[[int, float], None] | None = None,
 ) -> None:
     """Rectified-flow matching: x_t = (1-s) x0 + s eps, target v = eps - x0 (FlowMatchEuler convention).
 
-    `sample_batch(n)` returns (texts, target images, reference images or None); the
-    transformer and both text encoders train, the VAE is frozen.
+    Batches cycle through `datasets` (text-to-image and edit pairs have different sequence
+    lengths, so they never share a batch); the transformer and both text encoders train,
+    the VAE is frozen.
     """
-    params = [p for m in (model.transformer, model.text_encoder, model.text_encoder_2) for p in m.parameters()]
-    for m in (model.transformer, model.text_encoder, model.text_encoder_2):
+    encoders = (model.transformer, model.text_encoder, model.text_encoder_2)
+    params = [p for m in encoders for p in m.parameters()]
+    for m in encoders:
         m.train().requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.05)
+    g = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        texts, targets, refs = sample_batch(batch_size)
-        with torch.no_grad():
-            x0 = model.encode_images(targets)
-            ref = model.encode_images(refs) if refs is not None else None
-        eps = torch.randn_like(x0)
+        data = datasets[step % len(datasets)]
+        idx = torch.randint(len(data.texts), (batch_size,), generator=g)
+        x0 = data.x0[idx]
+        ref = data.ref[idx] if data.ref is not None else None
+        eps = torch.randn(x0.shape, generator=g)
         # logit-normal timesteps, as SD3/FLUX training uses
-        s = torch.sigmoid(torch.randn(x0.shape[0])).to(x0)
+        s = torch.sigmoid(torch.randn(batch_size, generator=g))
         xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps
+        # drop the text 10% of the time so the model also learns the unconditional velocity (CFG)
+        texts = [data.texts[i] if float(u) >= cond_dropout else "" for i, u in zip(idx.tolist(), torch.rand(batch_size, generator=g))]
         cond = model.encode_text(texts, cache=False)
         v = model.velocity(xt, s, cond, ref)
         loss = (v - (eps - x0)).pow(2).mean()
@@ -121,26 +147,8 @@ def pretrain_flow(
         sched.step()
         if on_step:
             on_step(step, loss.item())
-    for m in (model.transformer, model.text_encoder, model.text_encoder_2):
+    for m in encoders:
         m.eval().requires_grad_(False)
-
-
-def mixed_batches(
-    t2i: Callable[[random.Random], tuple[str, Image.Image]],
-    edit: Callable[[random.Random], tuple[str, Image.Image, Image.Image]],
-    rng: random.Random,
-) -> Callable[[int], tuple[list[str], list[Image.Image], list[Image.Image] | None]]:
-    """Alternate text-to-image and edit batches (the two sequence lengths can't share a batch)."""
-    counter = iter(range(10**9))
-
-    def sample_batch(n: int):
-        if next(counter) % 2 == 0:
-            pairs = [t2i(rng) for _ in range(n)]
-            return [p for p, _ in pairs], [im for _, im in pairs], None
-        triples = [edit(rng) for _ in range(n)]
-        return [t for t, _, _ in triples], [tgt for _, _, tgt in triples], [src for _, src, _ in triples]
-
-    return sample_batch
 
 
 def generate(

@@ -26,13 +26,21 @@ from r3rl.models.reflector import REFLECTION_PROMPT, HFReflector
 from r3rl.shapes.critique import corpus, critique, reflection_text
 from r3rl.shapes.prompts import split_prompts
 from r3rl.shapes.scene import make_edit_pair, render, sample_scene
-from r3rl.shapes.tiny_diffusion import build_tiny_flux, generate, mixed_batches, pretrain_flow, pretrain_vae
+from r3rl.shapes.tiny_diffusion import (
+    build_tiny_flux,
+    encode_pairs,
+    generate,
+    pretrain_flow,
+    pretrain_vae,
+)
 from r3rl.shapes.tiny_reflector import build_tiny_reflector, sft_reflector
 from rewards.shapes_geneval import detect
 
 # Bump when pretraining code changes in a way that should invalidate caches.
-WORLD_VERSION = 1
+WORLD_VERSION = 3
 SHAPES_MODEL = "shapes:tiny"
+# The shapes recipe samples with true CFG at this scale; the reflector's SFT images match it.
+SFT_CFG_SCALE = 3.0
 
 
 @dataclass(frozen=True)
@@ -98,14 +106,9 @@ def _pretrain(cfg: WorldConfig, seed: int, out: WorldPaths) -> dict:
         meta = r.choice(train)
         return meta, render(sample_scene(meta, r), size)
 
-    def t2i(r: random.Random):
-        meta, image = scene_image(r)
-        return meta["prompt"], image
-
-    def edit(r: random.Random):
-        meta = r.choice(train)
-        flawed, instruction, fixed = make_edit_pair(meta, r)
-        return instruction, render(flawed, size), render(fixed, size)
+    metas = [rng.choice(train) for _ in range(cfg.pretrain_pairs)]
+    t2i_images = [render(sample_scene(m, rng), size) for m in metas]
+    edits = [make_edit_pair(rng.choice(train), rng) for _ in range(cfg.pretrain_pairs)]
 
     with _progress() as bar:
         def tracker(name: str, total: int):
@@ -121,8 +124,13 @@ def _pretrain(cfg: WorldConfig, seed: int, out: WorldPaths) -> dict:
         pretrain_vae(flux.vae, lambda n: [scene_image(rng)[1] for _ in range(n)], image_size=size,
                      steps=cfg.pretrain_vae_steps, batch_size=cfg.pretrain_vae_batch_size,
                      on_step=tracker("vae", cfg.pretrain_vae_steps))
-        pretrain_flow(flux, mixed_batches(t2i, edit, rng), steps=cfg.pretrain_diffusion_steps,
-                      batch_size=cfg.pretrain_batch_size, on_step=tracker("flow matching", cfg.pretrain_diffusion_steps))
+        data = [
+            encode_pairs(flux, [m["prompt"] for m in metas], t2i_images),
+            encode_pairs(flux, [ins for _, ins, _ in edits], [render(fixed, size) for _, _, fixed in edits],
+                         [render(flawed, size) for flawed, _, _ in edits]),
+        ]
+        pretrain_flow(flux, data, steps=cfg.pretrain_diffusion_steps, batch_size=cfg.pretrain_batch_size, seed=seed,
+                      on_step=tracker("flow matching", cfg.pretrain_diffusion_steps))
         examples, frac_correct = _critique_set(flux, train, cfg.reflector_sft_examples, size, rng)
         sft_reflector(reflector, examples, steps=cfg.pretrain_reflector_steps, batch_size=cfg.pretrain_batch_size,
                       seed=seed, progress=tracker("reflector sft", cfg.pretrain_reflector_steps))
@@ -136,9 +144,11 @@ def _critique_set(flux: FluxModel, train: list[dict], n: int, size: int, rng: ra
     flawed/fixed scenes, so the reflector sees real failure modes and learns when to stop."""
     metas = [rng.choice(train) for _ in range(n // 2)]
     images = []
+    flux.true_cfg_scale = SFT_CFG_SCALE
     for i in range(0, len(metas), 64):
         chunk = metas[i : i + 64]
         images += generate(flux, [m["prompt"] for m in chunk], None, steps=10, seed=rng.randrange(2**31))
+    flux.true_cfg_scale = 1.0
     for _ in range(n - len(metas)):
         meta = rng.choice(train)
         flawed, _, fixed = make_edit_pair(meta, rng)
@@ -156,4 +166,4 @@ def load_world_models(paths: WorldPaths, image_size: int) -> tuple[HFReflector, 
     return HFReflector.from_pretrained(paths.reflector), FluxModel.from_pretrained(paths.flux, image_size=image_size)
 
 
-__all__ = ["SHAPES_MODEL", "REFLECTION_PROMPT", "WorldPaths", "ensure_world", "load_world_models"]
+__all__ = ["REFLECTION_PROMPT", "SHAPES_MODEL", "WorldPaths", "ensure_world", "load_world_models"]
