@@ -319,7 +319,7 @@ class Run:
         loss, m = grpo_loss(logps, old, torch.nan_to_num(adv), mask, ref_logps=ref, epsilon_low=rc.epsilon_low,
                             epsilon_high=rc.epsilon_high, beta=rc.beta, loss_type=rc.loss_type,
                             max_completion_length=rc.max_new_tokens)
-        out = {"loss/grpo": float(loss), "entropy": float(entropy[mask].mean()) if mask.any() else math.nan,
+        out = {"loss/grpo": loss.item(), "entropy": float(entropy[mask].mean()) if mask.any() else math.nan,
                "completion_length": float(mask.sum(1).float().mean())}
         out["clip_ratio"] = m.get("clip_ratio/region_mean", math.nan)
         if "kl" in m:
@@ -533,7 +533,8 @@ def train(cfg: Config) -> None:
     if resume is not None:
         start = load_checkpoint(run, resume)
     tc = cfg.trainer
-    with RunLogger(out, total_steps=tc.max_steps, start_step=start) as logger, _StopRequested() as stop:
+    first_step = start + 1 if resume is not None else 0  # rows of completed steps survive a resume
+    with RunLogger(out, total_steps=tc.max_steps, start_step=first_step) as logger, _StopRequested() as stop:
         logger.save_config(cfg)
         if resume is not None:
             logger.info(f"resumed from {resume} at step {start}")
