@@ -132,8 +132,10 @@ def pretrain_flow(
         x0 = data.x0[idx]
         ref = data.ref[idx] if data.ref is not None else None
         eps = torch.randn(x0.shape, generator=g)
-        # logit-normal timesteps, as SD3/FLUX training uses
-        s = torch.sigmoid(torch.randn(batch_size, generator=g))
+        # half logit-normal (SD3/FLUX), half uniform: the uniform share trains the high-noise
+        # steps where layout and colour are decided, which logit-normal rarely visits
+        s = torch.where(torch.rand(batch_size, generator=g) < 0.5, torch.sigmoid(torch.randn(batch_size, generator=g)),
+                        torch.rand(batch_size, generator=g))
         xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps
         # drop the text 10% of the time so the model also learns the unconditional velocity (CFG)
         texts = [data.texts[i] if float(u) >= cond_dropout else "" for i, u in zip(idx.tolist(), torch.rand(batch_size, generator=g))]

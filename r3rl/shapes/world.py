@@ -37,7 +37,7 @@ from r3rl.shapes.tiny_reflector import build_tiny_reflector, sft_reflector
 from rewards.shapes_geneval import detect
 
 # Bump when pretraining code changes in a way that should invalidate caches.
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 SHAPES_MODEL = "shapes:tiny"
 # The shapes recipe samples with true CFG at this scale; the reflector's SFT images match it.
 SFT_CFG_SCALE = 3.0
@@ -124,11 +124,10 @@ def _pretrain(cfg: WorldConfig, seed: int, out: WorldPaths) -> dict:
         pretrain_vae(flux.vae, lambda n: [scene_image(rng)[1] for _ in range(n)], image_size=size,
                      steps=cfg.pretrain_vae_steps, batch_size=cfg.pretrain_vae_batch_size,
                      on_step=tracker("vae", cfg.pretrain_vae_steps))
-        data = [
-            encode_pairs(flux, [m["prompt"] for m in metas], t2i_images),
-            encode_pairs(flux, [ins for _, ins, _ in edits], [render(fixed, size) for _, _, fixed in edits],
-                         [render(flawed, size) for flawed, _, _ in edits]),
-        ]
+        t2i_pairs = encode_pairs(flux, [m["prompt"] for m in metas], t2i_images)
+        edit_pairs = encode_pairs(flux, [ins for _, ins, _ in edits], [render(fixed, size) for _, _, fixed in edits],
+                                  [render(flawed, size) for flawed, _, _ in edits])
+        data = [t2i_pairs, t2i_pairs, edit_pairs]  # generation is the harder task: 2 of 3 batches
         pretrain_flow(flux, data, steps=cfg.pretrain_diffusion_steps, batch_size=cfg.pretrain_batch_size, seed=seed,
                       on_step=tracker("flow matching", cfg.pretrain_diffusion_steps))
         examples, frac_correct = _critique_set(flux, train, cfg.reflector_sft_examples, size, rng)
