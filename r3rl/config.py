@@ -230,6 +230,9 @@ class EvalConfig(_Section):
     temperature: float = Field(0.3, ge=0.0, description="Reflector temperature (0 = greedy).")
     num_steps: int = Field(20, gt=0, description="Denoising steps (ODE).")
     batch_size: int = Field(16, gt=0, description="Prompts per evaluation batch.")
+    samples_per_prompt: int = Field(
+        1, gt=0, description="Images per held-out prompt (different seeds); more samples, less noisy means."
+    )
 
 
 class JudgeConfig(_Section):

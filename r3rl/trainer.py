@@ -100,7 +100,8 @@ class Run:
         e = self.cfg.eval
         text = TextSettings(e.temperature, self.text.top_k, self.text.top_p, self.text.max_new_tokens)
         return evaluate_rounds(
-            self.reflector, self.generator.model, self.refiner.model, self.reward, self.eval_prompts,
+            self.reflector, self.generator.model, self.refiner.model, self.reward,
+            self.eval_prompts * e.samples_per_prompt,
             rounds=e.rounds, num_steps=e.num_steps, text=text, batch_size=e.batch_size, seed=self.cfg.seed + 1,
         )
 
