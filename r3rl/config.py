@@ -56,10 +56,10 @@ class WorldConfig(_Section):
         None, description="Where pretrained tiny models are cached (null = default cache)."
     )
     pretrain_diffusion_steps: int = Field(
-        1800, ge=0, description="Supervised flow-matching steps for the tiny generator/refiner."
+        1500, ge=0, description="Supervised flow-matching steps for the tiny generator/refiner."
     )
     pretrain_reflector_steps: int = Field(
-        400, ge=0, description="SFT steps of the tiny reflector on checker-written critiques."
+        300, ge=0, description="SFT steps of the tiny reflector on checker-written critiques."
     )
     pretrain_batch_size: int = Field(32, gt=0, description="Batch size of flow-matching and SFT pretraining.")
     pretrain_pairs: int = Field(

@@ -114,24 +114,39 @@ class Run:
         return "refine"
 
     def train_step(self, step: int) -> dict[str, float]:
+        """`trainer.grad_accum` rollouts (each backpropagated at once), then one optimiser step."""
         stage = self.stage_for(step)
-        seed = self.cfg.seed * 100003 + step
-        gen = torch.Generator().manual_seed(seed)
-        t0 = time.perf_counter()
-        if stage == "generate":
-            batch = self._generate_rollout(gen, train=True)
-        elif stage == "refine":
-            if self.generator.train is False or len(self.buffer) == 0:
-                self._generate_rollout(gen, train=False)  # keep the buffer fed with fresh images
-            batch = self._refine_rollout(gen, seed)
-        else:
-            batch = self._tree_rollout(gen, seed)
+        n = self.cfg.trainer.grad_accum
+        rows, opts, finite = [], {}, True
+        t_roll = t_train = 0.0
+        for micro in range(n):
+            seed = self.cfg.seed * 100003 + step + micro * 7919
+            gen = torch.Generator().manual_seed(seed)
+            t0 = time.perf_counter()
+            if stage == "generate":
+                batch = self._generate_rollout(gen, train=True)
+            elif stage == "refine":
+                if self.generator.train is False or len(self.buffer) == 0:
+                    self._generate_rollout(gen, train=False)  # keep the buffer fed with fresh images
+                batch = self._refine_rollout(gen, seed)
+            else:
+                batch = self._tree_rollout(gen, seed)
+            t1 = time.perf_counter()
+            metrics, loss, micro_opts = self._loss(batch)
+            if not torch.isfinite(loss):
+                finite = False
+            elif micro_opts:
+                (loss / n).backward()
+            opts.update(micro_opts)
+            t_train += time.perf_counter() - t1
+            t_roll += t1 - t0
+            rows.append({**metrics, **batch.metrics})
         t1 = time.perf_counter()
-        metrics = self._update(batch)
-        t2 = time.perf_counter()
-        metrics.update(batch.metrics)
-        metrics.update({"stage": stage, "time/rollout_s": t1 - t0, "time/train_s": t2 - t1, "time/step_s": t2 - t0})
-        return metrics
+        out = _mean_rows(rows)
+        out.update(self._optimizer_step(list(opts.values()), finite))
+        t_train += time.perf_counter() - t1
+        out.update({"stage": stage, "time/rollout_s": t_roll, "time/train_s": t_train, "time/step_s": t_roll + t_train})
+        return out
 
     # ----------------------------------------------------------------- rollouts
     def _generate_rollout(self, gen: torch.Generator, *, train: bool) -> Batch:
@@ -255,39 +270,44 @@ class Run:
         return batch
 
     # ----------------------------------------------------------------- update
-    def _update(self, batch: Batch) -> dict[str, float]:
+    def _loss(self, batch: Batch) -> tuple[dict[str, float], torch.Tensor, dict[int, tuple]]:
+        """Weighted GRPO + FlowGRPO loss of one rollout batch and the optimisers it touches."""
         metrics: dict[str, float] = {}
         loss = torch.zeros(())
-        opts = []
+        opts: dict[int, tuple] = {}
         if self.reflector_opt is not None and batch.text_terms:
             l_text, m = self._text_loss(batch.text_terms)
             loss = loss + self.cfg.trainer.text_loss_weight * l_text
             metrics.update(m)
-            opts.append((self.reflector_opt, self.reflector.trainable_parameters()))
+            opts[id(self.reflector_opt)] = (self.reflector_opt, self.reflector.trainable_parameters())
         terms = [t for t in batch.image_terms if t.policy.train and t.policy.opt is not None]
         if terms:
             l_img, m = self._image_loss(terms)
             loss = loss + self.cfg.trainer.image_loss_weight * l_img
             metrics.update(m)
             for p in {id(t.policy): t.policy for t in terms}.values():
-                opts.append((p.opt, [q for q in p.model.transformer.parameters() if q.requires_grad]))
+                opts[id(p.opt)] = (p.opt, [q for q in p.model.transformer.parameters() if q.requires_grad])
+        return metrics, loss, opts
+
+    def _optimizer_step(self, opts: list[tuple], finite: bool) -> dict[str, float]:
+        """Clip and step every touched optimiser; a NaN/inf loss skips the step (K in a row stop the run)."""
         if not opts:
-            return metrics
-        if not torch.isfinite(loss):
+            return {}
+        if not finite:
+            for opt, _ in opts:
+                opt.zero_grad(set_to_none=True)
             self.nonfinite_in_row += 1
-            metrics["train/skipped_nonfinite"] = 1
             if self.nonfinite_in_row >= self.cfg.trainer.max_nonfinite_steps:
                 raise UserError(f"loss was NaN/inf for {self.nonfinite_in_row} steps in a row; stopping "
                                 "(lower the learning rates or check the rewards)")
-            return metrics
+            return {"train/skipped_nonfinite": 1}
         self.nonfinite_in_row = 0
-        loss.backward()
+        grad_norm = 0.0
         for opt, params in opts:
-            metrics.setdefault("grad_norm", 0.0)
-            metrics["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm))
+            grad_norm += float(torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm))
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return metrics
+        return {"grad_norm": grad_norm}
 
     def _text_loss(self, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str, float]]:
         rc = self.cfg.reflector
@@ -354,7 +374,7 @@ class Run:
                     beta=fg.beta if ref_mean is not None else 0.0, reduction=fg.logprob_reduction,
                 )
                 total = total + loss * (len(idx) / max(1, len(t.valid))) / k_steps
-                losses.append(float(loss))
+                losses.append(loss.item())
                 clips.append(m["clip_ratio"])
                 if "kl" in m:
                     kls.append(m["kl"])
@@ -400,6 +420,15 @@ class Batch:
     metrics: dict[str, float]
     text_terms: list[TextTerm] = field(default_factory=list)
     image_terms: list[ImageTerm] = field(default_factory=list)
+
+
+def _mean_rows(rows: list[dict]) -> dict:
+    """Average the numeric metrics of gradient-accumulation micro-batches (NaN-aware)."""
+    out: dict = {}
+    for key in dict.fromkeys(k for r in rows for k in r):
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+        out[key] = sum(vals) / len(vals) if vals else math.nan
+    return out
 
 
 def _nanmean(x: torch.Tensor) -> float:

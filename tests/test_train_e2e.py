@@ -105,3 +105,15 @@ def test_resume_auto_matches_uninterrupted_run(recipe: Path, tmp_path: Path) -> 
     train(tmp_path / "cut", "resume=auto")
     drop = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}
     assert [drop(r) for r in _rows(tmp_path / "cut")] == [drop(r) for r in _rows(tmp_path / "full")]
+
+
+def test_gradient_accumulation_runs_k_rollouts_per_optimizer_step(recipe: Path, tmp_path: Path) -> None:
+    from r3rl.trainer import build_run
+
+    cfg = load_config(recipe, [f"output_dir={tmp_path}", "trainer.grad_accum=2"])
+    run = build_run(cfg)
+    m = run.train_step(1)  # step 1 is a generate step when the generator trains
+    assert m["stage"] == "generate"
+    assert len(run.buffer) == 2 * cfg.rollout.group_size  # two rollouts fed the buffer
+    steps = {int(s["step"]) for s in run.generator.opt.state.values()}
+    assert steps == {1}  # ... and the optimiser stepped once

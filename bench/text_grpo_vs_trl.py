@@ -1,0 +1,538 @@
+"""Text GRPO: r3rl's GRPO step against TRL's `GRPOTrainer` on the same tiny Qwen2 (design.md §6).
+
+Both sides train a `Qwen2ForCausalLM` built from a config (random weights, two sizes) with a
+tokenizer trained here, on the same chat prompts, group size, completion length, batch,
+reward, loss (`grpo`, beta=0, eps 0.2/0.28), AdamW (fused, as the HF Trainer picks), grad-norm
+clipping at 1.0 and one optimizer step per generation batch. A step is: sample a group per
+prompt with HF `generate`, score, group advantages (std-scaled, TRL's default), one
+teacher-forced forward+backward, optimizer step.
+
+r3rl's side is a minimal text GRPO step written from r3rl's pure functions
+(`token_logprobs`, `grpo_loss`, `group_advantages`), the way `r3rl.models.reflector` drives a
+VLM: behaviour log-probs come from generate's scores, the loss forward keeps only the
+completion logits. TRL's side is `GRPOTrainer.train()` (use_vllm=False, CPU); its step time
+runs from the Trainer's on_step_begin to on_step_end (generation, loss, backward, optimizer
+step; its logging after the step is not counted). Steps alternate in rounds (r3rl, TRL, r3rl,
+TRL, ...) so drift on a shared machine hits both; each figure is the median over the steps
+after warm-up.
+
+Before timing, the two losses are checked on one identical batch: the same prompt/completion
+ids, advantages and behaviour log-probs go through `GRPOTrainer._compute_loss` and through
+r3rl's forward + `grpo_loss` on identical weights; loss and gradient must agree (1e-5).
+
+    python bench/text_grpo_vs_trl.py [--quick] [--sizes 1M,30M] [--no-results]
+
+Prints a table and appends a section to bench/RESULTS.md (unless --no-results).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: 2 shared cores
+
+import argparse
+import contextlib
+import copy
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from r3rl.algos.advantages import group_advantages  # noqa: E402
+from r3rl.algos.grpo import grpo_loss, token_logprobs  # noqa: E402
+from r3rl.models.tokenizer import train_chat_tokenizer  # noqa: E402
+
+TARGET = 0.8  # design.md §6: r3rl's text GRPO step ≤ 0.8× TRL's
+TOLERANCE = 1e-5
+
+# Qwen2 shapes (vocab comes from the tokenizer, ~300 tokens; embeddings tied as in small Qwen2s)
+SIZES = {
+    "1M": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2),
+    "30M": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=10,
+                num_attention_heads=8, num_key_value_heads=4),
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1),
+}
+
+COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white")
+SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "heart", "moon")
+WHERE = ("left of", "right of", "above", "below", "next to", "inside", "near", "far from")
+
+
+@dataclass
+class Settings:
+    prompts_per_step: int = 4
+    group: int = 8
+    completion_len: int = 32
+    lr: float = 1e-5
+    epsilon: float = 0.2
+    epsilon_high: float = 0.28
+    temperature: float = 1.0
+    max_grad_norm: float = 1.0
+    steps: int = 6  # timed steps per side per round, after warm-up
+    warmup: int = 1
+    rounds: int = 2
+    seed: int = 0
+
+    @property
+    def batch(self) -> int:
+        return self.prompts_per_step * self.group
+
+
+# ---------------------------------------------------------------------------- shared setup
+def corpus() -> list[str]:
+    """Synthetic scene sentences: every word ends up a single BPE token."""
+    out = []
+    for i, c in enumerate(COLORS):
+        for j, s in enumerate(SHAPES):
+            c2, s2 = COLORS[(i + j + 1) % 8], SHAPES[(i + 2 * j + 3) % 8]
+            out.append(f"the {c} {s} is {WHERE[(i + j) % 8]} the {c2} {s2}.")
+            out.append(f"draw a {c} {s}. describe a {c2} {s2} in one sentence.")
+    return out
+
+
+def build_tokenizer():
+    return train_chat_tokenizer(corpus())
+
+
+def prompt_texts(n: int, offset: int = 0) -> list[str]:
+    """`n` prompts of identical token length (so no left padding: see `check_loss_agreement`)."""
+    return [
+        f"describe a {COLORS[k % 8]} {SHAPES[(k // 8 + 3 * k) % 8]} in one sentence."
+        for k in range(offset, offset + n)
+    ]
+
+
+def chat(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+def build_model(size: str, tokenizer, seed: int = 0) -> Qwen2ForCausalLM:
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SIZES[size],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).float()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _text(completion) -> str:
+    """TRL passes conversational completions as [{"role": "assistant", "content": ...}]."""
+    return completion[0]["content"] if isinstance(completion, list) else completion
+
+
+def reward_fn(prompts=None, completions=None, **_) -> list[float]:
+    """Identical, trivially cheap work on both sides: how many letters 'e' the answer holds."""
+    return [float(_text(c).count("e")) for c in completions]
+
+
+# ---------------------------------------------------------------------------- r3rl side
+class R3rlTextGRPO:
+    """A minimal text GRPO trainer from r3rl's pure functions (no library changes)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, s: Settings) -> None:
+        self.model, self.tok, self.s = model, tokenizer, s
+        self.opt = torch.optim.AdamW(
+            model.parameters(), lr=s.lr, weight_decay=0.0, eps=1e-8, fused=True
+        )
+        self.gen_config = GenerationConfig(
+            do_sample=True,
+            temperature=s.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=s.completion_len,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+            disable_compile=True,
+        )
+        self.phases: dict[str, list[float]] = defaultdict(list)
+
+    def prompt_inputs(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tok.apply_chat_template(
+            [chat(p) for p in prompts],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+        )
+        return {k: v.repeat_interleave(self.s.group, 0) for k, v in enc.items()}
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Sample a group per prompt; behaviour log-probs from generate's processed scores."""
+        inputs = self.prompt_inputs(prompts)
+        out = self.model.generate(**inputs, generation_config=self.gen_config)
+        new = out.sequences[:, inputs["input_ids"].shape[1] :]
+        scores = torch.stack(out.scores, 1).float()  # (B, T, V)
+        old = scores.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        is_eos = new == self.tok.eos_token_id
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1), new.shape[1])
+        mask = torch.arange(new.shape[1]).unsqueeze(0) <= first.unsqueeze(1)  # up to EOS incl.
+        return dict(
+            prompt_ids=inputs["input_ids"],
+            prompt_mask=inputs["attention_mask"],
+            completion_ids=new.masked_fill(~mask, self.tok.pad_token_id),
+            completion_mask=mask,
+            old_logps=old.masked_fill(~mask, 0.0),
+        )
+
+    def score(self, prompts: list[str], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids = batch["completion_ids"].masked_fill(~batch["completion_mask"], self.tok.pad_token_id)
+        texts = self.tok.batch_decode(ids, skip_special_tokens=True)
+        rewards = torch.tensor(reward_fn([p for p in prompts for _ in range(self.s.group)], texts))
+        groups = torch.arange(len(prompts)).repeat_interleave(self.s.group)
+        adv, _, _, _ = group_advantages(rewards, groups, scale_std=True)
+        return adv
+
+    def loss(self, batch: dict[str, torch.Tensor], adv: torch.Tensor, *, position_ids: bool = True):
+        """One teacher-forced forward over prompt+completion, only the completion logits kept."""
+        t = batch["completion_ids"].shape[1]
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        attn = torch.cat([batch["prompt_mask"], batch["completion_mask"].long()], 1)
+        kwargs = {}
+        if position_ids:  # the positions generate used for left-padded prompts
+            kwargs["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attn, use_cache=False, logits_to_keep=t + 1,
+            **kwargs,
+        ).logits[:, :-1]
+        logps, entropy = token_logprobs(logits, batch["completion_ids"], temperature=self.s.temperature)
+        return grpo_loss(
+            logps,
+            batch["old_logps"],
+            adv,
+            batch["completion_mask"],
+            epsilon_low=self.s.epsilon,
+            epsilon_high=self.s.epsilon_high,
+            loss_type="grpo",
+        )
+
+    def step(self, prompts: list[str]) -> float:
+        t0 = time.perf_counter()
+        self.model.eval()  # KV cache on; no dropout in these models either way
+        batch = self.rollout(prompts)
+        t1 = time.perf_counter()
+        adv = self.score(prompts, batch)
+        t2 = time.perf_counter()
+        self.model.train()
+        loss, _ = self.loss(batch, adv)
+        loss.backward()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        for k, v in (("generate", t1 - t0), ("reward+adv", t2 - t1), ("fwd+bwd", t3 - t2),
+                     ("optim", t4 - t3)):
+            self.phases[k].append(v)
+        return t4 - t0
+
+
+# ---------------------------------------------------------------------------- TRL side
+def trl_config(s: Settings, out_dir: str, max_steps: int):
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=s.batch,
+        gradient_accumulation_steps=1,
+        num_generations=s.group,
+        max_completion_length=s.completion_len,
+        temperature=s.temperature,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=s.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=s.max_grad_norm,
+        loss_type="grpo",
+        beta=0.0,
+        epsilon=s.epsilon,
+        epsilon_high=s.epsilon_high,
+        scale_rewards="group",
+        num_iterations=1,
+        max_steps=max_steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=s.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def build_trl(model, tokenizer, s: Settings, out_dir: str, max_steps: int, n_prompts: int):
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    data = Dataset.from_dict({"prompt": [chat(p) for p in prompt_texts(n_prompts)]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return GRPOTrainer(
+            model=model,
+            reward_funcs=reward_fn,
+            args=trl_config(s, out_dir, max_steps),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
+
+
+class StepTimer(transformers.TrainerCallback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.times.append(time.perf_counter() - self.t0)
+
+
+def trl_steps(trainer, n: int) -> list[float]:
+    """Run `n` TRL steps; each step's wall time (generation through optimizer step)."""
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    trainer.args.max_steps = n
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
+        trainer.train()
+    trainer.remove_callback(timer)
+    return timer.times
+
+
+# ---------------------------------------------------------------------------- loss agreement
+def check_loss_agreement(size: str = "tiny", s: Settings | None = None, tokenizer=None) -> dict:
+    """The same batch through TRL's `_compute_loss` and r3rl's `grpo_loss`, on identical weights.
+
+    Behaviour log-probs are the current ones perturbed (so ratios leave the clip range on both
+    sides and clipping is exercised); advantages come from `group_advantages`. Prompts are of
+    equal length (TRL's forward passes no position_ids, which only matters for left padding).
+    Returns the two losses, the largest gradient difference and the clipped fraction.
+    """
+    s = s or Settings(prompts_per_step=2, group=4, completion_len=8)
+    tok = tokenizer or build_tokenizer()
+    ours = R3rlTextGRPO(build_model(size, tok, s.seed), tok, s)
+    theirs_model = copy.deepcopy(ours.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trl(theirs_model, tok, s, tmp, 1, s.prompts_per_step)
+    trainer.current_gradient_accumulation_steps = 1
+    prompts = prompt_texts(s.prompts_per_step)
+    torch.manual_seed(s.seed)
+    batch = ours.rollout(prompts)
+    assert bool(batch["prompt_mask"].all()), "agreement prompts must not be padded"
+    adv = ours.score(prompts, batch)
+    if not bool(adv.abs().gt(0).any()):  # a flat batch would make the check vacuous
+        adv = torch.linspace(-1.5, 1.5, len(adv))
+    with torch.no_grad():  # behaviour log-probs: current ones ± 0.4, so some ratios clip
+        ours.model.train()
+        logits = ours.model(
+            input_ids=torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
+            attention_mask=torch.cat([batch["prompt_mask"], batch["completion_mask"].long()], 1),
+        ).logits[:, batch["prompt_ids"].shape[1] - 1 : -1]
+        cur, _ = token_logprobs(logits, batch["completion_ids"], temperature=s.temperature)
+        g = torch.Generator().manual_seed(1)
+        noise = (torch.rand(cur.shape, generator=g) - 0.5) * 0.8
+        batch["old_logps"] = (cur + noise).masked_fill(~batch["completion_mask"], 0.0)
+
+    ours.model.train()
+    loss_r3rl, metrics = ours.loss(batch, adv, position_ids=False)
+    loss_r3rl.backward()
+
+    trainer.model.train()
+    inputs = {
+        "prompt_ids": batch["prompt_ids"],
+        "prompt_mask": batch["prompt_mask"],
+        "completion_ids": batch["completion_ids"],
+        "completion_mask": batch["completion_mask"].long(),
+        "advantages": adv.float(),
+        "old_per_token_logps": batch["old_logps"],
+        "num_items_in_batch": batch["completion_mask"].sum(),
+    }
+    loss_trl = trainer.compute_loss(trainer.model, inputs)
+    loss_trl.backward()
+    grads = dict(ours.model.named_parameters())
+    grad_diff = max(
+        (p.grad - grads[n].grad).abs().max().item()
+        for n, p in trainer.model.named_parameters()
+        if p.grad is not None
+    )
+    return dict(
+        loss_r3rl=loss_r3rl.item(),
+        loss_trl=loss_trl.item(),
+        loss_diff=abs(loss_r3rl.item() - loss_trl.item()),
+        grad_diff=grad_diff,
+        clip_region=metrics["clip_ratio/region_mean"],
+        tokens=int(batch["completion_mask"].sum()),
+    )
+
+
+# ---------------------------------------------------------------------------- timing
+def bench_size(size: str, s: Settings, tok) -> dict:
+    base = build_model(size, tok, s.seed)
+    ours = R3rlTextGRPO(copy.deepcopy(base), tok, s)
+    n_steps = s.warmup + s.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trl(copy.deepcopy(base), tok, s, tmp, n_steps, s.prompts_per_step * n_steps)
+        r3rl_times, trl_times = [], []
+        torch.manual_seed(s.seed)
+        offset = 0
+        for _ in range(s.rounds):
+            times = []
+            for _ in range(n_steps):
+                times.append(ours.step(prompt_texts(s.prompts_per_step, offset)))
+                offset += s.prompts_per_step
+            r3rl_times += times[s.warmup :]
+            trl_times += trl_steps(trainer, n_steps)[s.warmup :]
+    skip = s.warmup  # drop warm-up from the phase breakdown too
+    phases = {
+        k: statistics.median([x for i, x in enumerate(v) if i % n_steps >= skip])
+        for k, v in ours.phases.items()
+    }
+    r3rl_s, trl_s = statistics.median(r3rl_times), statistics.median(trl_times)
+    return dict(
+        size=size,
+        params=n_params(base),
+        r3rl_s=r3rl_s,
+        trl_s=trl_s,
+        ratio=r3rl_s / trl_s,
+        r3rl_times=r3rl_times,
+        trl_times=trl_times,
+        phases=phases,
+        trl_profile=_trl_profile(trainer),
+    )
+
+
+def _trl_profile(trainer) -> dict[str, float]:
+    """TRL's own logged step metrics (mean over logged steps), e.g. its step_time."""
+    hist = [h for h in trainer.state.log_history if "step_time" in h]
+    return {"step_time": statistics.median(h["step_time"] for h in hist)} if hist else {}
+
+
+def machine() -> str:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{cores} CPU cores ({torch.get_num_threads()} torch threads), {platform.machine()}, "
+            f"{ram:.0f} GiB RAM, no GPU")
+
+
+def versions() -> str:
+    import trl
+
+    return (f"torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"trl {trl.__version__}, python {platform.python_version()}")
+
+
+def report(results: list[dict], agreement: dict, s: Settings, quick: bool) -> str:
+    ok = all(r["ratio"] <= TARGET for r in results)
+    lines = [
+        f"## Text GRPO vs TRL GRPOTrainer ({date.today()}, {machine()})",
+        "",
+        f"Command: `python bench/text_grpo_vs_trl.py{' --quick' if quick else ''}` · {versions()}",
+        "",
+        f"Settings: {s.prompts_per_step} prompts × group {s.group} = {s.batch} completions of up to "
+        f"{s.completion_len} tokens per step, loss_type grpo, beta 0, eps {s.epsilon}/{s.epsilon_high}, "
+        f"AdamW fused lr {s.lr}, clip 1.0, fp32; median of {s.steps * s.rounds} steps per side "
+        f"({s.rounds} alternating rounds, {s.warmup} warm-up step each dropped).",
+        "",
+        "| model | params | r3rl s/step | TRL s/step | ratio r3rl/TRL | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| Qwen2 {r['size']} | {r['params'] / 1e6:.2f}M | {r['r3rl_s']:.3f} | {r['trl_s']:.3f} | "
+            f"{r['ratio']:.2f} | ≤ {TARGET} | {'yes' if r['ratio'] <= TARGET else 'no'} |"
+        )
+    lines += ["", "r3rl step breakdown (median s): "
+              + "; ".join(f"{r['size']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items())
+                          for r in results)]
+    lines += [
+        "",
+        f"Loss agreement on one identical batch ({agreement['tokens']} completion tokens, "
+        f"{agreement['clip_region']:.0%} of them clipped): r3rl {agreement['loss_r3rl']:.8f}, "
+        f"TRL {agreement['loss_trl']:.8f}, |Δloss| {agreement['loss_diff']:.1e}, "
+        f"max |Δgrad| {agreement['grad_diff']:.1e} (tolerance {TOLERANCE:g}).",
+        "",
+        f"Target {'met' if ok else 'NOT met'} at every size." if ok else
+        f"Target not met at: {', '.join(r['size'] for r in results if r['ratio'] > TARGET)}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps (≈2 min)")
+    ap.add_argument("--sizes", default="1M,30M")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--no-results", action="store_true", help="don't append to bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    transformers.utils.logging.set_verbosity_error()
+    s = Settings(steps=3, rounds=2) if args.quick else Settings()
+    if args.steps:
+        s.steps = args.steps
+    if args.rounds:
+        s.rounds = args.rounds
+
+    tok = build_tokenizer()
+    agreement = check_loss_agreement("tiny", tokenizer=tok)
+    print(f"loss agreement: r3rl {agreement['loss_r3rl']:.8f} TRL {agreement['loss_trl']:.8f} "
+          f"|Δ| {agreement['loss_diff']:.1e}, max |Δgrad| {agreement['grad_diff']:.1e}, "
+          f"clipped {agreement['clip_region']:.0%}", flush=True)
+    assert agreement["loss_diff"] <= TOLERANCE and agreement["grad_diff"] <= TOLERANCE, agreement
+
+    results = []
+    for size in args.sizes.split(","):
+        t0 = time.time()
+        r = bench_size(size, s, tok)
+        results.append(r)
+        print(f"{size}: {r['params'] / 1e6:.2f}M params  r3rl {r['r3rl_s']:.3f} s/step  "
+              f"TRL {r['trl_s']:.3f} s/step  ratio {r['ratio']:.2f}  ({time.time() - t0:.0f} s)",
+              flush=True)
+    text = report(results, agreement, s, args.quick)
+    print()
+    print(text)
+    if not args.no_results:
+        path = ROOT / "bench/RESULTS.md"
+        prev = path.read_text() if path.exists() else "# Benchmark results\n\n"
+        path.write_text(prev.rstrip("\n") + "\n\n" + text)
+        print(f"appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
