@@ -322,6 +322,42 @@ class StepTimer(transformers.TrainerCallback):
         self.times.append(time.perf_counter() - self.t0)
 
 
+def instrument_trl(trainer) -> dict[str, list[float]]:
+    """Time TRL's phases by wrapping its methods on the instance (what r3rl's breakdown shows)."""
+    phases: dict[str, list[float]] = defaultdict(list)
+
+    def timed(name: str, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                phases[name].append(time.perf_counter() - t0)
+
+        return wrapper
+
+    trainer._generate_single_turn = timed("generate", trainer._generate_single_turn)
+    trainer._generate_and_score_completions = timed(
+        "rollout", trainer._generate_and_score_completions
+    )
+    trainer.compute_loss = timed("forward", trainer.compute_loss)
+    trainer.training_step = timed("training_step", trainer.training_step)
+    return phases
+
+
+def trl_breakdown(phases: dict[str, list[float]], step_times: list[float]) -> dict[str, float]:
+    """Per-step medians in r3rl's phase names; TRL's training_step holds rollout+forward+backward."""
+    med = {k: statistics.median(v) for k, v in phases.items()}
+    out = {
+        "generate": med["generate"],
+        "reward+adv": med["rollout"] - med["generate"],
+        "fwd+bwd": med["training_step"] - med["rollout"],
+        "optim+loop": statistics.median(step_times) - med["training_step"],
+    }
+    out["forward"] = med["forward"]
+    return out
+
+
 def trl_steps(trainer, n: int) -> list[float]:
     """Run `n` TRL steps; each step's wall time (generation through optimizer step)."""
     timer = StepTimer()
@@ -406,6 +442,7 @@ def bench_size(size: str, s: Settings, tok) -> dict:
     n_steps = s.warmup + s.steps
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trl(copy.deepcopy(base), tok, s, tmp, n_steps, s.prompts_per_step * n_steps)
+        trl_phases = instrument_trl(trainer)
         r3rl_times, trl_times = [], []
         torch.manual_seed(s.seed)
         offset = 0
@@ -431,14 +468,11 @@ def bench_size(size: str, s: Settings, tok) -> dict:
         r3rl_times=r3rl_times,
         trl_times=trl_times,
         phases=phases,
-        trl_profile=_trl_profile(trainer),
+        trl_phases=trl_breakdown(
+            {k: [x for i, x in enumerate(v) if i % n_steps >= skip] for k, v in trl_phases.items()},
+            trl_times,
+        ),
     )
-
-
-def _trl_profile(trainer) -> dict[str, float]:
-    """TRL's own logged step metrics (mean over logged steps), e.g. its step_time."""
-    hist = [h for h in trainer.state.log_history if "step_time" in h]
-    return {"step_time": statistics.median(h["step_time"] for h in hist)} if hist else {}
 
 
 def machine() -> str:
@@ -475,9 +509,18 @@ def report(results: list[dict], agreement: dict, s: Settings, quick: bool) -> st
             f"| Qwen2 {r['size']} | {r['params'] / 1e6:.2f}M | {r['r3rl_s']:.3f} | {r['trl_s']:.3f} | "
             f"{r['ratio']:.2f} | ≤ {TARGET} | {'yes' if r['ratio'] <= TARGET else 'no'} |"
         )
-    lines += ["", "r3rl step breakdown (median s): "
-              + "; ".join(f"{r['size']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items())
-                          for r in results)]
+    lines += ["", "Where a step's time goes (median s; TRL's phases timed by wrapping its methods: "
+              "`_generate_single_turn`, `_generate_and_score_completions`, `compute_loss`, "
+              "`training_step`):", ""]
+    names = ["generate", "reward+adv", "fwd+bwd", "optim"]
+    lines += ["| phase | " + " | ".join(f"r3rl {r['size']} | TRL {r['size']}" for r in results) + " |",
+              "|---" * (1 + 2 * len(results)) + "|"]
+    for name in names:
+        trl_name = "optim+loop" if name == "optim" else name
+        lines.append(f"| {name if name != 'optim' else 'optim (TRL: + Trainer loop)'} | " + " | ".join(
+            f"{r['phases'][name]:.3f} | {r['trl_phases'][trl_name]:.3f}" for r in results) + " |")
+    lines.append("| (of which loss forward) | " + " | ".join(
+        f"– | {r['trl_phases']['forward']:.3f}" for r in results) + " |")
     lines += [
         "",
         f"Loss agreement on one identical batch ({agreement['tokens']} completion tokens, "

@@ -340,7 +340,7 @@ class Run:
         loss, m = grpo_loss(logps, old, torch.nan_to_num(adv), mask, ref_logps=ref, epsilon_low=rc.epsilon_low,
                             epsilon_high=rc.epsilon_high, beta=rc.beta, loss_type=rc.loss_type,
                             max_completion_length=rc.max_new_tokens)
-        out = {"loss/grpo": loss.item(), "entropy": float(entropy[mask].mean()) if mask.any() else math.nan,
+        out = {"loss/grpo": loss.item(), "entropy": entropy.detach()[mask].mean().item() if mask.any() else math.nan,
                "completion_length": float(mask.sum(1).float().mean())}
         out["clip_ratio"] = m.get("clip_ratio/region_mean", math.nan)
         if "kl" in m:
