@@ -9,12 +9,13 @@ bit-identical, and the refiner can learn "copy everything but the edit".
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
+
+from rewards.shapes_geneval import Detection, relative_position
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -105,31 +106,10 @@ def _fits(obj: Obj, others: Sequence[Obj]) -> bool:
 
 
 def relations(a: Obj, b: Obj, threshold: float = POSITION_THRESHOLD) -> set[str]:
-    """Position of `a` relative to `b` by GenEval's rule on box centres and sizes.
-
-    The centre offset is shrunk by `threshold` times the summed box sizes; a relation holds
-    when the shrunk offset still points mostly (> 0.5 of the unit offset) that way.
-    Scenes are sampled against this rule so the checker, which applies it to detected
-    boxes, agrees with the scene's intent.
-    """
-    off_x, off_y = a.x - b.x, a.y - b.y
-    shrink = threshold * (a.size + b.size)
-    rx = math.copysign(max(abs(off_x) - shrink, 0.0), off_x)
-    ry = math.copysign(max(abs(off_y) - shrink, 0.0), off_y)
-    if abs(rx) < 1e-3 and abs(ry) < 1e-3:
-        return set()
-    norm = math.hypot(off_x, off_y)
-    dx, dy = rx / norm, ry / norm
-    found = set()
-    if dx < -0.5:
-        found.add("left of")
-    if dx > 0.5:
-        found.add("right of")
-    if dy < -0.5:
-        found.add("above")
-    if dy > 0.5:
-        found.add("below")
-    return found
+    """Position of `a` relative to `b` by the checker's own GenEval rule on box centres and
+    sizes, so scenes sampled against it agree with what the checker will detect."""
+    box = lambda o: Detection(o.shape, o.color, o.x, o.y, o.size**2, o.size, o.size)
+    return relative_position(box(a), box(b), threshold)
 
 
 def satisfies(objs: Sequence[Obj], meta: dict, threshold: float = POSITION_THRESHOLD) -> bool:
