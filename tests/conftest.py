@@ -86,3 +86,23 @@ def toy_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "toy_judge = toy_rewards_pkg:Judge\n"
     )
     return site
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops: intra-op threads only contend for the shared cores (tens of times slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The shapes world's locally trained chat tokenizer."""
+    from r3rl.models.tokenizer import train_chat_tokenizer
+    from r3rl.shapes.critique import corpus
+
+    return train_chat_tokenizer(corpus())

@@ -12,26 +12,13 @@ import torch
 from PIL import Image
 
 from r3rl.models.flux import FluxModel, latent_ids, pack_latents, to_pil, to_tensor, unpack_latents
-from r3rl.models.tokenizer import train_chat_tokenizer
-from r3rl.shapes.critique import corpus
 from r3rl.shapes.tiny_diffusion import build_tiny_flux
 
 SIZE = 32  # tiny VAE downsamples by 4: 8x8 latents -> 16 packed tokens of 64 features
 TEXTS = ["a red circle above a blue square", "two green triangles"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: intra-op threads only contend for the shared cores (tens of times slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_chat_tokenizer(corpus())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def frozen(model: FluxModel) -> FluxModel:

@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from r3rl.models.flux import FluxModel
-from r3rl.models.tokenizer import train_chat_tokenizer
 from r3rl.sampling import SDEConfig, Trajectory, sample, transition_logprob
-from r3rl.shapes.critique import corpus
 from r3rl.shapes.tiny_diffusion import build_tiny_flux
 
 TEXTS = ["a red circle above a blue square", "two green triangles", "a yellow star"]
@@ -22,18 +20,7 @@ SIGMAS = torch.tensor([1.0, 0.8, 0.55, 0.3, 0.0])  # 4 steps, deliberately uneve
 B, N, C = 3, 16, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: intra-op threads only contend for the shared cores (tens of times slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_chat_tokenizer(corpus())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
