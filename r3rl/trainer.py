@@ -486,6 +486,8 @@ def _prompts(path: str | None, split: str, n: int | None) -> list[dict]:
 
 def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: bool = True) -> Run:
     quiet_libraries()
+    if cfg.refiner.mode != "edit":
+        raise UserError(f"refiner.mode={cfg.refiner.mode!r} is not implemented yet; expected 'edit'")
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
