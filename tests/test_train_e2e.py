@@ -124,3 +124,23 @@ def test_unimplemented_refiner_mode_is_a_clear_user_error(recipe: Path, tmp_path
                            "refiner.mode=region"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["r3rl: error: refiner.mode='region' is not implemented yet; expected 'edit'"]
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(recipe: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "r3rl.cli", "train", str(recipe), f"output_dir={out}",
+                             "trainer.max_steps=500", "trainer.eval_every=0", "trainer.save_every=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").exists() and len(_rows(out)) >= 2):  # step 0 eval + step 1 done
+        assert proc.poll() is None and time.time() < deadline, "training ended or stalled before the signal"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    step = _rows(out)[-1]["step"]
+    assert step < 500 and (out / "checkpoints" / f"step-{step}" / "COMPLETE").exists()
+    assert "resume=auto" in err
