@@ -1,0 +1,49 @@
+"""bench/text_grpo_vs_trl.py runs at tiny size: r3rl's GRPO loss equals TRL's on one identical batch.
+
+Only correctness is asserted here; the timings are the benchmark's business (design.md §6).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "text_grpo_vs_trl", ROOT / "bench/text_grpo_vs_trl.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loss_matches_trl_on_identical_batch():
+    bench = _bench()
+    a = bench.check_loss_agreement("tiny")
+    assert a["clip_region"] > 0  # the check exercises clipping, not only ratio 1
+    assert a["loss_diff"] <= bench.TOLERANCE
+    assert a["grad_diff"] <= bench.TOLERANCE
+    # the suggested shared-prefix variant does the same work
+    assert a["shared_loss_diff"] <= bench.TOLERANCE
+    assert a["shared_grad_diff"] <= bench.TOLERANCE
+    assert a["shared_rollout_diff"] <= bench.TOLERANCE
+
+
+def test_benchmark_runs_at_tiny_size(tmp_path):
+    bench = _bench()
+    tok = bench.build_tokenizer()
+    s = bench.Settings(prompts_per_step=2, group=4, completion_len=8, steps=1)
+    r = bench.bench_size("tiny", s, tok)
+    assert r["r3rl_s"] > 0 and r["trl_s"] > 0 and r["shared_s"] > 0
+    assert len(r["r3rl_times"]) == len(r["trl_times"]) == 1
+    text = bench.report([r], bench.check_loss_agreement("tiny", tokenizer=tok), s, " --quick")
+    assert "ratio r3rl/TRL" in text and "Loss agreement" in text
