@@ -9,9 +9,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
-
-import trl  # noqa: F401,E402  (in the dev extra: a missing TRL is an install bug, not a skip)
+import trl  # noqa: F401  (in the dev extra: a missing TRL is an install bug, not a skip)
 
 ROOT = Path(__file__).resolve().parents[1]
 
