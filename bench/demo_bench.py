@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from plot_curves import plot  # noqa: E402
+from plot_curves import plot
 
 
 def main() -> None:
@@ -52,8 +52,8 @@ def main() -> None:
     plot(out / "run/metrics.jsonl", png)
     rounds = sorted(int(k[len("eval/round"):-len("_mean")]) for k in last if k.startswith("eval/round") and k.endswith("_mean"))
     lines = [
-        f"## Shapes demo ({date.today()}, {os.cpu_count()} CPU cores, {platform.machine()}, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU)",
+        (f"## Shapes demo run ({date.today()}, {os.cpu_count()} CPU cores, {platform.machine()}, "
+         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU)"),
         "",
         f"Command: `{' '.join(['r3rl', 'train', 'recipes/shapes_cpu.yaml', *args.overrides])}` (fresh cache: {not args.keep_cache})",
         "",
@@ -62,12 +62,12 @@ def main() -> None:
         f"| wall time, pretraining + RL | {wall / 60:.1f} min | <= 15 min |",
         f"| pretraining (vae / flow / reflector SFT) | {pre.get('seconds', float('nan')) / 60:.1f} min ({json.dumps(pre.get('stages', {}))}) | <= 6 min |",
         f"| peak RSS | {peak_gib:.2f} GiB | <= 4 GiB |",
-        f"| eval/final_mean step 0 -> step {last['step']} | {first['eval/final_mean']:.3f} -> {last['eval/final_mean']:.3f} "
-        f"(+{last['eval/final_mean'] - first['eval/final_mean']:.3f}) | >= +0.15 |",
+        (f"| eval/final_mean step 0 -> step {last['step']} | {first['eval/final_mean']:.3f} -> "
+         f"{last['eval/final_mean']:.3f} (+{last['eval/final_mean'] - first['eval/final_mean']:.3f}) | >= +0.15 |"),
     ]
     for k in rounds:
         lines.append(f"| eval/round{k}_mean step 0 -> {last['step']} | {first[f'eval/round{k}_mean']:.3f} -> {last[f'eval/round{k}_mean']:.3f} | |")
-    lines += ["", f"Learning curves: ![shapes demo](shapes_curves.png)", ""]
+    lines += ["", "Learning curves: ![shapes demo](shapes_curves.png)", ""]
     text = "\n".join(lines)
     print(text)
     with (ROOT / "bench/RESULTS.md").open("a") as f:

@@ -323,7 +323,7 @@ class Run:
         sel = lambda xs: [xs[i] for i in keep]
         prompts, images, comp, refl = sel(prompts), sel(images), sel(comp), sel(refl)
         adv, valid = adv[keep], valid[keep]
-        kw = dict(temperature=self.text.temperature, top_k=self.text.top_k, top_p=self.text.top_p)
+        kw = {"temperature": self.text.temperature, "top_k": self.text.top_k, "top_p": self.text.top_p}
         logps, mask, entropy = self.reflector.completion_logprobs(prompts, images, comp, **kw)
         old = torch.zeros_like(logps)
         for i, r in enumerate(refl):
@@ -331,7 +331,7 @@ class Run:
         ref = None
         if rc.beta > 0:
             # unfiltered reference: a token outside the reference's own top-k would make k3 infinite
-            ref_kw = dict(temperature=self.text.temperature, top_k=0, top_p=1.0, with_grad=False)
+            ref_kw = {"temperature": self.text.temperature, "top_k": 0, "top_p": 1.0, "with_grad": False}
             if self.ref_reflector is not None:
                 ref, _, _ = self.ref_reflector.completion_logprobs(prompts, images, comp, **ref_kw)
             else:

@@ -48,7 +48,7 @@ def _rows(out: Path) -> list[dict]:
 def test_train_cli_writes_metrics_checkpoints_and_config(recipe: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "r3rl.cli", "train", str(recipe), f"output_dir={out}"],
-                          capture_output=True, text=True, timeout=600)
+                          check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = _rows(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
@@ -97,7 +97,7 @@ def test_resume_auto_matches_uninterrupted_run(recipe: Path, tmp_path: Path) -> 
     def train(out: Path, *extra: str) -> None:
         proc = subprocess.run([sys.executable, "-m", "r3rl.cli", "train", str(recipe), f"output_dir={out}",
                                "trainer.eval_every=0", "trainer.save_every=1", *extra],
-                              capture_output=True, text=True, timeout=600)
+                              check=False, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
 
     train(tmp_path / "full")
@@ -121,7 +121,7 @@ def test_gradient_accumulation_runs_k_rollouts_per_optimizer_step(recipe: Path, 
 
 def test_unimplemented_refiner_mode_is_a_clear_user_error(recipe: Path, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "r3rl.cli", "train", str(recipe), f"output_dir={tmp_path}",
-                           "refiner.mode=region"], capture_output=True, text=True, timeout=120)
+                           "refiner.mode=region"], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["r3rl: error: refiner.mode='region' is not implemented yet; expected 'edit'"]
 

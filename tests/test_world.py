@@ -9,8 +9,8 @@ from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector
 from r3rl.shapes.world import ensure_world, world_key
 
-TINY = dict(pretrain_vae_steps=2, pretrain_diffusion_steps=2, pretrain_pairs=8, pretrain_reflector_steps=2,
-            reflector_sft_examples=8, pretrain_batch_size=4)
+TINY = {"pretrain_vae_steps": 2, "pretrain_diffusion_steps": 2, "pretrain_pairs": 8, "pretrain_reflector_steps": 2,
+        "reflector_sft_examples": 8, "pretrain_batch_size": 4}
 
 
 def test_world_is_cached_by_config_and_loads_through_the_real_classes(tmp_path: Path) -> None:
