@@ -18,7 +18,14 @@ from r3rl.config import Config
 from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector, Reflection
 from r3rl.rewards import CombinedReward
-from r3rl.rollout import SamplerSettings, TextSettings, reflect_and_refine, run_diffusion, score
+from r3rl.rollout import (
+    SamplerSettings,
+    TextSettings,
+    nanmean,
+    reflect_and_refine,
+    run_diffusion,
+    score,
+)
 from r3rl.sampling import SDEConfig
 
 
@@ -31,11 +38,6 @@ class EvalResult:
     # [round][sample]: the reflection written in that round (None in round 0 and after a stop);
     # a reflection whose `instruction` is None is the stop ("no further edit needed")
     reflections: list[list[Reflection | None]] | None = None
-
-
-def _nanmean(x: torch.Tensor) -> float:
-    v = x[~torch.isnan(x)]
-    return float(v.mean()) if v.numel() else math.nan
 
 
 def evaluate_rounds(
@@ -91,19 +93,19 @@ def evaluate_rounds(
             cur_scores = new_scores
     metrics: dict[str, float] = {}
     for k in range(rounds + 1):
-        metrics[f"eval/round{k}_mean"] = _nanmean(scores[k])
+        metrics[f"eval/round{k}_mean"] = nanmean(scores[k])
         if k:
             d = scores[k] - scores[k - 1]
             metrics[f"eval/round{k}_improved"] = float((d > 0).float().mean())
             metrics[f"eval/round{k}_worse"] = float((d < 0).float().mean())
             metrics[f"eval/round{k}_unchanged"] = float((d == 0).float().mean())
-    metrics["eval/final_mean"] = _nanmean(scores[rounds])
+    metrics["eval/final_mean"] = nanmean(scores[rounds])
     metrics["eval/mean_rounds_used"] = float(stopped_at.float().mean())
     by_tag: dict[str, list[float]] = defaultdict(list)
     for i, m in enumerate(metas):
         by_tag[m.get("tag", "untagged")].append(float(scores[rounds, i]))
     for tag, vals in sorted(by_tag.items()):
-        metrics[f"eval/tag/{tag}"] = _nanmean(torch.tensor(vals))
+        metrics[f"eval/tag/{tag}"] = nanmean(torch.tensor(vals))
     return EvalResult(metrics, images, captions, scores, reflections)
 
 

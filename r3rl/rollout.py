@@ -44,6 +44,12 @@ class TextSettings:
     max_new_tokens: int
 
 
+def nanmean(x: torch.Tensor) -> float:
+    """Mean over the scored entries (NaN = could not score); NaN when none was scored."""
+    v = x[~torch.isnan(x)]
+    return float(v.mean()) if v.numel() else math.nan
+
+
 @dataclass
 class Scored:
     """Reward of a batch: the weighted total (NaN = could not score) and each component."""

@@ -42,6 +42,7 @@ from r3rl.rollout import (
     ImageBuffer,
     SamplerSettings,
     TextSettings,
+    nanmean,
     reflect_and_refine,
     run_diffusion,
     score,
@@ -190,7 +191,7 @@ class Run:
         batch = Batch(metrics=_reward_metrics(s.total, s))
         batch.metrics.update({
             "reward/format_mean": float(fmt.mean()),
-            "reward/improvement_mean": _nanmean(image_r),
+            "reward/improvement_mean": nanmean(image_r),
             "reward/input_mean": item.reward,
             "refine/stop_rate": float(stopped.float().mean()),
             "refine/input_round": item.round,
@@ -255,7 +256,7 @@ class Run:
         adv = adv.float()
         batch = Batch(metrics=_reward_metrics(values[torch.tensor([n for n, p in enumerate(parent) if p < 0])].float(), root_s))
         batch.metrics.update({"refine/stop_rate": stops / max(1, total_refl), "frac_reward_zero_std": zero / max(1, sets),
-                              "reward/final_mean": _nanmean(torch.tensor([r for _, _, r in frontier])) if frontier else math.nan})
+                              "reward/final_mean": nanmean(torch.tensor([r for _, _, r in frontier])) if frontier else math.nan})
         valid_of = lambda ids: ~torch.isnan(values[ids])
         if text_nodes:
             ids = torch.tensor([n for n, _, _ in text_nodes])
@@ -431,17 +432,12 @@ def _mean_rows(rows: list[dict]) -> dict:
     return out
 
 
-def _nanmean(x: torch.Tensor) -> float:
-    v = x[~torch.isnan(x)]
-    return float(v.mean()) if v.numel() else math.nan
-
-
 def _reward_metrics(total: torch.Tensor, s) -> dict[str, float]:
-    out = {"reward/mean": _nanmean(total), "reward/std": float(total[~torch.isnan(total)].std()) if (~torch.isnan(total)).sum() > 1 else 0.0,
+    out = {"reward/mean": nanmean(total), "reward/std": float(total[~torch.isnan(total)].std()) if (~torch.isnan(total)).sum() > 1 else 0.0,
            "judge/failures": int(torch.isnan(total).sum())}
     for name, vals in s.components.items():
         v = torch.tensor([math.nan if x is None else x for x in vals], dtype=torch.float32)
-        out[f"reward/{name}"] = _nanmean(v)
+        out[f"reward/{name}"] = nanmean(v)
     for name, sec in s.latency_s.items():
         out[f"time/reward_{name}_s"] = sec
     return out
