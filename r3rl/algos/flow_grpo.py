@@ -51,14 +51,17 @@ def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def _randn(shape: torch.Size, generator: Generator, device: torch.device) -> torch.Tensor:
     """Standard normal noise; a list of generators gives one per sample so a sample's noise
-    does not depend on which batch it lands in."""
+    does not depend on which batch it lands in. Drawn on each generator's own device (a CPU
+    generator cannot fill a CUDA tensor), then moved: the same seed gives the same noise anywhere."""
+    def draw(size, g: torch.Generator | None) -> torch.Tensor:
+        on = device if g is None else g.device
+        return torch.randn(size, generator=g, dtype=torch.float32, device=on).to(device)
+
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(shape, generator=generator, dtype=torch.float32, device=device)
+        return draw(shape, generator)
     if len(generator) != shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack(
-        [torch.randn(shape[1:], generator=g, dtype=torch.float32, device=device) for g in generator]
-    )
+    return torch.stack([draw(shape[1:], g) for g in generator])
 
 
 def sde_noise_level(

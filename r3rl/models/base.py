@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 
@@ -17,10 +21,51 @@ class TextCond:
     pooled: torch.Tensor  # (B, Dp) pooled embedding
     neg_embeds: torch.Tensor | None = None  # true-CFG negative branch, when used
     neg_pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # (B, L) valid tokens, for families with unpadded text (Qwen-Image)
+    neg_mask: torch.Tensor | None = None
 
     def index(self, idx: torch.Tensor | slice) -> TextCond:
         pick = lambda t: None if t is None else t[idx]
-        return TextCond(self.embeds[idx], self.pooled[idx], pick(self.neg_embeds), pick(self.neg_pooled))
+        return TextCond(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+class TextCache:
+    """Per-string text embeddings, valid only while the encoders are frozen.
+
+    `encode(texts)` returns a tuple of (B, ...) tensors per text batch; rows are cached and
+    re-stacked, so a prompt is encoded once per run instead of once per rollout step. Rows
+    of different lengths (unpadded encoders) are right-padded with zeros when stacked.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], tuple[torch.Tensor, ...]],
+                 encoders: Callable[[], Iterable[torch.nn.Module]]) -> None:
+        self._encode, self._encoders = encode, encoders
+        self._rows: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def _trainable(self) -> bool:
+        return any(m.training or any(p.requires_grad for p in m.parameters()) for m in self._encoders())
+
+    def __call__(self, texts: list[str], cache: bool = True) -> tuple[torch.Tensor, ...]:
+        if self._trainable():
+            # weights that can change make cached embeddings stale (and would cut the gradient)
+            self._rows.clear()
+            return self._encode(texts)
+        if not cache:
+            return self._encode(texts)
+        missing = sorted({t for t in texts if t not in self._rows})
+        if missing:
+            with torch.no_grad():
+                out = self._encode(missing)
+            self._rows.update({t: tuple(o[i] for o in out) for i, t in enumerate(missing)})
+        return tuple(_pad_stack([self._rows[t][k] for t in texts]) for k in range(len(self._rows[texts[0]])))
+
+
+def _pad_stack(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Stack rows, zero-padding their first dim to the longest (unpadded text encoders)."""
+    n = max(r.shape[0] for r in rows) if rows[0].dim() else 0
+    if not rows[0].dim() or all(r.shape[0] == n for r in rows):
+        return torch.stack(rows)
+    return torch.stack([torch.cat([r, r.new_zeros(n - r.shape[0], *r.shape[1:])]) for r in rows])
 
 
 class FlowModel(Protocol):
@@ -43,3 +88,22 @@ class FlowModel(Protocol):
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None
     ) -> torch.Tensor: ...
+
+
+def scheduler_shift(path: Path, image_seq_len: int) -> float:
+    """The time shift of a checkpoint's FlowMatchEulerDiscreteScheduler at this image size.
+
+    Static (`shift`, SD3) or resolution-dependent (`use_dynamic_shifting`, FLUX/Qwen-Image:
+    mu interpolated in the sequence length, shift = e^mu, which is the pipelines' exponential
+    time shift). 1.0 (no shift) when the folder has no scheduler.
+    """
+    folder = Path(path) / "scheduler"
+    if not (folder / "scheduler_config.json").exists():
+        return 1.0
+    cfg = FlowMatchEulerDiscreteScheduler.load_config(folder)
+    if not cfg.get("use_dynamic_shifting", False):
+        return float(cfg.get("shift", 1.0))
+    lo, hi = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    b_lo, b_hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+    mu = b_lo + (image_seq_len - lo) * (b_hi - b_lo) / (hi - lo)
+    return math.exp(mu)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-from r3rl.models.base import TextCond
+from r3rl.models.base import TextCache, TextCond, scheduler_shift
 
 ADAPTER_FILE = "r3rl_adapter.json"  # adapter settings saved next to the diffusers components
 
@@ -78,6 +78,7 @@ class FluxModel:
         true_cfg_scale: float = 1.0,
         negative_prompt: str = "",
         max_text_len: int = 32,
+        sigma_shift: float = 1.0,
     ) -> None:
         self.transformer, self.vae = transformer, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -87,25 +88,36 @@ class FluxModel:
         self.negative_prompt, self.max_text_len = negative_prompt, max_text_len
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_hw = image_size // self.vae_scale
-        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sigma_shift = sigma_shift  # the checkpoint scheduler's time shift at this size
+        self._text = TextCache(self._encode_uncached, lambda: (self.text_encoder, self.text_encoder_2))
 
     # ------------------------------------------------------------------ loading
     COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    # the pipeline whose LoRA format (`save_lora_weights` / `load_lora_weights`) adapters use
+    PIPELINE = FluxKontextPipeline
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, image_size: int, **kwargs) -> FluxModel:
+    def from_pretrained(
+        cls, path: str | Path, *, image_size: int, dtype: torch.dtype | None = None, **kwargs
+    ) -> FluxModel:
         """Load the diffusers-layout folder a FLUX(-Kontext) checkpoint uses; settings saved by
-        `save_pretrained` (max_text_len) are defaults that `kwargs` override."""
+        `save_pretrained` (max_text_len) are defaults that `kwargs` override. A checkpoint without
+        them (an official one) gets the pipelines' T5 length, 512."""
         p = Path(path)
-        settings = json.loads((p / ADAPTER_FILE).read_text()) if (p / ADAPTER_FILE).exists() else {}
+        settings = json.loads((p / ADAPTER_FILE).read_text()) if (p / ADAPTER_FILE).exists() else {"max_text_len": 512}
+        load = {} if dtype is None else {"torch_dtype": dtype}
+        tload = {} if dtype is None else {"dtype": dtype}
+        vae = AutoencoderKL.from_pretrained(p / "vae", **load)
+        seq_len = (image_size // 2 ** (len(vae.config.block_out_channels) - 1) // 2) ** 2
         return cls(
-            FluxTransformer2DModel.from_pretrained(p / "transformer"),
-            AutoencoderKL.from_pretrained(p / "vae"),
-            CLIPTextModel.from_pretrained(p / "text_encoder"),
+            FluxTransformer2DModel.from_pretrained(p / "transformer", **load),
+            vae,
+            CLIPTextModel.from_pretrained(p / "text_encoder", **tload),
             AutoTokenizer.from_pretrained(p / "tokenizer"),
-            T5EncoderModel.from_pretrained(p / "text_encoder_2"),
+            T5EncoderModel.from_pretrained(p / "text_encoder_2", **tload),
             AutoTokenizer.from_pretrained(p / "tokenizer_2"),
             image_size=image_size,
+            sigma_shift=scheduler_shift(p, seq_len),
             **{**settings, **kwargs},
         )
 
@@ -132,42 +144,20 @@ class FluxModel:
         embeds = self.text_encoder_2(input_ids=tok2.input_ids.to(dev)).last_hidden_state
         return embeds, pooled
 
-    def _encoders_trainable(self) -> bool:
-        return any(
-            m.training or any(p.requires_grad for p in m.parameters())
-            for m in (self.text_encoder, self.text_encoder_2)
-        )
-
-    def _encode(self, texts: list[str], cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._encoders_trainable():
-            # weights that can change make cached embeddings stale (and would cut the gradient)
-            self._text_cache.clear()
-            return self._encode_uncached(texts)
-        if not cache:
-            return self._encode_uncached(texts)
-        missing = sorted({t for t in texts if t not in self._text_cache})
-        if missing:
-            with torch.no_grad():
-                e, p = self._encode_uncached(missing)
-            self._text_cache.update({t: (e[i], p[i]) for i, t in enumerate(missing)})
-        embeds = torch.stack([self._text_cache[t][0] for t in texts])
-        pooled = torch.stack([self._text_cache[t][1] for t in texts])
-        return embeds, pooled
-
     def encode_text(self, texts: list[str], *, cache: bool = True) -> TextCond:
         """Sequence (T5) + pooled (CLIP) embeddings; cached per string while both encoders are
         frozen (eval mode, no grad); the cache is dropped whenever either one is trainable."""
-        cond = TextCond(*self._encode(texts, cache))
+        cond = TextCond(*self._text(texts, cache))
         if self.true_cfg_scale > 1.0:
-            cond.neg_embeds, cond.neg_pooled = self._encode([self.negative_prompt] * len(texts), cache)
+            cond.neg_embeds, cond.neg_pooled = self._text([self.negative_prompt] * len(texts), cache)
         return cond
 
     # ------------------------------------------------------------------ images
     def encode_images(self, images: list[Image.Image], *, sample: bool = False) -> torch.Tensor:
         """PIL -> normalised, packed latents (B, N, 4C)."""
-        x = to_tensor(images, self.image_size).to(self.device)
+        x = to_tensor(images, self.image_size).to(self.device, self.vae.dtype)
         dist = self.vae.encode(x).latent_dist
-        z = dist.sample() if sample else dist.mean
+        z = (dist.sample() if sample else dist.mean).float()
         z = (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
         return pack_latents(z)
 
@@ -175,7 +165,7 @@ class FluxModel:
         z = unpack_latents(latents, self.latent_hw, self.latent_hw)
         z = z / self.vae.config.scaling_factor + self.vae.config.shift_factor
         with torch.no_grad():
-            return to_pil(self.vae.decode(z).sample)
+            return to_pil(self.vae.decode(z.to(self.vae.dtype)).sample)
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         n = (self.latent_hw // 2) ** 2
@@ -191,20 +181,21 @@ class FluxModel:
             inp = torch.cat([x, ref], dim=1)
             img_ids = torch.cat([img_ids, latent_ids(h, w, first=1.0)], dim=0)
         txt_ids = torch.zeros(embeds.shape[1], 3)
+        dt = self.transformer.dtype  # bf16 weights take bf16 inputs; sampling math stays float32
         guidance = None
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full((x.shape[0],), self.guidance_scale, device=x.device)
+            guidance = torch.full((x.shape[0],), self.guidance_scale, device=x.device, dtype=dt)
         out = self.transformer(
-            hidden_states=inp,
-            encoder_hidden_states=embeds,
-            pooled_projections=pooled,
-            timestep=sigma.to(x.dtype),
+            hidden_states=inp.to(dt),
+            encoder_hidden_states=embeds.to(dt),
+            pooled_projections=pooled.to(dt),
+            timestep=sigma.to(x.device, dt),
             img_ids=img_ids.to(x.device),
             txt_ids=txt_ids.to(x.device),
             guidance=guidance,
             return_dict=False,
         )[0]
-        return out[:, : x.shape[1]]
+        return out[:, : x.shape[1]].float()
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None) -> torch.Tensor:
         """Guided velocity (epsilon - x0 convention, as FlowMatchEulerDiscreteScheduler)."""
