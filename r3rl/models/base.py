@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -90,20 +90,25 @@ class FlowModel(Protocol):
     ) -> torch.Tensor: ...
 
 
-def scheduler_shift(path: Path, image_seq_len: int) -> float:
-    """The time shift of a checkpoint's FlowMatchEulerDiscreteScheduler at this image size.
+def scheduler_shift(config: Mapping | None, image_seq_len: int) -> float:
+    """The time shift of a FlowMatchEulerDiscreteScheduler config at this image size.
 
     Static (`shift`, SD3) or resolution-dependent (`use_dynamic_shifting`, FLUX/Qwen-Image:
     mu interpolated in the sequence length, shift = e^mu, which is the pipelines' exponential
-    time shift). 1.0 (no shift) when the folder has no scheduler.
+    time shift). 1.0 (no shift) without a scheduler.
     """
+    if config is None:
+        return 1.0
+    if not config.get("use_dynamic_shifting", False):
+        return float(config.get("shift", 1.0))
+    lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    b_lo, b_hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    return math.exp(b_lo + (image_seq_len - lo) * (b_hi - b_lo) / (hi - lo))
+
+
+def saved_scheduler_config(path: str | Path) -> dict | None:
+    """`scheduler/scheduler_config.json` of a diffusers folder, or None when it has no scheduler."""
     folder = Path(path) / "scheduler"
     if not (folder / "scheduler_config.json").exists():
-        return 1.0
-    cfg = FlowMatchEulerDiscreteScheduler.load_config(folder)
-    if not cfg.get("use_dynamic_shifting", False):
-        return float(cfg.get("shift", 1.0))
-    lo, hi = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-    b_lo, b_hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-    mu = b_lo + (image_seq_len - lo) * (b_hi - b_lo) / (hi - lo)
-    return math.exp(mu)
+        return None
+    return dict(FlowMatchEulerDiscreteScheduler.load_config(folder))

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-from r3rl.models.base import TextCache, TextCond, scheduler_shift
+from r3rl.models.base import TextCache, TextCond, saved_scheduler_config, scheduler_shift
 
 ADAPTER_FILE = "r3rl_adapter.json"  # adapter settings saved next to the diffusers components
 
@@ -105,19 +105,18 @@ class FluxModel:
         them (an official one) gets the pipelines' T5 length, 512."""
         p = Path(path)
         settings = json.loads((p / ADAPTER_FILE).read_text()) if (p / ADAPTER_FILE).exists() else {"max_text_len": 512}
-        load = {} if dtype is None else {"torch_dtype": dtype}
-        tload = {} if dtype is None else {"dtype": dtype}
+        load = {} if dtype is None else {"dtype": dtype}
         vae = AutoencoderKL.from_pretrained(p / "vae", **load)
         seq_len = (image_size // 2 ** (len(vae.config.block_out_channels) - 1) // 2) ** 2
         return cls(
             FluxTransformer2DModel.from_pretrained(p / "transformer", **load),
             vae,
-            CLIPTextModel.from_pretrained(p / "text_encoder", **tload),
+            CLIPTextModel.from_pretrained(p / "text_encoder", **load),
             AutoTokenizer.from_pretrained(p / "tokenizer"),
-            T5EncoderModel.from_pretrained(p / "text_encoder_2", **tload),
+            T5EncoderModel.from_pretrained(p / "text_encoder_2", **load),
             AutoTokenizer.from_pretrained(p / "tokenizer_2"),
             image_size=image_size,
-            sigma_shift=scheduler_shift(p, seq_len),
+            sigma_shift=scheduler_shift(saved_scheduler_config(p), seq_len),
             **{**settings, **kwargs},
         )
 

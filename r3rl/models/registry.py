@@ -1,0 +1,46 @@
+"""Which FlowModel adapter a local diffusers checkpoint needs, read from the checkpoint itself.
+
+The family is the transformer's class (`transformer/config.json` `_class_name`), which every
+diffusers checkpoint records; `model_index.json` is not required (the shapes world has none).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from r3rl.errors import UserError
+from r3rl.models.flux import FluxModel
+from r3rl.models.qwen_image import QwenImageModel
+from r3rl.models.sd3 import SD3Model
+
+FAMILIES: dict[str, type] = {"flux": FluxModel, "sd3": SD3Model, "qwen_image": QwenImageModel}
+_BY_TRANSFORMER = {
+    "FluxTransformer2DModel": "flux",
+    "SD3Transformer2DModel": "sd3",
+    "QwenImageTransformer2DModel": "qwen_image",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def detect_family(path: str | Path) -> str:
+    """'flux' | 'sd3' | 'qwen_image' for a diffusers folder; a UserError names what was found instead."""
+    config = Path(path) / "transformer" / "config.json"
+    if not config.exists():
+        raise UserError(f"{path}: not a diffusers checkpoint (no transformer/config.json)")
+    name = json.loads(config.read_text()).get("_class_name", "")
+    if name not in _BY_TRANSFORMER:
+        raise UserError(f"{path}: transformer class {name!r} is not supported "
+                        f"(expected one of {', '.join(sorted(_BY_TRANSFORMER))})")
+    return _BY_TRANSFORMER[name]
+
+
+def load_flow_model(path: str | Path, *, family: str = "auto", image_size: int, dtype: str = "float32",
+                    **settings):
+    """The family's adapter loaded from `path`; `settings` are its sampling options (CFG, guidance)."""
+    found = detect_family(path)
+    if family != "auto" and family != found:
+        raise UserError(f"{path}: family={family!r} but the checkpoint's transformer is a {found!r} model")
+    return FAMILIES[found].from_pretrained(path, image_size=image_size, dtype=DTYPES[dtype], **settings)

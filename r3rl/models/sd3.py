@@ -1,0 +1,104 @@
+"""Stable Diffusion 3 / 3.5 family adapter: a `StableDiffusion3Pipeline`'s components as a velocity field.
+
+The pipeline object is kept for what it does best, `encode_prompt` (two CLIPs + T5, exactly as
+the pipeline combines them); only the denoising loop is ours. Latents are (B, C, H, W) for the
+transformer and (B, H*W, C) tokens for the sampler, whose log-probs average over all of them.
+SD3 is text-to-image only; its guidance is plain CFG, `v_neg + s (v - v_neg)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from PIL import Image
+
+from r3rl.models.base import TextCache, TextCond, scheduler_shift
+from r3rl.models.flux import to_pil, to_tensor
+
+
+class SD3Model:
+    """SD3 components; `true_cfg_scale` is the pipeline's `guidance_scale` (1 = no CFG)."""
+
+    PIPELINE = StableDiffusion3Pipeline
+
+    def __init__(self, pipe: StableDiffusion3Pipeline, *, image_size: int, true_cfg_scale: float = 1.0,
+                 negative_prompt: str = "", max_text_len: int = 256, guidance_scale: float = 1.0) -> None:
+        if guidance_scale != 1.0:
+            raise ValueError("SD3 has no distilled guidance embedding: use cfg_scale, not guidance_scale")
+        self.pipe, self.transformer, self.vae = pipe, pipe.transformer, pipe.vae
+        self.image_size, self.true_cfg_scale = image_size, true_cfg_scale
+        self.negative_prompt, self.max_text_len = negative_prompt, max_text_len
+        self.latent_hw = image_size // pipe.vae_scale_factor
+        self.sigma_shift = scheduler_shift(pipe.scheduler.config, (self.latent_hw // 2) ** 2)
+        encoders = lambda: [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None]
+        self._text = TextCache(self._encode_uncached, encoders)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, image_size: int, dtype: torch.dtype | None = None,
+                        **kwargs) -> SD3Model:
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
+        return cls(pipe, image_size=image_size, **kwargs)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.pipe.transformer = self.transformer
+        self.pipe.save_pretrained(path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    # ------------------------------------------------------------------ text
+    def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=texts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_text_len,
+        )
+        return embeds, pooled
+
+    def encode_text(self, texts: list[str], *, cache: bool = True) -> TextCond:
+        cond = TextCond(*self._text(texts, cache))
+        if self.true_cfg_scale > 1.0:
+            cond.neg_embeds, cond.neg_pooled = self._text([self.negative_prompt] * len(texts), cache)
+        return cond
+
+    # ------------------------------------------------------------------ images
+    def encode_images(self, images: list[Image.Image], *, sample: bool = False) -> torch.Tensor:
+        x = to_tensor(images, self.image_size).to(self.device, self.vae.dtype)
+        dist = self.vae.encode(x).latent_dist
+        z = (dist.sample() if sample else dist.mean).float()
+        z = (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        return z.flatten(2).transpose(1, 2)
+
+    def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, self.latent_hw, self.latent_hw)
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        z = self._grid(latents) / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        with torch.no_grad():
+            return to_pil(self.vae.decode(z.to(self.vae.dtype)).sample)
+
+    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        ch = self.transformer.config.in_channels
+        return torch.randn(batch, self.latent_hw**2, ch, generator=generator).to(self.device)
+
+    # ------------------------------------------------------------------ velocity
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor):
+        dt = self.transformer.dtype
+        out = self.transformer(
+            hidden_states=self._grid(x).to(dt), timestep=(sigma * 1000).to(x.device, dt),
+            encoder_hidden_states=embeds.to(dt), pooled_projections=pooled.to(dt), return_dict=False,
+        )[0]
+        return out.float().flatten(2).transpose(1, 2)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None) -> torch.Tensor:
+        """CFG-guided velocity; the pipeline's timestep is sigma x 1000."""
+        if ref is not None:
+            raise ValueError("SD3 is a text-to-image family: it cannot refine a reference image")
+        sigma = sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma
+        v = self._forward(x, sigma, cond.embeds, cond.pooled)
+        if self.true_cfg_scale > 1.0:
+            v_neg = self._forward(x, sigma, cond.neg_embeds, cond.neg_pooled)
+            v = v_neg + self.true_cfg_scale * (v - v_neg)
+        return v
