@@ -2,12 +2,16 @@
 and RNG state loaded with `weights_only=True`, the rollout buffer, and a COMPLETE marker.
 
 Written to a temp folder and renamed, so a run killed mid-save resumes from the previous
-complete checkpoint. References for KL are never restored from a checkpoint: they stay the
+complete checkpoint. With several processes rank 0 writes everything except what only a
+collective can produce: consolidated weights (ZeRO-3 gathers them for the save), each
+DeepSpeed engine's own sharded state (`deepspeed/<policy>/`, every rank writes its shard of
+the optimiser; resuming needs the same number of processes) and the RNG state of every rank. References for KL are never restored from a checkpoint: they stay the
 original weights (R3's resume made the reference drift to the resumed policy).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -19,6 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from r3rl.distributed import barrier, gather
 from r3rl.errors import UserError
 
 if TYPE_CHECKING:
@@ -74,22 +79,55 @@ def load_module(module: torch.nn.Module, folder: Path) -> None:
         raise UserError(f"checkpoint {folder} does not match the model ({str(e).splitlines()[0]})") from None
 
 
+def _full_weights(module: torch.nn.Module):
+    """Inside: every parameter whole on every rank (ZeRO-3 partitions them; a no-op otherwise)."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
 def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
+    """Called by every rank (collective under several processes); returns the final folder."""
+    topo, main = run.dist, run.dist.is_main
     root = out / "checkpoints"
     final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    run.reflector.save_pretrained(tmp / "reflector")
+    tmp = root / f".tmp-step-{step}-{gather([os.getpid()], topo)[0]}"  # rank 0's pid names it for all
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(topo)
+    with _full_weights(run.reflector.model):
+        if main:
+            run.reflector.save_pretrained(tmp / "reflector")
     optim = {}
-    if run.reflector_opt is not None:
+    if run.reflector_opt is not None and "reflector" not in run.engines:
         optim["reflector"] = run.reflector_opt.state_dict()
     for name, pol in (("generator", run.generator), ("refiner", run.refiner)):
         if pol.train:
-            pol.model.transformer.save_pretrained(tmp / name / "transformer")
-            optim[name] = pol.opt.state_dict()
+            with _full_weights(pol.model.transformer):
+                if main:
+                    pol.model.transformer.save_pretrained(tmp / name / "transformer")
+            if name not in run.engines:
+                optim[name] = pol.opt.state_dict()
+    for name, engine in run.engines.items():
+        engine.save_checkpoint(str(tmp / "deepspeed" / name), tag="state")
+    torch_states = gather([torch.get_rng_state()], topo)
+    if main:
+        _write_rest(run, tmp, final, step, optim, torch_states)
+        for _, old in _checkpoints(out)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(topo)
+    return final
+
+
+def _write_rest(run: Run, tmp: Path, final: Path, step: int, optim: dict, torch_states: list) -> None:
+    """Rank 0: optimisers, RNGs, buffer and trainer state, then COMPLETE and the atomic rename."""
     torch.save(optim, tmp / "optimizers.pt")
-    torch.save({"torch": torch.get_rng_state(), "python": list(_py_state(run.rng))}, tmp / "rng.pt")
+    torch.save({"torch": torch_states[0], "torch_per_rank": torch_states, "python": list(_py_state(run.rng))},
+               tmp / "rng.pt")
     buf = tmp / "buffer"
     buf.mkdir()
     items = []
@@ -101,9 +139,6 @@ def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
     (tmp / COMPLETE).touch()
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for _, old in _checkpoints(out)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _py_state(rng: random.Random) -> tuple:
@@ -115,16 +150,23 @@ def load_checkpoint(run: Run, path: Path) -> int:
     """Restore policies, optimisers, RNGs and buffer; return the step to continue after."""
     from r3rl.rollout import BufferItem
 
-    load_module(run.reflector.model, path / "reflector")
+    for name, engine in run.engines.items():  # weights and sharded optimiser state
+        folder = path / "deepspeed" / name
+        if not folder.exists():
+            raise UserError(f"checkpoint {path} has no DeepSpeed state for {name} (saved without distributed.deepspeed?)")
+        engine.load_checkpoint(str(folder), tag="state")
+    if "reflector" not in run.engines:
+        load_module(run.reflector.model, path / "reflector")
     optim = torch.load(path / "optimizers.pt", weights_only=True)
     if run.reflector_opt is not None and "reflector" in optim:
         run.reflector_opt.load_state_dict(optim["reflector"])
     for name, pol in (("generator", run.generator), ("refiner", run.refiner)):
-        if pol.train and (path / name).exists():
+        if pol.train and (path / name).exists() and name not in run.engines:
             load_module(pol.model.transformer, path / name / "transformer")
             pol.opt.load_state_dict(optim[name])
     rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
+    per_rank = rng.get("torch_per_rank", [])
+    torch.set_rng_state(per_rank[run.dist.rank] if run.dist.rank < len(per_rank) else rng["torch"])
     version, internal, gauss = rng["python"]
     run.rng.setstate((version, tuple(internal), gauss))
     state = json.loads((path / "trainer_state.json").read_text())

@@ -52,17 +52,26 @@ def sample(
     sde: SDEConfig,
     generator: torch.Generator | None = None,
     x: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> Trajectory:
     """Run `len(sigmas) - 1` steps from noise; rows of `sde_mask` (B, steps) pick the SDE steps.
 
     Every row must select the same number K of steps (all strategies in
     `select_train_timesteps` do), so transitions stack into (B, K, ...).
+
+    `keep` (indices into a batch of `len(sde_mask)`) simulates only those rows of a larger
+    batch: the mask, the initial noise and every step's noise are drawn for the whole batch and
+    sliced, so a sample's trajectory does not depend on how a group is split across ranks.
+    `cond` and `ref` then hold the kept rows only.
     """
+    full = sde_mask.shape[0]
+    keep = torch.arange(full) if keep is None else keep
+    sde_mask_full, sde_mask = sde_mask, sde_mask[keep]
     b = cond.embeds.shape[0]
-    x = model.noise(b, generator) if x is None else x
+    x = model.noise(full, generator)[keep] if x is None else x
     if tuple(sde_mask.shape) != (b, len(sigmas) - 1):
         raise ValueError(f"sde_mask must be (batch, steps) = {(b, len(sigmas) - 1)}, got {tuple(sde_mask.shape)}")
-    k = int(sde_mask[0].sum())
+    k = int(sde_mask_full[0].sum())
     if not bool((sde_mask.sum(1) == k).all()):
         raise ValueError("every sample must train the same number of steps")
     if sde.sde_type == "cps" and bool((sde_mask & (sigmas[1:] <= 0).to(sde_mask.device)).any()):
@@ -74,9 +83,14 @@ def sample(
         v = model.velocity(x, torch.full((b,), sig, device=x.device), cond, ref)
         rows = sde_mask[:, i].to(x.device)
         x_ode = ode_step(v, x, sig, sig_next)
-        if rows.any():
+        if sde_mask_full[:, i].any():  # some row of the whole batch draws noise here
+            noise = torch.randn((full, *x.shape[1:]), generator=generator, dtype=torch.float32)[keep].to(x.device)
+            _, _, mean, std = sde_step_with_logprob(
+                v, x, sig, sig_next, noise_level=sde.noise_level, prev_sample=x,
+                sde_type=sde.sde_type, logprob_reduction=sde.logprob_reduction,
+            )
             x_sde, logp, _, _ = sde_step_with_logprob(
-                v, x, sig, sig_next, noise_level=sde.noise_level, generator=generator,
+                v, x, sig, sig_next, noise_level=sde.noise_level, prev_sample=mean + std.view(-1, *[1] * (x.ndim - 1)) * noise,
                 sde_type=sde.sde_type, logprob_reduction=sde.logprob_reduction,
             )
             x_new = torch.where(rows[:, None, None], x_sde.to(x.dtype), x_ode)
@@ -90,7 +104,7 @@ def sample(
         z = torch.zeros(b, 0)
         return Trajectory(x, empty, empty, z, z, z)
     # keep, per sample, only the steps its mask selected (other rows were ODE at that step)
-    mask = sde_mask[:, [i for i in range(sde_mask.shape[1]) if sde_mask[:, i].any()]]
+    mask = sde_mask[:, [i for i in range(sde_mask.shape[1]) if sde_mask_full[:, i].any()]]
     pick = lambda seq: torch.stack(seq, 1)[mask].view(b, k, *seq[0].shape[1:])
     return Trajectory(x, pick(states), pick(nexts), pick(s_now), pick(s_next), pick(logps))
 
