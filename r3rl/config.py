@@ -112,6 +112,9 @@ class ReflectorConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Trade compute for memory in the backward pass."
     )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weight dtype (bfloat16 on GPU for 7B models; CPU runs float32)."
+    )
     trust_remote_code: bool = Field(
         False, description="Allow model code shipped with the checkpoint to run."
     )
@@ -120,10 +123,19 @@ class ReflectorConfig(_Section):
 class GeneratorConfig(_Section):
     """The text-to-image diffusion model that draws the first image."""
 
-    model: str = Field("shapes:tiny", description="'shapes:tiny' or a local model directory.")
+    model: str = Field("shapes:tiny", description="'shapes:tiny' or a local diffusers directory.")
+    family: Literal["auto", "flux", "sd3", "qwen_image"] = Field(
+        "auto", description="Model family (auto = read from the checkpoint's transformer class)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weight dtype of every component (bfloat16 on GPU; sampling math stays float32)."
+    )
     train: bool = Field(False, description="Train the generator with FlowGRPO.")
     lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
-    lora: LoRAConfig | None = Field(None, description="LoRA settings (null = full fine-tuning).")
+    lora: LoRAConfig | None = Field(
+        None, description="LoRA on the transformer's attention projections (null = full fine-tuning); "
+        "the KL reference is the adapter switched off."
+    )
     num_steps: int = Field(10, gt=0, description="Denoising steps in training rollouts.")
     guidance_scale: float = Field(
         1.0, ge=0.0, description="Distilled guidance embedding value (FLUX.1-dev style models only)."

@@ -33,7 +33,9 @@ from r3rl.errors import UserError
 from r3rl.evaluate import EvalResult, evaluate_rounds
 from r3rl.logger import RunLogger, quiet_libraries
 from r3rl.models.flux import FluxModel
-from r3rl.models.reflector import HFReflector, Reflection
+from r3rl.models.lora import BaseView, add_lora
+from r3rl.models.reflector import HFReflector, Reflection, lora_kwargs
+from r3rl.models.registry import load_flow_model
 from r3rl.rewards import CombinedReward
 from r3rl.rollout import (
     PERFECT,
@@ -446,26 +448,29 @@ def _reward_metrics(total: torch.Tensor, s) -> dict[str, float]:
 # --------------------------------------------------------------------------- building
 
 
-def _diffusion_policy(cfg_section, path: Path, image_size: int, fg, *, max_index, shift: float = 1.0) -> Policy:
-    model = FluxModel.from_pretrained(path, image_size=image_size, guidance_scale=cfg_section.guidance_scale,
-                                     true_cfg_scale=cfg_section.cfg_scale)
-    for m in (model.vae, model.text_encoder, model.text_encoder_2):
+def _diffusion_policy(cfg_section, path: Path, image_size: int, fg, *, max_index) -> Policy:
+    model = load_flow_model(path, family=cfg_section.family, image_size=image_size, dtype=cfg_section.dtype,
+                            guidance_scale=cfg_section.guidance_scale, true_cfg_scale=cfg_section.cfg_scale)
+    for m in model.encoders:
         m.eval().requires_grad_(False)
     model.transformer.requires_grad_(cfg_section.train)
+    lora = cfg_section.train and cfg_section.lora is not None
+    if lora:
+        add_lora(model.transformer, **cfg_section.lora.model_dump())
     if fg.sde_type == "cps":  # CPS has zero noise on the step that ends at sigma=0: never train it
         max_index = min(max_index or cfg_section.num_steps, cfg_section.num_steps - 1)
     settings = SamplerSettings(
         num_steps=cfg_section.num_steps,
         sde=SDEConfig(noise_level=cfg_section.noise_level, sde_type=fg.sde_type, logprob_reduction=fg.logprob_reduction),
         strategy=fg.timesteps, num_train_timesteps=fg.num_train_timesteps, window_size=fg.window_size,
-        max_index=max_index, shift=shift,
+        max_index=max_index, shift=model.sigma_shift,
     )
     policy = Policy(model, settings, cfg_section.train)
     if cfg_section.train:
-        policy.opt = torch.optim.AdamW(model.transformer.parameters(), lr=cfg_section.lr, betas=(0.9, 0.95),
-                                       weight_decay=0.0)
+        params = [p for p in model.transformer.parameters() if p.requires_grad]
+        policy.opt = torch.optim.AdamW(params, lr=cfg_section.lr, betas=(0.9, 0.95), weight_decay=0.0)
         if fg.beta > 0:
-            policy.ref_transformer = _frozen(model.transformer)
+            policy.ref_transformer = BaseView(model.transformer) if lora else _frozen(model.transformer)
     return policy
 
 
@@ -491,8 +496,8 @@ def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: boo
     world = ensure_world(cfg.world, cfg.seed).root if SHAPES_MODEL in names else None
     reflector = HFReflector.from_pretrained(
         _model_path(cfg.reflector.model, world, "reflector"), trust_remote_code=cfg.reflector.trust_remote_code,
-        lora=cfg.reflector.lora.model_dump() if cfg.reflector.lora else None,
-        gradient_checkpointing=cfg.reflector.gradient_checkpointing,
+        lora=lora_kwargs(**cfg.reflector.lora.model_dump()) if cfg.reflector.lora else None,
+        gradient_checkpointing=cfg.reflector.gradient_checkpointing, dtype=cfg.reflector.dtype,
     )
     train_refl = for_training and cfg.reflector.train
     reflector.model.requires_grad_(False) if not train_refl else None

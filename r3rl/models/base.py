@@ -76,6 +76,8 @@ class FlowModel(Protocol):
     """
 
     transformer: torch.nn.Module
+    encoders: list[torch.nn.Module]  # VAE and text encoders: frozen during RL
+    sigma_shift: float  # the checkpoint scheduler's time shift at the adapter's image size
 
     def encode_text(self, texts: list[str]) -> TextCond: ...
 

@@ -132,6 +132,11 @@ class FluxModel:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    @property
+    def encoders(self) -> list[torch.nn.Module]:
+        """Everything but the transformer (kept frozen by the trainer)."""
+        return [self.vae, self.text_encoder, self.text_encoder_2]
+
     # ------------------------------------------------------------------ text
     def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device

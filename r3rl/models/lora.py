@@ -65,3 +65,24 @@ def load_lora(transformer: torch.nn.Module, path: str | Path, *, trainable: bool
     transformer.load_lora_adapter(Path(path), weight_name=WEIGHTS, prefix="transformer", adapter_name="default")
     for name, p in transformer.named_parameters():
         p.requires_grad_(trainable and "lora_" in name)
+
+
+class BaseView(torch.nn.Module):
+    """A LoRA transformer seen with its adapter switched off: the frozen KL reference at no memory
+    cost, usable wherever a separate reference transformer would be (same call, config, dtype)."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = transformer
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    def forward(self, *args, **kwargs):
+        with adapter_disabled(self.inner):
+            return self.inner(*args, **kwargs)

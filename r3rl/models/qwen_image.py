@@ -53,6 +53,11 @@ class QwenImageModel:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    @property
+    def encoders(self) -> list[torch.nn.Module]:
+        """Everything but the transformer (kept frozen by the trainer)."""
+        return [m for n, m in self.pipe.components.items() if n != "transformer" and isinstance(m, torch.nn.Module)]
+
     # ------------------------------------------------------------------ text
     def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, mask = self.pipe.encode_prompt(texts, device=self.device, max_sequence_length=self.max_text_len)

@@ -50,6 +50,15 @@ _NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 _NEUTRAL_WARPERS = {"typical_p": 1.0, "min_p": 0.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
+# LoRA default: the language model's projections of any HF chat VLM (vision tower, lm_head untouched)
+LM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def lora_kwargs(r: int, alpha: int, dropout: float = 0.0, target_modules: list[str] | None = None) -> dict:
+    """A recipe's `reflector.lora` section as peft `LoraConfig` keyword arguments."""
+    return {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": target_modules or LM_LORA_TARGETS}
+
+
 def _words(text: str) -> str:
     """Lower-case, punctuation-free, single-spaced: how instructions are compared to STOP."""
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())

@@ -49,6 +49,11 @@ class SD3Model:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    @property
+    def encoders(self) -> list[torch.nn.Module]:
+        """Everything but the transformer (kept frozen by the trainer)."""
+        return [m for n, m in self.pipe.components.items() if n != "transformer" and isinstance(m, torch.nn.Module)]
+
     # ------------------------------------------------------------------ text
     def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
