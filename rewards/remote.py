@@ -33,7 +33,7 @@ class Remote:
         self,
         url: str | list[str],
         reward: str,
-        token_env: str = TOKEN_ENV,
+        token_env: str | None = TOKEN_ENV,
         timeout_s: float = 60.0,
         max_retries: int = 3,
         batch_size: int = 64,
