@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from r3rl.algos.flow_grpo import select_train_timesteps, sigma_schedule
+from r3rl.distributed import Topology, gather
 from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector, Reflection
 from r3rl.rewards import CombinedReward
@@ -85,8 +86,13 @@ def run_diffusion(
     *,
     train: bool,
     generator: torch.Generator,
+    keep: torch.Tensor | None = None,
 ) -> DiffusionRollout:
-    """Sample images; SDE (with log-probs) on the chosen steps when `train`, ODE everywhere otherwise."""
+    """Sample images; SDE (with log-probs) on the chosen steps when `train`, ODE everywhere otherwise.
+
+    `keep` selects the rows this process simulates (the rest live on other ranks); random
+    draws are made for all `len(texts)` rows either way (see `r3rl.sampling.sample`).
+    """
     b = len(texts)
     if train:
         mask = select_train_timesteps(
@@ -95,11 +101,14 @@ def run_diffusion(
         )
     else:
         mask = torch.zeros(b, settings.num_steps, dtype=torch.bool)
+    if keep is not None:
+        texts = [texts[i] for i in keep.tolist()]
+        refs = None if refs is None else [refs[i] for i in keep.tolist()]
     cond = model.encode_text(texts)
     ref = model.encode_images(refs) if refs is not None else None
     with torch.no_grad():
         traj = sample(model, cond, ref, sigma_schedule(settings.num_steps, settings.shift), mask, settings.sde,
-                      generator=generator)
+                      generator=generator, keep=keep)
     return DiffusionRollout(model.decode(traj.latents), traj, texts, ref)
 
 
@@ -148,20 +157,36 @@ def reflect_and_refine(
     train_refiner: bool,
     generator: torch.Generator,
     seed: int,
+    topo: Topology | None = None,
 ) -> tuple[list[Reflection], list[int], DiffusionRollout | None, list[Image.Image], Scored]:
-    """One reflect-refine round for a batch; stopped samples keep their image and reward."""
+    """One reflect-refine round for a batch; stopped samples keep their image and reward.
+
+    With several ranks, each passes its equal shard of the group. The refiner's random draws
+    are made for the edits of the whole group (gathered), so they do not depend on the split;
+    a rank with no edit of its own refines a stand-in (returned as the rollout while `edited`
+    is empty) so every rank runs the same forward passes, as ZeRO-3 needs.
+    """
     refl = reflector.reflect([m["prompt"] for m in metas], images, temperature=text.temperature,
                              top_k=text.top_k, top_p=text.top_p, max_new_tokens=text.max_new_tokens, seed=seed)
     edited = [i for i, r in enumerate(refl) if r.instruction is not None]
+    topo = topo or Topology()
+    instructions = gather([r.instruction for r in refl], topo)
+    edits = [j for j, ins in enumerate(instructions) if ins is not None]  # the whole group's edits
+    mine = [edits.index(topo.rank * len(refl) + i) for i in edited]  # my edits' places among them
     out = list(images)
     total = input_rewards.clone()
     components: dict[str, list[float | None]] = {}
     failures: dict[str, int] = {}
     latency: dict[str, float] = {}
     rollout = None
+    if edits:
+        texts = [instructions[j] for j in edits]
+        refs = [images[0]] * len(edits)  # only the kept rows are encoded
+        for j, i in zip(mine, edited):
+            refs[j] = images[i]
+        keep = torch.tensor(mine or [0]) if topo.distributed else None
+        rollout = run_diffusion(refiner, texts, refs, diffusion, train=train_refiner, generator=generator, keep=keep)
     if edited:
-        rollout = run_diffusion(refiner, [refl[i].instruction for i in edited], [images[i] for i in edited],
-                                diffusion, train=train_refiner, generator=generator)
         s = score(reward, [metas[i] for i in edited], rollout.images, [refl[i].text for i in edited])
         for j, i in enumerate(edited):
             out[i] = rollout.images[j]

@@ -29,6 +29,20 @@ from r3rl.algos.grpo import grpo_loss
 from r3rl.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from r3rl.config import Config
 from r3rl.data import load_prompts
+from r3rl.distributed import (
+    Topology,
+    any_rank,
+    average_gradients,
+    barrier,
+    deepspeed_config,
+    deepspeed_engine,
+    gather,
+    init_process_group,
+    mean_metrics,
+    shard,
+    topology_from_env,
+    zero_stage,
+)
 from r3rl.errors import UserError
 from r3rl.evaluate import EvalResult, evaluate_rounds
 from r3rl.logger import RunLogger, quiet_libraries
@@ -43,6 +57,7 @@ from r3rl.rollout import (
     DiffusionRollout,
     ImageBuffer,
     SamplerSettings,
+    Scored,
     TextSettings,
     nanmean,
     reflect_and_refine,
@@ -97,6 +112,24 @@ class Run:
     buffer: ImageBuffer
     nonfinite_in_row: int = 0
     stats: dict = field(default_factory=dict)
+    dist: Topology = field(default_factory=Topology)
+    engines: dict = field(default_factory=dict)  # policy name -> DeepSpeed engine (when configured)
+    hf_zero3: object = None  # keeps transformers' ZeRO-3 flag alive: generate() then syncs ranks
+
+    def _mine(self, n: int) -> torch.Tensor | None:
+        """Indices of a group of `n` this rank simulates (None: all of them, one process)."""
+        return torch.tensor(list(shard(n, self.dist))) if self.dist.distributed else None
+
+    def _gather_scored(self, s: Scored) -> Scored:
+        """Every rank's scores of its shard, in sample order (rewards are computed sharded)."""
+        if not self.dist.distributed:
+            return s
+        parts = gather([(s.total.tolist(), s.components, s.failures, s.latency_s)], self.dist)  # one collective
+        total = torch.tensor([x for p in parts for x in p[0]])
+        comps = {k: [x for p in parts for x in p[1].get(k, [])] for p in parts for k in p[1]}
+        fails = {k: sum(p[2].get(k, 0) for p in parts) for p in parts for k in p[2]}
+        lat = {k: max(p[3].get(k, 0.0) for p in parts) for p in parts for k in p[3]}
+        return Scored(total, comps, fails, lat)
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, step: int | None) -> EvalResult:
@@ -121,6 +154,8 @@ class Run:
         stage = self.stage_for(step)
         n = self.cfg.trainer.grad_accum
         rows, opts, finite = [], {}, True
+        if stage == "tree" and self.dist.distributed:
+            raise UserError("rollout.credit=tree runs in one process only; use credit=r3 with several processes")
         t_roll = t_train = 0.0
         for micro in range(n):
             seed = self.cfg.seed * 100003 + step + micro * 7919
@@ -135,9 +170,13 @@ class Run:
             else:
                 batch = self._tree_rollout(gen, seed)
             t1 = time.perf_counter()
-            metrics, loss, micro_opts = self._loss(batch)
-            if not torch.isfinite(loss):
+            metrics, loss, micro_opts, parts = self._loss(batch)
+            if any_rank(not torch.isfinite(loss), self.dist):
                 finite = False
+            elif self.engines:
+                for name in micro_opts:  # one engine per policy; DeepSpeed divides by grad_accum
+                    self.engines[name].backward(parts[name])
+                    self.engines[name].step()  # steps the optimiser at the accumulation boundary only
             elif micro_opts:
                 (loss / n).backward()
             opts.update(micro_opts)
@@ -146,25 +185,28 @@ class Run:
             rows.append({**metrics, **batch.metrics})
         t1 = time.perf_counter()
         out = _mean_rows(rows)
-        out.update(self._optimizer_step(list(opts.values()), finite))
+        out.update(self._optimizer_step(opts, finite))
         t_train += time.perf_counter() - t1
         out.update({"stage": stage, "time/rollout_s": t_roll, "time/train_s": t_train, "time/step_s": t_roll + t_train})
-        return out
+        return mean_metrics(out, self.dist)
 
     # ----------------------------------------------------------------- rollouts
     def _generate_rollout(self, gen: torch.Generator, *, train: bool) -> Batch:
         g = self.cfg.rollout.group_size
         meta = self.rng.choice(self.train_prompts)
+        mine = self._mine(g)  # this rank's samples; noise is drawn for all g on every rank
         ro = run_diffusion(self.generator.model, [meta["prompt"]] * g, None, self.generator.settings,
-                           train=train, generator=gen)
-        s = score(self.reward, [meta] * g, ro.images)
-        for im, r in zip(ro.images, s.total.tolist()):
+                           train=train, generator=gen, keep=mine)
+        s = self._gather_scored(score(self.reward, [meta] * len(ro.images), ro.images))
+        for im, r in zip(gather(ro.images, self.dist), s.total.tolist()):
             self.buffer.add(BufferItem(meta, im, r, 0))
         batch = Batch(metrics=_reward_metrics(s.total, s))
         if train:
             _, image_r = r3_generate_rewards(s.total, torch.ones_like(s.total), self.cfg.rollout.format_weight)
             adv, valid, zero, groups = group_advantages(image_r, torch.zeros(g), scale_std=self.cfg.rollout.scale_rewards)
-            batch.image_terms.append(ImageTerm(self.generator, ro, adv, valid))
+            if mine is not None:
+                adv, valid = adv[mine], valid[mine]
+            batch.image_terms.append(ImageTerm(self.generator, ro, adv, valid, total=g))
             batch.metrics["frac_reward_zero_std"] = zero / groups
         return batch
 
@@ -172,12 +214,19 @@ class Run:
         ro_cfg = self.cfg.rollout
         g = ro_cfg.group_size
         item = self.buffer.draw(self.rng, ro_cfg.perfect_prob)
-        metas, inputs = [item.meta] * g, [item.image] * g
-        r_in = torch.full((g,), item.reward)
-        refl, edited, ro, out, s = reflect_and_refine(
+        mine = self._mine(g)  # the same input image on every rank; each reflects on its shard
+        n = g if mine is None else len(mine)
+        metas, inputs = [item.meta] * n, [item.image] * n
+        r_in = torch.full((n,), item.reward)
+        # text samples use a seed per rank (rank 0's is the one-process seed): they depend on the split
+        refl, edited_mine, ro, out, s = reflect_and_refine(
             self.reflector, self.refiner.model, self.reward, metas, inputs, r_in, self.text, self.refiner.settings,
-            train_refiner=self.refiner.train, generator=gen, seed=seed,
+            train_refiner=self.refiner.train, generator=gen, seed=seed + 1_000_003 * self.dist.rank, topo=self.dist,
         )
+        s, out, refl_mine = self._gather_scored(s), gather(out, self.dist), refl
+        refl = gather(refl, self.dist)
+        edited = [i for i, r in enumerate(refl) if r.instruction is not None]
+        r_in = torch.full((g,), item.reward)
         stopped = torch.tensor([r.instruction is None for r in refl])
         fmt = torch.tensor([float(r.format_ok) for r in refl])
         text_r, image_r, image_mask = r3_refine_rewards(
@@ -199,10 +248,16 @@ class Run:
             "refine/input_round": item.round,
             "frac_reward_zero_std": zero / groups,
         })
-        batch.text_terms.append(TextTerm([m["prompt"] for m in metas], inputs, refl, t_adv, t_valid))
-        if ro is not None:
-            idx = torch.tensor(edited)
-            batch.image_terms.append(ImageTerm(self.refiner, ro, i_adv[idx], i_valid[idx] & image_mask[idx]))
+        if mine is not None:
+            t_adv, t_valid = t_adv[mine], t_valid[mine]
+        batch.text_terms.append(TextTerm([m["prompt"] for m in metas], inputs, refl_mine, t_adv, t_valid))
+        if ro is not None and edited_mine:
+            idx = torch.tensor(edited_mine) + (0 if mine is None else int(mine[0]))
+            batch.image_terms.append(ImageTerm(self.refiner, ro, i_adv[idx], i_valid[idx] & image_mask[idx],
+                                               total=len(edited)))
+        elif ro is not None:  # a stand-in refinement: runs the same forwards as other ranks, weight 0
+            batch.image_terms.append(ImageTerm(self.refiner, ro, torch.zeros(1), torch.zeros(1, dtype=torch.bool),
+                                               total=len(edited)))
         return batch
 
     def _tree_rollout(self, gen: torch.Generator, seed: int) -> Batch:
@@ -273,31 +328,42 @@ class Run:
         return batch
 
     # ----------------------------------------------------------------- update
-    def _loss(self, batch: Batch) -> tuple[dict[str, float], torch.Tensor, dict[int, tuple]]:
-        """Weighted GRPO + FlowGRPO loss of one rollout batch and the optimisers it touches."""
+    def _loss(self, batch: Batch) -> tuple[dict[str, float], torch.Tensor, dict[str, tuple], dict[str, torch.Tensor]]:
+        """Weighted GRPO + FlowGRPO loss of one rollout batch, the optimisers it touches (by policy
+        name) and each policy's part of the loss (one DeepSpeed engine backpropagates each part)."""
         metrics: dict[str, float] = {}
         loss = torch.zeros(())
-        opts: dict[int, tuple] = {}
+        opts: dict[str, tuple] = {}
+        parts: dict[str, torch.Tensor] = {}
         if self.reflector_opt is not None and batch.text_terms:
             l_text, m = self._text_loss(batch.text_terms)
-            loss = loss + self.cfg.trainer.text_loss_weight * l_text
+            parts["reflector"] = self.cfg.trainer.text_loss_weight * l_text
+            loss = loss + parts["reflector"]
             metrics.update(m)
-            opts[id(self.reflector_opt)] = (self.reflector_opt, self.reflector.trainable_parameters())
+            opts["reflector"] = (self.reflector_opt, self.reflector.trainable_parameters())
         terms = [t for t in batch.image_terms if t.policy.train and t.policy.opt is not None]
         if terms:
-            l_img, m = self._image_loss(terms)
+            l_img, m, by_policy = self._image_loss(terms)
             loss = loss + self.cfg.trainer.image_loss_weight * l_img
             metrics.update(m)
-            for p in {id(t.policy): t.policy for t in terms}.values():
-                opts[id(p.opt)] = (p.opt, [q for q in p.model.transformer.parameters() if q.requires_grad])
-        return metrics, loss, opts
+            for name, p in (("generator", self.generator), ("refiner", self.refiner)):
+                if name in by_policy:
+                    parts[name] = self.cfg.trainer.image_loss_weight * by_policy[name]
+                    opts[name] = (p.opt, [q for q in p.model.transformer.parameters() if q.requires_grad])
+        return metrics, loss, opts, parts
 
-    def _optimizer_step(self, opts: list[tuple], finite: bool) -> dict[str, float]:
-        """Clip and step every touched optimiser; a NaN/inf loss skips the step (K in a row stop the run)."""
+    def _optimizer_step(self, opts: dict[str, tuple], finite: bool) -> dict[str, float]:
+        """Clip and step every touched optimiser; a NaN/inf loss skips the step (K in a row stop the run).
+
+        Several processes: gradients are averaged first (DDP's arithmetic), or DeepSpeed's
+        engines (which already stepped at the accumulation boundary) report their norm.
+        """
+        if self.dist.distributed and sorted(opts) != sorted(set(gather(sorted(opts), self.dist))):
+            raise RuntimeError(f"rank {self.dist.rank} updated {sorted(opts)} but another rank updated others")
         if not opts:
             return {}
         if not finite:
-            for opt, _ in opts:
+            for opt, _ in opts.values():
                 opt.zero_grad(set_to_none=True)
             self.nonfinite_in_row += 1
             if self.nonfinite_in_row >= self.cfg.trainer.max_nonfinite_steps:
@@ -306,7 +372,11 @@ class Run:
             return {"train/skipped_nonfinite": 1}
         self.nonfinite_in_row = 0
         grad_norm = 0.0
-        for opt, params in opts:
+        for name, (opt, params) in opts.items():
+            if name in self.engines:
+                grad_norm += float(self.engines[name].get_global_grad_norm() or 0.0)
+                continue
+            average_gradients(params, self.dist)
             grad_norm += float(torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm))
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -350,15 +420,25 @@ class Run:
             out["kl/text"] = m["kl"]
         return loss, out
 
-    def _image_loss(self, terms: list[ImageTerm]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _image_loss(self, terms: list[ImageTerm]) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+        """FlowGRPO loss over the image terms, also split by policy.
+
+        With several processes a term is weighted by its whole group's size and the rank count,
+        so the mean of the ranks' gradients is the one-process gradient; a rank without a valid
+        sample still runs the forwards at weight 0, as ZeRO needs every rank in step.
+        """
         fg = self.cfg.flow_grpo
         total = torch.zeros(())
+        by_policy: dict[str, torch.Tensor] = {}
         kls, clips, losses = [], [], []
         for t in terms:
-            if not bool(t.valid.any()) or t.rollout.traj.states.shape[1] == 0:
+            live = bool(t.valid.any())
+            if (not live and not self.dist.distributed) or t.rollout.traj.states.shape[1] == 0:
                 continue
             pol, ro = t.policy, t.rollout
-            idx = torch.nonzero(t.valid).flatten()
+            idx = torch.nonzero(t.valid).flatten() if live else torch.zeros(1, dtype=torch.long)
+            scale = len(idx) / max(1, t.size) * self.dist.world if live else 0.0
+            name = "generator" if pol is self.generator else "refiner"
             traj = ro.traj.index(idx)
             texts = [ro.texts[i] for i in idx.tolist()]
             ref_lat = ro.ref[idx] if ro.ref is not None else None
@@ -376,7 +456,11 @@ class Run:
                     ref_prev_mean=ref_mean, std=std if ref_mean is not None else None,
                     beta=fg.beta if ref_mean is not None else 0.0, reduction=fg.logprob_reduction,
                 )
-                total = total + loss * (len(idx) / max(1, len(t.valid))) / k_steps
+                part = loss * scale / k_steps
+                total = total + part
+                by_policy[name] = by_policy[name] + part if name in by_policy else part
+                if not live:
+                    continue
                 losses.append(loss.item())
                 clips.append(m["clip_ratio"])
                 if "kl" in m:
@@ -385,7 +469,8 @@ class Run:
                "clip_ratio/image": sum(clips) / len(clips) if clips else math.nan}
         if kls:
             out["kl/image"] = sum(kls) / len(kls)
-        return total / max(1, len(terms)), out
+        n_terms = max(1, len(terms))
+        return total / n_terms, out, {name: part / n_terms for name, part in by_policy.items()}
 
 
 class _swap_transformer:
@@ -416,6 +501,11 @@ class ImageTerm:
     rollout: DiffusionRollout
     adv: torch.Tensor
     valid: torch.Tensor
+    total: int | None = None  # samples of this term on all ranks (None: these ones)
+
+    @property
+    def size(self) -> int:
+        return len(self.valid) if self.total is None else self.total
 
 
 @dataclass
@@ -485,7 +575,11 @@ def _prompts(path: str | None, split: str, n: int | None) -> list[dict]:
     return records[:n] if n else records
 
 
-def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: bool = True) -> Run:
+def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: bool = True,
+              topo: Topology | None = None) -> Run:
+    """Load the policies (every rank loads the same weights) and, with `distributed.deepspeed`
+    during training, give each trained policy its own DeepSpeed engine."""
+    topo = topo or Topology()
     quiet_libraries()
     if cfg.refiner.mode != "edit":
         raise UserError(f"refiner.mode={cfg.refiner.mode!r} is not implemented yet; expected 'edit'")
@@ -493,7 +587,7 @@ def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: boo
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     names = (cfg.reflector.model, cfg.generator.model, cfg.refiner.model)
-    world = ensure_world(cfg.world, cfg.seed).root if SHAPES_MODEL in names else None
+    world = _shapes_world(cfg, topo) if SHAPES_MODEL in names else None
     reflector = HFReflector.from_pretrained(
         _model_path(cfg.reflector.model, world, "reflector"), trust_remote_code=cfg.reflector.trust_remote_code,
         lora=lora_kwargs(**cfg.reflector.lora.model_dump()) if cfg.reflector.lora else None,
@@ -515,14 +609,55 @@ def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: boo
     refiner = _diffusion_policy(ref_cfg, _model_path(cfg.refiner.model, world, "flux"), size, fg,
                                 max_index=fg.refine_max_index)
     rc = cfg.reflector
-    return Run(
+    run = Run(
         cfg=cfg, reflector=reflector, ref_reflector=ref_reflector, reflector_opt=opt, generator=generator,
         refiner=refiner, reward=CombinedReward(cfg.rewards),
         train_prompts=_prompts(cfg.data.train_prompts, "train", None),
         eval_prompts=_prompts(eval_prompts or cfg.data.eval_prompts, "eval", cfg.data.num_eval_prompts),
         text=TextSettings(rc.temperature, rc.top_k, rc.top_p, rc.max_new_tokens),
-        rng=random.Random(cfg.seed), buffer=ImageBuffer(cfg.rollout.buffer_size),
+        rng=random.Random(cfg.seed), buffer=ImageBuffer(cfg.rollout.buffer_size), dist=topo,
     )
+    if for_training and cfg.distributed.deepspeed:
+        _attach_engines(run)
+    return run
+
+
+def _shapes_world(cfg: Config, topo: Topology) -> Path:
+    """The cached shapes world; rank 0 pretrains it while the others wait, then each node's
+    first rank (a node-local cache) and then everyone else find it."""
+    for turn in (topo.is_main, topo.local_rank == 0 and not topo.is_main, topo.local_rank != 0):
+        if turn:
+            root = ensure_world(cfg.world, cfg.seed).root
+        barrier(topo)
+    return root
+
+
+def _attach_engines(run: Run) -> None:
+    """One DeepSpeed engine per trained policy (each its own config copy and learning rate);
+    at ZeRO-3, transformers' flag makes `generate` step every rank until all are done."""
+    cfg, tc = run.cfg, run.cfg.trainer
+    configs = []
+    policies = [("reflector", run.reflector.model, cfg.reflector.lr, run.reflector_opt is not None)]
+    policies += [(name, pol.model.transformer, lr, pol.train)
+                 for name, pol, lr in (("generator", run.generator, cfg.generator.lr),
+                                       ("refiner", run.refiner, cfg.refiner.lr))]
+    for name, module, lr, trained in policies:
+        if not trained:
+            continue
+        ds = deepspeed_config(cfg.distributed.deepspeed, lr=lr, world=run.dist.world,
+                              grad_accum=tc.grad_accum, max_grad_norm=tc.max_grad_norm)
+        run.engines[name] = deepspeed_engine(module, ds)
+        configs.append(ds)
+    if run.reflector_opt is not None:
+        run.reflector_opt = run.engines["reflector"].optimizer
+    for name, pol in (("generator", run.generator), ("refiner", run.refiner)):
+        if name in run.engines:
+            pol.opt = run.engines[name].optimizer
+    zero3 = [c for c in configs if zero_stage(c) == 3]
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        run.hf_zero3 = HfDeepSpeedConfig(zero3[0])
 
 
 # --------------------------------------------------------------------------- loop
@@ -558,7 +693,29 @@ def _log_eval_images(logger: RunLogger, step: int, result: EvalResult, n: int = 
 def train(cfg: Config) -> None:
     """`r3rl train`: pretrain (shapes world, cached), then RL with evaluation and checkpoints."""
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, torch.get_num_threads())))
-    run = build_run(cfg)
+    topo = topology_from_env()
+    if cfg.distributed.deepspeed and not topo.distributed:  # DeepSpeed wants a process group even for one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if init_process_group(topo, cfg.distributed.backend, cfg.distributed.timeout_s, force=bool(cfg.distributed.deepspeed)):
+        try:
+            _train(cfg, topo)
+        finally:
+            torch.distributed.destroy_process_group()
+    else:
+        _train(cfg, topo)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(cfg: Config, topo: Topology) -> None:
+    run = build_run(cfg, topo=topo)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = 0
@@ -567,7 +724,8 @@ def train(cfg: Config) -> None:
         start = load_checkpoint(run, resume)
     tc = cfg.trainer
     first_step = start + 1 if resume is not None else 0  # rows of completed steps survive a resume
-    with RunLogger(out, total_steps=tc.max_steps, start_step=first_step) as logger, _StopRequested() as stop:
+    with RunLogger(out, total_steps=tc.max_steps, start_step=first_step, enabled=topo.is_main) as logger, \
+            _StopRequested() as stop:
         logger.save_config(cfg)
         if resume is not None:
             logger.info(f"resumed from {resume} at step {start}")
@@ -585,9 +743,10 @@ def train(cfg: Config) -> None:
             logger.log(step, row)
             failure_rate = row.get("judge/failures", 0) / max(1, cfg.rollout.group_size)
             last = step == tc.max_steps
-            if (tc.save_every and step % tc.save_every == 0) or last or stop.flag:
+            stopping = any_rank(stop.flag, topo)  # every rank saves and stops at the same step
+            if (tc.save_every and step % tc.save_every == 0) or last or stopping:
                 path = save_checkpoint(run, out, step, keep_last=tc.keep_last)
-                if stop.flag and not last:
+                if stopping and not last:
                     logger.info(f"stopped by signal at step {step}; checkpoint {path}. "
                                 f"Resume with: r3rl train <recipe> output_dir={out} resume=auto")
                     return
