@@ -32,6 +32,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sft(args: argparse.Namespace) -> int:
+    """Supervised flow matching of the recipe's refiner (in its mode) on refiner.sft.data."""
+    from r3rl.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    from r3rl.sft import run_sft
+
+    out = run_sft(cfg)
+    print(f"wrote the fine-tuned refiner to {out}; train with refiner.model={out}")
+    return 0
+
+
 def _print_metrics(metrics: dict) -> None:
     """Evaluation figures as a two-column table on stdout."""
     from rich.console import Console
@@ -124,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train from a recipe")
     _add_recipe_args(train)
     train.set_defaults(func=_cmd_train)
+
+    sft = commands.add_parser(
+        "sft", help="supervised flow matching of the refiner on (input, instruction, target[, mask]) pairs"
+    )
+    _add_recipe_args(sft)
+    sft.set_defaults(func=_cmd_sft)
 
     evaluate = commands.add_parser("eval", help="score rounds 0..N with the recipe's rewards")
     _add_recipe_args(evaluate)

@@ -149,8 +149,69 @@ class GeneratorConfig(_Section):
     )
 
 
+class RegionConfig(_Section):
+    """`refiner.mode: region` (RefineAnything): which box is refined and how it is pasted back."""
+
+    box: list[float] | None = Field(
+        None, min_length=4, max_length=4,
+        description="Default region [x0, y0, x1, y1] in canvas fractions, used when neither the reflection "
+        "(<box>x0 y0 x1 y1</box>) nor the prompt record ('region') names one (null = the whole image).",
+    )
+    margin: float = Field(0.25, ge=0.0, description="Crop margin around the box, as a fraction of its longer side.")
+    dilate_px: int = Field(1, ge=0, description="Dilation of the region mask before blurring, in pixels.")
+    blur_sigma: float = Field(0.75, ge=0.0, description="Gaussian blur of the paste mask, in pixels.")
+
+    @field_validator("box")
+    @classmethod
+    def _box(cls, box: list[float] | None) -> list[float] | None:
+        if box is not None and not (0.0 <= box[0] < box[2] <= 1.0 and 0.0 <= box[1] < box[3] <= 1.0):
+            raise PydanticCustomError("box", "expected [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1", {})
+        return box
+
+
+class RegenerateConfig(_Section):
+    """`refiner.mode: regenerate` (RvR): the semantic encoder and the shapes world's extra stage."""
+
+    append_critique: bool = Field(
+        False, description="Append the reflector's instruction to the target prompt."
+    )
+    semantic_encoder: str | None = Field(
+        None, description="A transformers VLM folder whose image tokens condition the refiner "
+        "(null = the refiner folder's own semantic_encoder/)."
+    )
+    pretrain_steps: int = Field(
+        400, ge=0, description="Shapes world: flow-matching steps of the cached regenerate stage."
+    )
+    pretrain_pairs: int = Field(1500, gt=0, description="Shapes world: rendered pairs of the regenerate stage.")
+    pretrain_lr: float = Field(5e-4, gt=0.0, description="Shapes world: learning rate of the regenerate stage.")
+
+
+class SFTConfig(_Section):
+    """`r3rl sft`: supervised flow matching of the refiner (in its mode) on JSONL pairs."""
+
+    data: str | None = Field(
+        None, description="JSONL of {instruction, target, input?, mask?, region?, prompt?}; images relative to it."
+    )
+    steps: int = Field(500, gt=0, description="Optimiser steps.")
+    batch_size: int = Field(16, gt=0, description="Pairs per step.")
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
+    boundary_weight: float = Field(
+        2.0, ge=0.0, description="Extra loss weight in the band around the mask edge (0 = plain flow matching)."
+    )
+    boundary_band_px: int = Field(2, ge=0, description="Half-width of the boundary band, in pixels.")
+    cond_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Share of pairs trained with an empty text (for CFG).")
+
+    _check_files = field_validator("data")(_existing_file)
+
+
 class RefinerConfig(GeneratorConfig):
     """The image-editing diffusion model that turns an image and an instruction into a better image."""
+
+    region: RegionConfig = Field(default_factory=RegionConfig, description="Region-mode settings.")
+    regenerate: RegenerateConfig = Field(
+        default_factory=RegenerateConfig, description="Regenerate-mode settings."
+    )
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="`r3rl sft` settings.")
 
     train: bool = Field(True, description="Train the refiner with FlowGRPO.")
     noise_level: float = Field(

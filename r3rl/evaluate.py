@@ -11,12 +11,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from r3rl.config import Config
 from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector, Reflection
+from r3rl.modes import regions
+from r3rl.modes.metrics import background_scores
 from r3rl.rewards import CombinedReward
 from r3rl.rollout import (
     SamplerSettings,
@@ -62,6 +65,7 @@ def evaluate_rounds(
     captions: list[list[str]] = [[m["prompt"] for m in metas] for _ in range(rounds + 1)]
     stopped_at = torch.full((n,), rounds)
     reflections: list[list[Reflection | None]] = [[None] * n for _ in range(rounds + 1)]
+    background: list[list[tuple[float, float]]] = [[] for _ in range(rounds + 1)]
     for start in range(0, n, batch_size):
         sl = slice(start, min(n, start + batch_size))
         batch = metas[sl]
@@ -75,10 +79,15 @@ def evaluate_rounds(
         for k in range(1, rounds + 1):
             new_scores = cur_scores.clone()
             if active:
-                refl, edited, _, out, s = reflect_and_refine(
-                    reflector, refiner, reward, [batch[i] for i in active], [cur[i] for i in active],
+                inputs = [cur[i] for i in active]
+                refl, edited, ro, out, s = reflect_and_refine(
+                    reflector, refiner, reward, [batch[i] for i in active], inputs,
                     cur_scores[active], text, settings, train_refiner=False, generator=g, seed=seed + 7919 * k + start,
                 )
+                if ro is not None:  # region preservation (RefineEval's MSE_bg / SSIM_bg) of refined samples
+                    metas_e = [batch[active[j]] for j in edited]
+                    background[k] += background_scores([inputs[j] for j in edited], [out[j] for j in edited],
+                                                       regions(ro.texts, metas_e))
                 for j, i in enumerate(active):
                     captions[k][start + i] = f"{batch[i]['prompt']} | {refl[j].text}"
                     reflections[k][start + i] = refl[j]
@@ -100,6 +109,11 @@ def evaluate_rounds(
             metrics[f"eval/round{k}_worse"] = float((d < 0).float().mean())
             metrics[f"eval/round{k}_unchanged"] = float((d == 0).float().mean())
     metrics["eval/final_mean"] = nanmean(scores[rounds])
+    for k, pairs in enumerate(background):
+        if pairs:
+            metrics[f"eval/round{k}_mse_bg"], metrics[f"eval/round{k}_ssim_bg"] = map(float, np.mean(pairs, axis=0))
+    if any(background):
+        metrics["eval/mse_bg"], metrics["eval/ssim_bg"] = map(float, np.mean([p for pairs in background for p in pairs], axis=0))
     metrics["eval/mean_rounds_used"] = float(stopped_at.float().mean())
     by_tag: dict[str, list[float]] = defaultdict(list)
     for i, m in enumerate(metas):

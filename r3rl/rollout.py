@@ -18,6 +18,7 @@ from r3rl.algos.flow_grpo import select_train_timesteps, sigma_schedule
 from r3rl.distributed import Topology, gather
 from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector, Reflection
+from r3rl.modes import refiner_texts, regions
 from r3rl.rewards import CombinedReward
 from r3rl.sampling import SDEConfig, Trajectory, sample
 
@@ -61,8 +62,10 @@ class Scored:
     latency_s: dict[str, float]
 
 
-def score(reward: CombinedReward, metas: list[dict], images: list[Image.Image], texts: list[str] | None = None) -> Scored:
-    kwargs = {"completions": texts} if texts is not None else {}
+def score(reward: CombinedReward, metas: list[dict], images: list[Image.Image], texts: list[str] | None = None,
+          **extra) -> Scored:
+    """`extra` keyword arguments reach the rewards that accept them (e.g. input_images, regions)."""
+    kwargs = {"completions": texts, **extra} if texts is not None else extra
     res = reward([m["prompt"] for m in metas], images, metas, **kwargs)
     total = torch.tensor([math.nan if r is None else float(r) for r in res.total])
     return Scored(total, res.components, res.failures, res.latency_s)
@@ -180,14 +183,17 @@ def reflect_and_refine(
     latency: dict[str, float] = {}
     rollout = None
     if edits:
-        texts = [instructions[j] for j in edits]
+        group_metas = gather(metas, topo)
+        texts = refiner_texts(refiner, [group_metas[j] for j in edits], [instructions[j] for j in edits])  # per refiner.mode
         refs = [images[0]] * len(edits)  # only the kept rows are encoded
         for j, i in zip(mine, edited):
             refs[j] = images[i]
         keep = torch.tensor(mine or [0]) if topo.distributed else None
         rollout = run_diffusion(refiner, texts, refs, diffusion, train=train_refiner, generator=generator, keep=keep)
     if edited:
-        s = score(reward, [metas[i] for i in edited], rollout.images, [refl[i].text for i in edited])
+        metas_e, inputs = [metas[i] for i in edited], [images[i] for i in edited]
+        s = score(reward, metas_e, rollout.images, [refl[i].text for i in edited], input_images=inputs,
+                  regions=regions(rollout.texts, metas_e))
         for j, i in enumerate(edited):
             out[i] = rollout.images[j]
             total[i] = s.total[j]

@@ -50,6 +50,7 @@ from r3rl.models.flux import FluxModel
 from r3rl.models.lora import BaseView, add_lora
 from r3rl.models.reflector import HFReflector, Reflection, lora_kwargs
 from r3rl.models.registry import load_flow_model
+from r3rl.modes import refiner_folder, wrap_refiner
 from r3rl.rewards import CombinedReward
 from r3rl.rollout import (
     PERFECT,
@@ -581,8 +582,8 @@ def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: boo
     during training, give each trained policy its own DeepSpeed engine."""
     topo = topo or Topology()
     quiet_libraries()
-    if cfg.refiner.mode != "edit":
-        raise UserError(f"refiner.mode={cfg.refiner.mode!r} is not implemented yet; expected 'edit'")
+    if cfg.refiner.mode != "edit" and cfg.rollout.credit == "tree":
+        raise UserError(f"refiner.mode={cfg.refiner.mode!r} needs rollout.credit='r3'; tree credit refines in 'edit' mode only")
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -606,8 +607,9 @@ def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: boo
     ref_cfg = cfg.refiner.model_copy(update={"train": for_training and cfg.refiner.train})
     size = cfg.world.image_size
     generator = _diffusion_policy(gen_cfg, _model_path(cfg.generator.model, world, "flux"), size, fg, max_index=None)
-    refiner = _diffusion_policy(ref_cfg, _model_path(cfg.refiner.model, world, "flux"), size, fg,
-                                max_index=fg.refine_max_index)
+    ref_path = refiner_folder(cfg.refiner, _model_path(cfg.refiner.model, world, "flux"), world, size, cfg.seed)
+    refiner = _diffusion_policy(ref_cfg, ref_path, size, fg, max_index=fg.refine_max_index)
+    refiner.model = wrap_refiner(refiner.model, cfg.refiner, ref_path)  # refiner.mode: edit | regenerate | region
     rc = cfg.reflector
     run = Run(
         cfg=cfg, reflector=reflector, ref_reflector=ref_reflector, reflector_opt=opt, generator=generator,

@@ -119,13 +119,6 @@ def test_gradient_accumulation_runs_k_rollouts_per_optimizer_step(recipe: Path, 
     assert steps == {1}  # ... and the optimiser stepped once
 
 
-def test_unimplemented_refiner_mode_is_a_clear_user_error(recipe: Path, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "r3rl.cli", "train", str(recipe), f"output_dir={tmp_path}",
-                           "refiner.mode=region"], check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["r3rl: error: refiner.mode='region' is not implemented yet; expected 'edit'"]
-
-
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(recipe: Path, tmp_path: Path) -> None:
     import signal
     import time

@@ -1,0 +1,109 @@
+"""`r3rl sft`: the boundary-consistency loss by hand, and the real CLI on a tiny world."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from r3rl.sft import boundary_band, boundary_weights, token_weights, weighted_flow_loss
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_boundary_band_is_dilation_minus_erosion() -> None:
+    mask = np.zeros((6, 6), bool)
+    mask[2:4, 2:4] = True
+    band = boundary_band(mask, 1)
+    expected = np.zeros((6, 6), bool)
+    expected[1:5, 2:4] = expected[2:4, 1:5] = True  # the block grown by the 4-neighbour cross; erosion empties it
+    assert (band == expected).all()
+    big = np.zeros((8, 8), bool)
+    big[1:7, 1:7] = True
+    inner = boundary_band(big, 1)
+    assert not inner[3:5, 3:5].any() and inner[1, 3] and inner[0, 3] and not inner[0, 0]
+    assert not boundary_band(mask, 0).any()
+
+
+def test_boundary_weights_add_the_weight_in_the_band_only() -> None:
+    mask = np.zeros((6, 6), bool)
+    mask[2:4, 2:4] = True
+    w = boundary_weights(mask, 1, 3.0)
+    assert w[2, 2] == 4.0 and w[1, 2] == 4.0 and w[0, 0] == 1.0 and w[1, 1] == 1.0
+
+
+def test_token_weights_average_pixels_over_each_token() -> None:
+    pix = torch.tensor([[[1.0, 3.0, 1.0, 1.0], [1.0, 3.0, 1.0, 1.0], [5.0, 5.0, 2.0, 2.0], [5.0, 5.0, 2.0, 4.0]]])
+    assert token_weights(pix, 2).tolist() == [[2.0, 1.0, 5.0, 2.5]]
+
+
+def test_weighted_flow_loss_by_hand() -> None:
+    pred = torch.tensor([[[1.0, 1.0], [2.0, 0.0]]])  # per-token squared errors: mean(1, 1) = 1, mean(4, 0) = 2
+    target = torch.zeros(1, 2, 2)
+    assert weighted_flow_loss(pred, target, None).item() == pytest.approx(1.5)
+    assert weighted_flow_loss(pred, target, torch.tensor([[1.0, 3.0]])).item() == pytest.approx((1 * 1 + 3 * 2) / 4)
+
+
+@pytest.fixture(scope="module")
+def sft_setup(tmp_path_factory) -> Path:
+    """A tiny-world recipe and a JSONL of rendered (flawed, instruction, fixed, region) pairs."""
+    from r3rl.shapes.prompts import split_prompts
+    from r3rl.shapes.scene import make_edit_pair, render
+
+    root = tmp_path_factory.mktemp("sft")
+    rng = random.Random(0)
+    train, _ = split_prompts()
+    lines = []
+    for i in range(6):
+        meta = rng.choice(train)
+        flawed, instruction, fixed = make_edit_pair(meta, rng)
+        render(flawed, 32).save(root / f"in{i}.png")
+        render(fixed, 32).save(root / f"out{i}.png")
+        lines.append({"input": f"in{i}.png", "instruction": instruction, "target": f"out{i}.png",
+                      "prompt": meta["prompt"], "region": [0.0, 0.0, 0.5, 1.0]})
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(f"""
+output_dir: {root / 'run'}
+world: {{pretrain_vae_steps: 2, pretrain_diffusion_steps: 2, pretrain_pairs: 8, pretrain_reflector_steps: 2,
+        reflector_sft_examples: 8, pretrain_batch_size: 4, cache_dir: {root / 'cache'}}}
+refiner: {{sft: {{data: {root / 'pairs.jsonl'}, steps: 3, batch_size: 4}}, regenerate: {{pretrain_steps: 2, pretrain_pairs: 8}}}}
+rewards: [{{name: "{FIXTURES / 'noisy_reward.py'}:noisy_reward"}}]
+""")
+    return recipe
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "r3rl.cli", *args], check=False, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("mode", ["edit", "region", "regenerate"])
+def test_sft_fine_tunes_the_refiner_in_each_mode(sft_setup, tmp_path: Path, mode: str, one_thread) -> None:
+    from r3rl.config import load_config
+    from r3rl.models.flux import FluxModel
+    from r3rl.sft import run_sft
+
+    recipe = sft_setup
+    out = run_sft(load_config(recipe, [f"output_dir={tmp_path}", f"refiner.mode={mode}"]))
+    assert out == tmp_path / "sft" / "refiner"
+    stats = json.loads((out / "sft.json").read_text())
+    assert stats["pairs"] == 6 and stats["steps"] == 3 and np.isfinite(stats["last_loss"])
+    FluxModel.from_pretrained(out, image_size=32)  # a refiner folder `refiner.model` can point at
+    assert (out / "semantic_projection").exists() == (mode == "regenerate")
+
+
+def test_sft_bad_pair_line_is_a_one_line_user_error(sft_setup, tmp_path: Path) -> None:
+    recipe = sft_setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "add a red circle", "target": "out0.png"}\n{"instruction": 3}\n')
+    proc = _cli("sft", str(recipe), f"output_dir={tmp_path}", f"refiner.sft.data={bad}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"r3rl: error: {bad}:1: image not found: {tmp_path / 'out0.png'}"
+    assert not (tmp_path / "sft").exists()
