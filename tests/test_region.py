@@ -94,3 +94,14 @@ def test_region_refiner_leaves_pixels_outside_the_soft_mask_bit_identical(tiny_f
         assert (a[alpha == 0] == b[alpha == 0]).all()
         assert (a[alpha == 1] != b[alpha == 1]).any()  # ... and the region itself was refined
         assert (alpha > 0).sum() < 0.6 * alpha.size
+
+
+def test_a_reflection_may_name_its_region_and_the_old_format_still_parses() -> None:
+    from r3rl.models.reflector import parse_reflection
+
+    assert parse_reflection("<think>see 2 circle</think> <box>0.1 0.2 0.5 0.6</box> remove the red circle") == (
+        "<box>0.1 0.2 0.5 0.6</box> remove the red circle", True)
+    assert parse_reflection("<think>ok</think> <box>0.1 0.2 0.5 0.6</box> no further edit needed") == (None, True)
+    assert parse_reflection("<think>ok</think> <box>0.1 0.2 0.5 0.6</box>") == (None, True)
+    assert parse_reflection("<think>want red</think> make the blue circle red") == ("make the blue circle red", True)
+    assert parse_reflection("no tags") == (None, False)

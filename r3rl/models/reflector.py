@@ -34,6 +34,7 @@ from transformers import (
 from transformers.models.auto.processing_auto import processor_class_from_name
 
 from r3rl.algos.grpo import token_logprobs
+from r3rl.modes.region import split_box
 
 REFLECTION_PROMPT = (
     "The target description is: {prompt}. How should the provided image be edited to match it? "
@@ -82,13 +83,16 @@ def parse_reflection(text: str) -> tuple[str | None, bool]:
 
     The instruction is the text after the last `</think>`; a missing tag, an empty
     instruction and "no further edit needed" all mean stop. format_ok holds only for the
-    exact shape `<think>reasoning</think> instruction`.
+    exact shape `<think>reasoning</think> instruction`. The instruction may name the region
+    it applies to, `<box>x0 y0 x1 y1</box>` in canvas fractions; the box stays in the
+    instruction (region mode reads it) and a box alone or with the stop phrase is a stop.
     """
     if THINK_CLOSE not in text:
         return None, False
     instruction = text.rsplit(THINK_CLOSE, 1)[1].strip()
     format_ok = _format_ok(text)
-    if not instruction or _words(instruction) == _words(STOP):
+    words = _words(split_box(instruction)[0])
+    if not words or words == _words(STOP):
         return None, format_ok
     return instruction, format_ok
 
