@@ -110,6 +110,21 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_rewards(args: argparse.Namespace) -> int:
+    """Host the rewards of a recipe over HTTP (JSON, bearer token) for other nodes."""
+    from r3rl.reward_server import serve
+
+    serve(
+        args.recipe,
+        host=args.host,
+        port=args.port,
+        token_env=args.token_env,
+        max_body_mb=args.max_request_mb,
+        max_batch=args.max_batch,
+    )
+    return 0
+
+
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     """RECIPE and the dotted overrides that follow it."""
     parser.add_argument(
@@ -210,6 +225,30 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--out", required=True, metavar="FILE", help="JSONL file to write")
     shapes.set_defaults(func=_cmd_data_shapes)
+
+    serve_rewards = commands.add_parser(
+        "serve-rewards", help="host a recipe's rewards over HTTP (JSON, bearer token) for other nodes"
+    )
+    serve_rewards.add_argument(
+        "recipe", metavar="RECIPE", help="YAML recipe, or a YAML file with only a 'rewards' list"
+    )
+    serve_rewards.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    serve_rewards.add_argument("--port", type=int, default=8750)
+    serve_rewards.add_argument(
+        "--token-env",
+        default="R3RL_REWARD_TOKEN",
+        metavar="NAME",
+        help="environment variable holding the bearer token callers must send",
+    )
+    serve_rewards.add_argument(
+        "--max-request-mb", type=float, default=64.0, metavar="MB", help="largest request body"
+    )
+    serve_rewards.add_argument(
+        "--max-batch", type=int, default=256, metavar="N", help="most samples in one request"
+    )
+    serve_rewards.set_defaults(func=_cmd_serve_rewards)
     return parser
 
 
