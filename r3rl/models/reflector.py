@@ -7,7 +7,7 @@ the same log-probs recomputed (with grad) by one teacher-forced forward. Both go
 `r3rl.algos.grpo.token_logprobs` semantics, so ratios start at exactly 1 (R3's bug was
 behaviour log-probs taken at temperature 1 without the top-p filter used for sampling).
 Nothing here is specific to a model family: whatever `AutoModelForImageTextToText` and
-`AutoProcessor` load works (Qwen2/2.5/3-VL, LLaVA, ...).
+`AutoProcessor` load works (tested: Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA).
 """
 
 from __future__ import annotations
@@ -55,9 +55,16 @@ _NEUTRAL_WARPERS = {"typical_p": 1.0, "min_p": 0.0, "epsilon_cutoff": 0.0, "eta_
 LM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def lora_kwargs(r: int, alpha: int, dropout: float = 0.0, target_modules: list[str] | None = None) -> dict:
+def lora_kwargs(
+    r: int, alpha: int, dropout: float = 0.0, target_modules: list[str] | None = None
+) -> dict:
     """A recipe's `reflector.lora` section as peft `LoraConfig` keyword arguments."""
-    return {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": target_modules or LM_LORA_TARGETS}
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": target_modules or LM_LORA_TARGETS,
+    }
 
 
 def _words(text: str) -> str:
@@ -149,6 +156,20 @@ def load_processor(path: str | Path, *, trust_remote_code: bool = False) -> Proc
         return image_only_processor(cls).from_pretrained(path)
 
 
+def end_of_turn_id(processor: ProcessorMixin) -> int:
+    """The token the chat template closes an assistant turn with (Qwen's <|im_end|>, Gemma's
+    <end_of_turn>), which is often not eos; eos where the template shows no special token there."""
+    tokenizer, mark = processor.tokenizer, "reflection"
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "x"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": mark}]},
+    ]
+    rendered = processor.apply_chat_template(messages, tokenize=False)
+    after = tokenizer(rendered.rsplit(mark, 1)[-1], add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return after[0] if after and after[0] in special else tokenizer.eos_token_id
+
+
 @contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode for generation (KV cache on even with gradient checkpointing), then restore."""
@@ -177,18 +198,21 @@ class HFReflector:
     def __init__(self, model: torch.nn.Module, processor: ProcessorMixin) -> None:
         self.model, self.processor = model, processor
         self.tokenizer = processor.tokenizer
-        vocab = self.tokenizer.get_vocab()
-        # chat models end a turn with <|im_end|> (Qwen) even where eos is <|endoftext|>
-        self.end_id = vocab.get("<|im_end|>", self.tokenizer.eos_token_id)
+        self.end_id = end_of_turn_id(processor)
         gen_eos = model.generation_config.eos_token_id
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.stop_ids = sorted({self.end_id, self.tokenizer.eos_token_id, *gen_eos} - {None})
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.end_id if pad is None else pad
         # image/video placeholders are banned from completions: re-scored, they would be taken
-        # for image slots (and the forward would fail)
+        # for image slots (and the forward would fail). The processor's may differ from the
+        # model's (Gemma 3 writes <start_of_image>, the model fills <image_soft_token>): both.
+        vocab = self.tokenizer.get_vocab()
         placeholders = [getattr(processor, name, None) for name in ("image_token", "video_token")]
-        self.banned_ids = sorted({vocab[t] for t in placeholders if t in vocab})
+        slots = [getattr(model.config, name, None) for name in ("image_token_id", "video_token_id")]
+        self.banned_ids = sorted(
+            {vocab[t] for t in placeholders if t in vocab} | {i for i in slots if i is not None}
+        )
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -220,8 +244,8 @@ class HFReflector:
             model = get_peft_model(model, LoraConfig(**lora))
         model.to(device)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
         return cls(model, load_processor(path, trust_remote_code=trust_remote_code))
 
@@ -263,7 +287,11 @@ class HFReflector:
             messages, add_generation_prompt=True, tokenize=False
         )
         inputs = self.processor(
-            text=texts, images=list(images), padding=True, padding_side="left", return_tensors="pt"
+            text=texts,
+            images=[[im] for im in images],
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
         )
         return {k: v.to(self.device) for k, v in inputs.items() if torch.is_tensor(v)}
 
