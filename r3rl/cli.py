@@ -26,7 +26,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from r3rl.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
-    from r3rl.trainer import train
+    if cfg.rollout.credit == "text":
+        from r3rl.text_grpo import train_text as train
+    else:
+        from r3rl.trainer import train
 
     train(cfg)
     return 0

@@ -254,10 +254,15 @@ class FlowGRPOConfig(_Section):
 class RolloutConfig(_Section):
     """How episodes are sampled and how credit is assigned."""
 
-    credit: Literal["r3", "tree"] = Field(
-        "r3", description="R3's alternating generate/refine steps, or tree credit."
+    credit: Literal["r3", "tree", "text"] = Field(
+        "r3",
+        description="R3's alternating generate/refine steps, tree credit, or plain GRPO on a "
+        "text-only causal LM (`reflector.model`, no images).",
     )
     group_size: int = Field(8, ge=2, description="Samples per group (GRPO needs at least 2).")
+    prompts_per_step: int = Field(
+        1, ge=1, description="credit=text: groups (prompts) per optimiser step."
+    )
     max_rounds: int = Field(2, ge=1, description="Reflect-refine rounds per episode in training.")
     tree_k: int = Field(2, ge=1, description="Reflections sampled per tree node.")
     tree_m: int = Field(2, ge=1, description="Refinements sampled per reflection.")
