@@ -119,6 +119,8 @@ def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
         _write_rest(run, tmp, final, step, optim, torch_states)
         for _, old in _checkpoints(out)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp-step-*"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
     barrier(topo)
     return final
 
