@@ -32,6 +32,7 @@ from r3rl.judges import (
     HttpPool,
     JudgeStats,
     geneval_questions,
+    image_data_url,
     parse_json,
     parse_score,
     user_message,
@@ -111,16 +112,17 @@ class VLMJudge:
     def stats(self) -> JudgeStats:
         return self.client.pool.stats
 
-    def _ask(self, text: str, image: Image.Image) -> list[dict]:
-        return [user_message(text, [image], self.image_format)]
+    def _urls(self, images: Sequence[Image.Image]) -> list[str]:
+        return [image_data_url(im, self.image_format) for im in images]
 
     async def _yes_no(
         self, images: Sequence[Image.Image], metadata: Sequence[dict]
     ) -> list[float | None]:
         questions = [geneval_questions(m) for m in metadata]
         flat = [(i, q) for i, qs in enumerate(questions) for q in qs]
+        urls = self._urls(images)
         answers = await self.client.ask_many(
-            [self._ask(YES_NO_PROMPT.format(question=q.text), images[i]) for i, q in flat],
+            [[user_message(YES_NO_PROMPT.format(question=q.text), [urls[i]])] for i, q in flat],
             max_tokens=self.max_tokens,
             top_logprobs=self.top_logprobs,
         )
@@ -141,10 +143,11 @@ class VLMJudge:
         if self.mode == "json":
             schema = {"name": "rating", "schema": Rating.model_json_schema(), "strict": True}
             response_format = {"type": "json_schema", "json_schema": schema}
+        low, high = _num(self.low), _num(self.high)
         answers = await self.client.ask_many(
             [
-                self._ask(template.format(prompt=p, low=_num(self.low), high=_num(self.high)), im)
-                for p, im in zip(prompts, images)
+                [user_message(template.format(prompt=p, low=low, high=high), [url])]
+                for p, url in zip(prompts, self._urls(images))
             ],
             max_tokens=self.max_tokens,
             response_format=response_format,

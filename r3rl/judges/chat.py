@@ -43,11 +43,10 @@ def image_data_url(image: Image.Image, fmt: str = "png") -> str:
     return f"data:image/{_format(fmt)};base64,{encode_image(image, fmt)}"
 
 
-def user_message(text: str, images: Sequence[Image.Image] = (), fmt: str = "png") -> dict:
-    """One user turn: the images first, then the question (the order Qwen-VL judges are trained on)."""
-    parts: list[dict[str, Any]] = [
-        {"type": "image_url", "image_url": {"url": image_data_url(im, fmt)}} for im in images
-    ]
+def user_message(text: str, image_urls: Sequence[str] = ()) -> dict:
+    """One user turn: the images (data URLs, encoded once per image however many questions ask
+    about it) first, then the question, the order Qwen-VL judges are trained on."""
+    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
     parts.append({"type": "text", "text": text})
     return {"role": "user", "content": parts}
 
