@@ -79,7 +79,13 @@ def _decode_image(data: str, i: int) -> Image.Image:
         raw = base64.b64decode(data, validate=True)
         image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
         image.load()
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+    except (
+        binascii.Error,
+        ValueError,
+        UnidentifiedImageError,
+        OSError,
+        Image.DecompressionBombError,
+    ) as e:
         raise _Reject(400, f"images[{i}] is not a base64 PNG, JPEG or WebP image ({e})") from None
     return image.convert("RGB")
 
@@ -87,7 +93,9 @@ def _decode_image(data: str, i: int) -> Image.Image:
 class _App:
     """The request handlers, holding the rewards and the limits."""
 
-    def __init__(self, rewards: Mapping[str, RewardFn], token: str, max_body_bytes: int, max_batch: int):
+    def __init__(
+        self, rewards: Mapping[str, RewardFn], token: str, max_body_bytes: int, max_batch: int
+    ):
         self.rewards = dict(rewards)
         self.token = token.encode()
         self.max_body_bytes = max_body_bytes
@@ -101,10 +109,12 @@ class _App:
             raise _Reject(401, "wrong bearer token")
 
     async def _body(self, request: Request) -> bytes:
-        """The body, refusing it (413) as soon as it passes the cap, whatever Content-Length says."""
+        """The body, refused (413) as soon as it passes the cap, whatever Content-Length says."""
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise _Reject(413, f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes}")
+            raise _Reject(
+                413, f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes}"
+            )
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -118,10 +128,14 @@ class _App:
         try:
             data = json.loads(body)  # bytes of any other format (pickle included) fail here
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _Reject(400, f"body is not valid JSON ({e}); this server speaks JSON only") from None
+            raise _Reject(
+                400, f"body is not valid JSON ({e}); this server speaks JSON only"
+            ) from None
         prompts = data.get("prompts") if isinstance(data, dict) else None
         if isinstance(prompts, list) and len(prompts) > self.max_batch:
-            raise _Reject(413, f"batch of {len(prompts)} samples exceeds the limit of {self.max_batch}")
+            raise _Reject(
+                413, f"batch of {len(prompts)} samples exceeds the limit of {self.max_batch}"
+            )
         try:
             return ScoreRequest.model_validate(data)
         except ValidationError as e:
@@ -154,7 +168,9 @@ class _App:
         try:
             self._check_token(request)
         except _Reject as e:
-            return JSONResponse({"error": str(e)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return JSONResponse(
+                {"error": str(e)}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+            )
         return JSONResponse({"rewards": list(self.rewards)})
 
     async def health(self, request: Request) -> JSONResponse:
@@ -162,7 +178,11 @@ class _App:
 
 
 def create_app(
-    rewards: Mapping[str, RewardFn], token: str, *, max_body_bytes: int = 64 << 20, max_batch: int = 256
+    rewards: Mapping[str, RewardFn],
+    token: str,
+    *,
+    max_body_bytes: int = 64 << 20,
+    max_batch: int = 256,
 ) -> Starlette:
     """The ASGI app; `serve` runs it with uvicorn, tests may mount it anywhere."""
     if not token:
@@ -178,7 +198,7 @@ def create_app(
 
 
 def load_rewards(path: str | Path) -> dict[str, RewardFn]:
-    """The `rewards:` list of a recipe (or of a YAML file holding only that list), loaded by name."""
+    """The `rewards:` list of a recipe (or of a YAML file with only that list), loaded."""
     from r3rl.config import RewardSpec
 
     path = Path(path)
@@ -187,7 +207,9 @@ def load_rewards(path: str | Path) -> dict[str, RewardFn]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config error: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(
+            f"config error: {path} is not valid YAML ({str(e).splitlines()[0]})"
+        ) from None
     raw = data.get("rewards") if isinstance(data, dict) else None
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"config error: {path} has no 'rewards' list to serve")
@@ -214,8 +236,15 @@ def serve(
 
     token = os.environ.get(token_env, "")
     if not token:
-        raise UserError(f"set {token_env} to a secret token; callers send it as 'Authorization: Bearer <token>'")
+        raise UserError(
+            f"set {token_env} to a secret token; callers send it as 'Authorization: Bearer <token>'"
+        )
     rewards = load_rewards(path)
-    app = create_app(rewards, token, max_body_bytes=int(max_body_mb * (1 << 20)), max_batch=max_batch)
-    print(f"serving rewards {', '.join(rewards)} on http://{host}:{port} (token from ${token_env})", flush=True)
+    app = create_app(
+        rewards, token, max_body_bytes=int(max_body_mb * (1 << 20)), max_batch=max_batch
+    )
+    print(
+        f"serving rewards {', '.join(rewards)} on http://{host}:{port} (token from ${token_env})",
+        flush=True,
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning")

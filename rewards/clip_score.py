@@ -40,7 +40,9 @@ class ClipScore:
                 raise UserError(f"{type(self).__name__.lower()}: model folder not found: {path}")
         self.model_path = model_path
         self.processor_path = processor_path or model_path
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = (
+            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        )
         self.dtype = getattr(torch, dtype)
         self.batch_size = batch_size
 
@@ -54,9 +56,15 @@ class ClipScore:
     @torch.no_grad()
     def _batch(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> list[float]:
         text = self.tokenizer(
-            list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(prompts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
-        pixels = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        pixels = self.image_processor(
+            images=[im.convert("RGB") for im in images], return_tensors="pt"
+        )
         out = self.model(
             input_ids=text["input_ids"].to(self.device),
             attention_mask=text["attention_mask"].to(self.device),
@@ -68,7 +76,11 @@ class ClipScore:
         self, prompts: Sequence[str], images: Sequence[Image.Image], metadata: Sequence[dict]
     ) -> list[float]:
         n = self.batch_size
-        return [s for i in range(0, len(prompts), n) for s in self._batch(prompts[i : i + n], images[i : i + n])]
+        return [
+            s
+            for i in range(0, len(prompts), n)
+            for s in self._batch(prompts[i : i + n], images[i : i + n])
+        ]
 
 
 class PickScore(ClipScore):

@@ -60,7 +60,10 @@ class GenEval:
             "",
             [
                 {
-                    "images": [encode_image(im, self.image_format) for im in images[s : s + self.batch_size]],
+                    "images": [
+                        encode_image(im, self.image_format)
+                        for im in images[s : s + self.batch_size]
+                    ],
                     "meta_datas": records[s : s + self.batch_size],
                     "only_strict": not self.partial_credit,
                 }

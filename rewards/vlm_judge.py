@@ -89,7 +89,9 @@ class VLMJudge:
         backoff_max_s: float = 8.0,
     ) -> None:
         if mode not in MODES:
-            raise UserError(f"vlm_judge mode={mode!r} is invalid: expected one of {', '.join(MODES)}")
+            raise UserError(
+                f"vlm_judge mode={mode!r} is invalid: expected one of {', '.join(MODES)}"
+            )
         if not max_score > min_score:
             raise UserError(f"vlm_judge needs max_score > min_score; got {min_score}, {max_score}")
         pool = HttpPool(
@@ -137,7 +139,9 @@ class VLMJudge:
             for ps in per_sample
         ]
 
-    async def _rated(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> list[float | None]:
+    async def _rated(
+        self, prompts: Sequence[str], images: Sequence[Image.Image]
+    ) -> list[float | None]:
         template = SCORE_PROMPT if self.mode == "score" else JSON_PROMPT
         response_format = None
         if self.mode == "json":

@@ -30,13 +30,19 @@ P_YES = 0.8
 
 def chat_body(text: str, logprobs: bool) -> dict:
     """An OpenAI chat completion, with vLLM-style top_logprobs on the first token if asked."""
-    choice: dict = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+    choice: dict = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": "stop",
+    }
     if logprobs:
         alternatives = [
             {"token": "Yes", "logprob": math.log(P_YES)},
             {"token": " no", "logprob": math.log(1 - P_YES)},
         ]
-        choice["logprobs"] = {"content": [{"token": "Yes", "logprob": math.log(P_YES), "top_logprobs": alternatives}]}
+        choice["logprobs"] = {
+            "content": [{"token": "Yes", "logprob": math.log(P_YES), "top_logprobs": alternatives}]
+        }
     return {"id": "x", "object": "chat.completion", "choices": [choice]}
 
 
@@ -104,10 +110,14 @@ class Handler(BaseHTTPRequestHandler):
         elif mode == "notchat":
             self._send(200, b'{"unexpected": true}')
         elif mode == "ramble":
-            self._send(200, json.dumps(chat_body("I cannot tell from this picture.", False)).encode())
+            self._send(
+                200, json.dumps(chat_body("I cannot tell from this picture.", False)).encode()
+            )
         elif mode == "flaky":  # two 500s, then answers
             ok = hit > 2
-            self._send(200 if ok else 500, json.dumps(chat_body("Yes", True)).encode() if ok else b"{}")
+            self._send(
+                200 if ok else 500, json.dumps(chat_body("Yes", True)).encode() if ok else b"{}"
+            )
         elif mode == "slow":  # a healthy but slow judge: 200 ms per answer
             time.sleep(0.2)
             self._send(200, json.dumps(chat_body("Yes", True)).encode())
@@ -136,14 +146,24 @@ def _reset(server: FaultServer) -> None:
 
 
 IMAGE = Image.new("RGB", (32, 32), "white")
-RECORD = {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"}
+RECORD = {
+    "tag": "single_object",
+    "include": [{"class": "circle", "count": 1}],
+    "prompt": "a photo of a circle",
+}
 
 
 def judge(server: FaultServer, mode: str | list[str], **args):
     urls = [f"{server.url}/{m}/v1" for m in ([mode] if isinstance(mode, str) else mode)]
     base = urls[0] if len(urls) == 1 else urls
-    args = {"api_key_env": None, "timeout_s": 2.0, "max_retries": 2, "backoff_s": 0.05,
-            "backoff_max_s": 0.2, **args}
+    args = {
+        "api_key_env": None,
+        "timeout_s": 2.0,
+        "max_retries": 2,
+        "backoff_s": 0.05,
+        "backoff_max_s": 0.2,
+        **args,
+    }
     return load_reward("vlm_judge", base_url=base, model="judge", **args)
 
 
@@ -189,7 +209,9 @@ def test_a_hanging_server_costs_at_most_the_timeout_per_attempt(server: FaultSer
 
 
 @pytest.mark.parametrize("mode", ["close", "garbage"])
-def test_dropped_connections_and_non_json_bodies_are_retried_then_none(server: FaultServer, mode: str) -> None:
+def test_dropped_connections_and_non_json_bodies_are_retried_then_none(
+    server: FaultServer, mode: str
+) -> None:
     fn = judge(server, mode)
     scores, elapsed = timed(fn)
     pool: HttpPool = fn._fn.client.pool
@@ -199,12 +221,16 @@ def test_dropped_connections_and_non_json_bodies_are_retried_then_none(server: F
 
 
 @pytest.mark.parametrize("mode", ["notchat", "ramble"])
-def test_unreadable_answers_are_none_counted_and_not_retried(server: FaultServer, mode: str) -> None:
+def test_unreadable_answers_are_none_counted_and_not_retried(
+    server: FaultServer, mode: str
+) -> None:
     fn = judge(server, mode)
     scores, _ = timed(fn)
     stats = fn._fn.stats
     assert scores == [None, None, None]
-    assert server.hits[mode] == 3  # an answer arrived: asking again at temperature 0 would repeat it
+    assert (
+        server.hits[mode] == 3
+    )  # an answer arrived: asking again at temperature 0 would repeat it
     assert (stats.failures, stats.unparseable) == (0, 3)
 
 
@@ -243,7 +269,9 @@ def test_concurrency_cap_holds(server: FaultServer) -> None:
     assert elapsed >= 3 * 0.2  # three waves of two
 
 
-def test_api_key_comes_from_the_environment(server: FaultServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_key_comes_from_the_environment(
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("JUDGE_KEY_FOR_TEST", "s3cret")
     fn = judge(server, "ok", api_key_env="JUDGE_KEY_FOR_TEST")
     timed(fn, n=1)
@@ -262,10 +290,12 @@ def test_a_failing_judge_never_raises_out_of_the_training_reward(server: FaultSe
     """What a training step calls: the combined reward masks and counts, it does not raise."""
     judge_args = {"model": "judge", "timeout_s": 0.3, "max_retries": 1, "backoff_s": 0.05}
     for mode in ("500", "hang", "close", "garbage", "notchat"):
-        reward = CombinedReward([
-            Spec("shapes_geneval"),
-            Spec("vlm_judge", {"base_url": f"{server.url}/{mode}/v1", **judge_args}),
-        ])
+        reward = CombinedReward(
+            [
+                Spec("shapes_geneval"),
+                Spec("vlm_judge", {"base_url": f"{server.url}/{mode}/v1", **judge_args}),
+            ]
+        )
         result = reward([RECORD["prompt"]] * 2, [IMAGE] * 2, [RECORD] * 2)
         assert result.total == [None, None], mode
         assert result.failures == {"shapes_geneval": 0, "vlm_judge": 2}, mode
@@ -277,8 +307,15 @@ def test_remote_reward_follows_the_same_rules(server: FaultServer) -> None:
     ok = load_reward("remote", url=f"{server.url}/scores", reward="r", token_env=None, batch_size=2)
     assert ok(["a"] * 5, [IMAGE] * 5, [{}] * 5) == [0.25] * 5
     assert server.hits["scores"] == 3  # 2 + 2 + 1
-    bad = load_reward("remote", url=f"{server.url}/500", reward="r", token_env=None,
-                      timeout_s=0.5, max_retries=1, backoff_s=0.05)
+    bad = load_reward(
+        "remote",
+        url=f"{server.url}/500",
+        reward="r",
+        token_env=None,
+        timeout_s=0.5,
+        max_retries=1,
+        backoff_s=0.05,
+    )
     start = time.perf_counter()
     assert bad(["a"] * 3, [IMAGE] * 3, [{}] * 3) == [None] * 3
     assert time.perf_counter() - start <= bad._fn.pool.worst_case_s + SLACK_S

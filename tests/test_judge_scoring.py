@@ -1,4 +1,4 @@
-"""Reading judge answers: yes/no probabilities, numeric scores, JSON; and questions from metadata."""
+"""Reading judge answers (yes/no probabilities, numeric scores, JSON); questions from metadata."""
 
 from __future__ import annotations
 
@@ -22,7 +22,12 @@ from r3rl.judges.chat import parse_answer
 
 def test_yes_probability_renormalises_over_yes_and_no() -> None:
     # P(yes) = 0.6 spread over two spellings, P(no) = 0.2: 0.6 / 0.8 = 0.75
-    position = [("Yes", math.log(0.5)), (" yes", math.log(0.1)), ("No", math.log(0.2)), ("The", math.log(0.2))]
+    position = [
+        ("Yes", math.log(0.5)),
+        (" yes", math.log(0.1)),
+        ("No", math.log(0.2)),
+        ("The", math.log(0.2)),
+    ]
     assert yes_probability([position]) == pytest.approx(0.75)
 
 
@@ -54,7 +59,9 @@ def test_yes_score_prefers_logprobs_and_falls_back_to_text() -> None:
 def test_parse_score_scales_to_unit_interval() -> None:
     assert parse_score("Final Score: 7", 1, 10) == pytest.approx(6 / 9)
     # sub-scores first, the final score last: the last labelled number wins
-    assert parse_score("Alignment Score: 9\nQuality score: 3\nFinal Score: 5.5", 1, 10) == pytest.approx(0.5)
+    assert parse_score(
+        "Alignment Score: 9\nQuality score: 3\nFinal Score: 5.5", 1, 10
+    ) == pytest.approx(0.5)
     assert parse_score("I would rate it 8/10.", 1, 10) == pytest.approx(7 / 9)
     assert parse_score("8 out of 10", 0, 10) == pytest.approx(0.8)
     assert parse_score("4", 1, 5) == pytest.approx(0.75)
@@ -84,14 +91,32 @@ def test_parse_json_validates_against_the_schema() -> None:
 def test_scores_from_json() -> None:
     assert scores_from_json({"scores": [1, 0.5, None]}, 3) == [1.0, 0.5, None]
     assert scores_from_json({"scores": [True, "x", float("nan")]}, 3) == [None, None, None]
-    assert scores_from_json({"scores": [1.0]}, 2) is None  # wrong length: the whole answer is suspect
+    assert (
+        scores_from_json({"scores": [1.0]}, 2) is None
+    )  # wrong length: the whole answer is suspect
     assert scores_from_json(["not", "a", "dict"], 3) is None
 
 
 def test_parse_answer_reads_text_and_top_logprobs() -> None:
-    body = {"choices": [{"message": {"content": "Yes"}, "logprobs": {"content": [
-        {"token": "Yes", "logprob": -0.1, "top_logprobs": [{"token": "Yes", "logprob": -0.1}, {"token": "No", "logprob": -2.4}]}
-    ]}}]}
+    body = {
+        "choices": [
+            {
+                "message": {"content": "Yes"},
+                "logprobs": {
+                    "content": [
+                        {
+                            "token": "Yes",
+                            "logprob": -0.1,
+                            "top_logprobs": [
+                                {"token": "Yes", "logprob": -0.1},
+                                {"token": "No", "logprob": -2.4},
+                            ],
+                        }
+                    ]
+                },
+            }
+        ]
+    }
     answer = parse_answer(body)
     assert answer is not None and answer.text == "Yes"
     assert answer.top_logprobs == [[("Yes", -0.1), ("No", -2.4)]]
@@ -105,8 +130,10 @@ def test_parse_answer_reads_text_and_top_logprobs() -> None:
 def test_geneval_questions_one_per_constraint() -> None:
     record = {
         "tag": "position",
-        "include": [{"class": "circle", "count": 1}, {"class": "triangle", "count": 1, "color": "red",
-                                                      "position": ["left of", 0]}],
+        "include": [
+            {"class": "circle", "count": 1},
+            {"class": "triangle", "count": 1, "color": "red", "position": ["left of", 0]},
+        ],
         "prompt": "a photo of a red triangle left of a circle",
     }
     assert geneval_questions(record) == [
@@ -117,18 +144,26 @@ def test_geneval_questions_one_per_constraint() -> None:
 
 
 def test_geneval_counting_means_exactly() -> None:
-    record = {"tag": "counting", "include": [{"class": "box", "count": 3}],
-              "exclude": [{"class": "box", "count": 4}], "prompt": "a photo of three boxes"}
+    record = {
+        "tag": "counting",
+        "include": [{"class": "box", "count": 3}],
+        "exclude": [{"class": "box", "count": 4}],
+        "prompt": "a photo of three boxes",
+    }
     assert geneval_questions(record) == [
         Question("Are there at least 3 boxes in the image?"),
         Question("Are there 4 or more boxes in the image?", expect_yes=False),
     ]
     none_of = {"include": [], "exclude": [{"class": "apple", "count": 1}], "prompt": "no apples"}
-    assert geneval_questions(none_of) == [Question("Is there an apple in the image?", expect_yes=False)]
+    assert geneval_questions(none_of) == [
+        Question("Is there an apple in the image?", expect_yes=False)
+    ]
 
 
 def test_free_form_questions_and_the_prompt_fallback() -> None:
-    assert geneval_questions({"prompt": "p", "questions": ["Is it night?", "Is the sky clear?"]}) == [
-        Question("Is it night?"), Question("Is the sky clear?")
+    assert geneval_questions(
+        {"prompt": "p", "questions": ["Is it night?", "Is the sky clear?"]}
+    ) == [Question("Is it night?"), Question("Is the sky clear?")]
+    assert geneval_questions({"prompt": "a cat on a mat"}) == [
+        Question('Does the image show "a cat on a mat"?')
     ]
-    assert geneval_questions({"prompt": "a cat on a mat"}) == [Question('Does the image show "a cat on a mat"?')]

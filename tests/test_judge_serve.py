@@ -33,8 +33,14 @@ def _lessons() -> list[tuple[str, str]]:
     return [
         (YES_NO_PROMPT.format(question="Is there a circle in the image?"), "yes"),
         (YES_NO_PROMPT.format(question="Is there a square in the image?"), "no"),
-        (SCORE_PROMPT.format(prompt=CIRCLE["prompt"], low=1, high=10), "it is clear. final score: 7"),
-        (JSON_PROMPT.format(prompt=CIRCLE["prompt"], low=1, high=10), '{"score": 8, "reason": "clear"}'),
+        (
+            SCORE_PROMPT.format(prompt=CIRCLE["prompt"], low=1, high=10),
+            "it is clear. final score: 7",
+        ),
+        (
+            JSON_PROMPT.format(prompt=CIRCLE["prompt"], low=1, high=10),
+            '{"score": 8, "reason": "clear"}',
+        ),
     ]
 
 
@@ -51,8 +57,9 @@ def build_tiny_judge(path: Path) -> None:
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     rows = []
     for text, answer in lessons:
-        prompt = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=False)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         a_ids = tok(answer, add_special_tokens=False)["input_ids"] + [eos]
         rows.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
@@ -60,9 +67,18 @@ def build_tiny_judge(path: Path) -> None:
     ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r, _ in rows])
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in rows])
-    cfg = Olmo2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      pad_token_id=tok.pad_token_id, eos_token_id=eos, tie_word_embeddings=True)
+    cfg = Olmo2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=eos,
+        tie_word_embeddings=True,
+    )
     model = Olmo2ForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     answer = labels[:, 1:] != -100
@@ -95,8 +111,20 @@ def served(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Iterat
     cli = Path(sys.executable).with_name("transformers")
     log = (path.parent / "serve.log").open("w")
     proc = subprocess.Popen(
-        [str(cli), "serve", str(path), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            str(cli),
+            "serve",
+            str(path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -108,7 +136,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Iterat
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve did not start: {(path.parent / 'serve.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    "transformers serve did not start: "
+                    + (path.parent / "serve.log").read_text()[-2000:]
+                )
             time.sleep(0.3)
         yield f"{base}/v1", str(path)
     finally:
@@ -122,8 +153,15 @@ IMAGE = Image.new("RGB", (32, 32), "white")
 
 def judge(served: tuple[str, str], **args):
     base_url, model = served
-    return load_reward("vlm_judge", base_url=base_url, model=model, api_key_env=None, timeout_s=30.0,
-                       max_retries=1, **args)
+    return load_reward(
+        "vlm_judge",
+        base_url=base_url,
+        model=model,
+        api_key_env=None,
+        timeout_s=30.0,
+        max_retries=1,
+        **args,
+    )
 
 
 def test_yes_no_questions_from_metadata(served: tuple[str, str]) -> None:
@@ -135,8 +173,12 @@ def test_yes_no_questions_from_metadata(served: tuple[str, str]) -> None:
 
 
 def test_pointwise_score_and_json_modes(served: tuple[str, str]) -> None:
-    assert judge(served, mode="score")([CIRCLE["prompt"]], [IMAGE], [CIRCLE]) == pytest.approx([6 / 9])
-    assert judge(served, mode="json")([CIRCLE["prompt"]], [IMAGE], [CIRCLE]) == pytest.approx([7 / 9])
+    assert judge(served, mode="score")([CIRCLE["prompt"]], [IMAGE], [CIRCLE]) == pytest.approx(
+        [6 / 9]
+    )
+    assert judge(served, mode="json")([CIRCLE["prompt"]], [IMAGE], [CIRCLE]) == pytest.approx(
+        [7 / 9]
+    )
 
 
 def test_a_request_the_server_refuses_is_none_not_retried(served: tuple[str, str]) -> None:

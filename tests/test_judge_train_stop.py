@@ -35,7 +35,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def flaky_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("flaky")
-    (root / "flaky.py").write_text(textwrap.dedent("""
+    (root / "flaky.py").write_text(
+        textwrap.dedent("""
         import itertools
 
         _calls = itertools.count()
@@ -44,13 +45,25 @@ def flaky_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if next(_calls) >= 1:
                 raise RuntimeError("judge overloaded")
             return [0.5] * len(prompts)
-    """))
+    """)
+    )
     (root / "rewards.yaml").write_text(f'rewards: [{{name: "{root / "flaky.py"}:flaky"}}]\n')
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "r3rl.cli", "serve-rewards", str(root / "rewards.yaml"), "--port", str(port),
-         "--token-env", TOKEN_ENV],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, TOKEN_ENV: "t0k"},
+        [
+            sys.executable,
+            "-m",
+            "r3rl.cli",
+            "serve-rewards",
+            str(root / "rewards.yaml"),
+            "--port",
+            str(port),
+            "--token-env",
+            TOKEN_ENV,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, TOKEN_ENV: "t0k"},
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -69,13 +82,15 @@ def flaky_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-def test_train_stops_with_a_checkpoint_when_the_judge_fails(flaky_server: str, tmp_path: Path) -> None:
+def test_train_stops_with_a_checkpoint_when_the_judge_fails(
+    flaky_server: str, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(f"""
 output_dir: {out}
 world: {{pretrain_vae_steps: 4, pretrain_diffusion_steps: 4, pretrain_pairs: 16, pretrain_reflector_steps: 60,
-        reflector_sft_examples: 32, pretrain_batch_size: 8, cache_dir: {tmp_path / 'cache'}}}
+        reflector_sft_examples: 32, pretrain_batch_size: 8, cache_dir: {tmp_path / "cache"}}}
 reflector: {{max_new_tokens: 12}}
 generator: {{train: true, num_steps: 3}}
 refiner: {{num_steps: 3}}
@@ -91,12 +106,18 @@ rewards:
 """)
     proc = subprocess.run(
         [sys.executable, "-m", "r3rl.cli", "train", str(recipe)],
-        check=False, capture_output=True, text=True, timeout=600, cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
         env={**os.environ, TOKEN_ENV: "t0k", "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     last_line = proc.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("r3rl: error: reward failures 100% exceed judge.max_failure_rate=0.5 at step 1")
+    assert last_line.startswith(
+        "r3rl: error: reward failures 100% exceed judge.max_failure_rate=0.5 at step 1"
+    )
     assert "Traceback" not in proc.stderr
     assert (out / "checkpoints" / "step-1" / "COMPLETE").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -21,7 +21,15 @@ from r3rl.shapes.prompts import shapes_prompts
 from r3rl.shapes.scene import render, sample_scene
 from rewards.shapes_geneval import ShapesGenEval
 
-BUILTINS = {"vlm_judge", "geneval", "clip_score", "pickscore", "reflection_format", "remote", "shapes_geneval"}
+BUILTINS = {
+    "vlm_judge",
+    "geneval",
+    "clip_score",
+    "pickscore",
+    "reflection_format",
+    "remote",
+    "shapes_geneval",
+}
 
 
 def test_builtins_are_registered_and_listed(run_cli) -> None:
@@ -34,8 +42,10 @@ def test_builtins_are_registered_and_listed(run_cli) -> None:
 def _shapes(n: int, seed: int = 0) -> tuple[list[str], list[Image.Image], list[dict]]:
     rng = random.Random(seed)
     metas = shapes_prompts("eval", n, seed=seed)
-    images = [render(sample_scene(m, rng)) if i % 3 else Image.new("RGB", (32, 32), (245, 245, 240))
-              for i, m in enumerate(metas)]
+    images = [
+        render(sample_scene(m, rng)) if i % 3 else Image.new("RGB", (32, 32), (245, 245, 240))
+        for i, m in enumerate(metas)
+    ]
     return [m["prompt"] for m in metas], images, metas
 
 
@@ -53,18 +63,31 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("clip") / "tiny-clip"
     tok = train_chat_tokenizer([m["prompt"] for m in shapes_prompts("train", 64)])
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    small = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
     cfg = CLIPConfig(
         # eos_token_id=2 selects CLIP's original pooling (at the highest token id), which real
         # CLIP checkpoints rely on and which the padding token (id 0) cannot disturb
-        text_config={**small, "vocab_size": len(tok), "max_position_embeddings": 32, "eos_token_id": 2,
-                     "bos_token_id": 1, "pad_token_id": tok.pad_token_id},
+        text_config={
+            **small,
+            "vocab_size": len(tok),
+            "max_position_embeddings": 32,
+            "eos_token_id": 2,
+            "bos_token_id": 1,
+            "pad_token_id": tok.pad_token_id,
+        },
         vision_config={**small, "image_size": 32, "patch_size": 8},
         projection_dim=16,
     )
     CLIPModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(path)
     return path
 
 
@@ -87,9 +110,14 @@ def test_clip_score_and_pickscore_are_scaled_pair_logits(tiny_clip: Path, one_th
     prompts, images, metas = _shapes(5)
     prompts[0] = prompts[0] + " and a much longer caption so the batch needs padding"
     clip = load_reward("clip_score", model_path=str(tiny_clip), device="cpu", batch_size=2)
-    pick = load_reward("pickscore", model_path=str(tiny_clip), processor_path=str(tiny_clip), device="cpu")
+    pick = load_reward(
+        "pickscore", model_path=str(tiny_clip), processor_path=str(tiny_clip), device="cpu"
+    )
     model = CLIPModel.from_pretrained(tiny_clip).eval()
-    tok, proc = AutoTokenizer.from_pretrained(tiny_clip), AutoImageProcessor.from_pretrained(tiny_clip)
+    tok, proc = (
+        AutoTokenizer.from_pretrained(tiny_clip),
+        AutoImageProcessor.from_pretrained(tiny_clip),
+    )
     logits = [_pair_logit(model, tok, proc, p, im) for p, im in zip(prompts, images)]
     assert clip(prompts, images, metas) == pytest.approx([x / 100 for x in logits], abs=1e-5)
     assert pick(prompts, images, metas) == pytest.approx([x / 26 for x in logits], abs=1e-5)
@@ -163,11 +191,15 @@ def detector() -> Iterator[DetectorServer]:
 
 
 @pytest.mark.parametrize("partial_credit", [True, False])
-def test_geneval_client_gets_the_detector_scores(detector: DetectorServer, partial_credit: bool) -> None:
+def test_geneval_client_gets_the_detector_scores(
+    detector: DetectorServer, partial_credit: bool
+) -> None:
     prompts, images, metas = _shapes(5)
     url = f"http://127.0.0.1:{detector.server_address[1]}/geneval"
     detector.batches.clear()
-    fn = load_reward("geneval", url=url, partial_credit=partial_credit, batch_size=2, image_format="png")
+    fn = load_reward(
+        "geneval", url=url, partial_credit=partial_credit, batch_size=2, image_format="png"
+    )
     expected = ShapesGenEval(partial_credit=partial_credit)(prompts, images, metas)
     assert fn(prompts, images, metas) == expected
     assert len(set(expected)) > 1

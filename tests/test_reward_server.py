@@ -45,25 +45,45 @@ def _free_port() -> int:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of `r3rl serve-rewards` hosting a checker, a text reward and a broken reward."""
     root = tmp_path_factory.mktemp("serve")
-    (root / "extra.py").write_text(textwrap.dedent("""
+    (root / "extra.py").write_text(
+        textwrap.dedent("""
         def broken(prompts, images, metadata, **kwargs):
             raise RuntimeError("detector crashed")
 
         def words(prompts, completions, **kwargs):  # a TRL-style text reward
             return [float(len(c.split())) for c in completions]
-    """))
-    (root / "rewards.yaml").write_text(textwrap.dedent(f"""
+    """)
+    )
+    (root / "rewards.yaml").write_text(
+        textwrap.dedent(f"""
         rewards:
           - {{name: shapes_geneval, args: {{partial_credit: true}}}}
-          - {{name: "{root / 'extra.py'}:words"}}
-          - {{name: "{root / 'extra.py'}:broken"}}
-    """))
+          - {{name: "{root / "extra.py"}:words"}}
+          - {{name: "{root / "extra.py"}:broken"}}
+    """)
+    )
     port = _free_port()
     env = {**os.environ, TOKEN_ENV: TOKEN, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "r3rl.cli", "serve-rewards", str(root / "rewards.yaml"), "--port", str(port),
-         "--token-env", TOKEN_ENV, "--max-batch", str(MAX_BATCH), "--max-request-mb", str(MAX_BYTES / 2**20)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "r3rl.cli",
+            "serve-rewards",
+            str(root / "rewards.yaml"),
+            "--port",
+            str(port),
+            "--token-env",
+            TOKEN_ENV,
+            "--max-batch",
+            str(MAX_BATCH),
+            "--max-request-mb",
+            str(MAX_BYTES / 2**20),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -97,8 +117,10 @@ def _png(image: Image.Image) -> str:
 def _batch(n: int, seed: int = 0) -> tuple[list[str], list[Image.Image], list[dict]]:
     rng = random.Random(seed)
     metas = shapes_prompts("eval", n, seed=seed)
-    images = [render(sample_scene(m, rng)) if i % 2 else Image.new("RGB", (32, 32), "white")
-              for i, m in enumerate(metas)]
+    images = [
+        render(sample_scene(m, rng)) if i % 2 else Image.new("RGB", (32, 32), "white")
+        for i, m in enumerate(metas)
+    ]
     return [m["prompt"] for m in metas], images, metas
 
 
@@ -146,7 +168,9 @@ def test_oversized_bodies_and_batches_are_413(server: str) -> None:
     assert r.status_code == 413
 
     prompts, images, _ = _batch(MAX_BATCH + 1)
-    r = httpx.post(url, json={"prompts": prompts, "images": [_png(i) for i in images]}, headers=_auth())
+    r = httpx.post(
+        url, json={"prompts": prompts, "images": [_png(i) for i in images]}, headers=_auth()
+    )
     assert r.status_code == 413 and f"limit of {MAX_BATCH}" in r.json()["error"]
 
 
@@ -160,9 +184,14 @@ def test_oversized_bodies_and_batches_are_413(server: str) -> None:
         (b'{"prompts": ["a"], "extra": 1}', "extra: Extra inputs are not permitted"),
     ],
 )
-def test_malformed_requests_are_400_with_a_clear_message(server: str, content: bytes, message: str) -> None:
-    r = httpx.post(f"{server}/v1/rewards/shapes_geneval", content=content,
-                   headers={**_auth(), "Content-Type": "application/json"})
+def test_malformed_requests_are_400_with_a_clear_message(
+    server: str, content: bytes, message: str
+) -> None:
+    r = httpx.post(
+        f"{server}/v1/rewards/shapes_geneval",
+        content=content,
+        headers={**_auth(), "Content-Type": "application/json"},
+    )
     assert r.status_code == 400
     assert message in r.json()["error"]
 
@@ -179,14 +208,19 @@ class _CreatesFile:
 
 def test_a_pickle_is_refused_and_never_loaded(server: str, tmp_path: Path) -> None:
     control = tmp_path / "control"
-    pickle.loads(pickle.dumps(_CreatesFile(control)))  # the payload is live: loading it makes a file
+    pickle.loads(
+        pickle.dumps(_CreatesFile(control))
+    )  # the payload is live: loading it makes a file
     assert control.exists()
 
     marker = tmp_path / "pwned"
     payload = pickle.dumps({"prompts": ["p"], "images": [], "x": _CreatesFile(marker)})
     for ctype in ("application/octet-stream", "application/python-pickle", "application/json"):
-        r = httpx.post(f"{server}/v1/rewards/shapes_geneval", content=payload,
-                       headers={**_auth(), "Content-Type": ctype})
+        r = httpx.post(
+            f"{server}/v1/rewards/shapes_geneval",
+            content=payload,
+            headers={**_auth(), "Content-Type": ctype},
+        )
         assert r.status_code == 400 and "JSON only" in r.json()["error"]
     assert not marker.exists()
 
@@ -202,8 +236,9 @@ def test_unknown_reward_is_404_and_a_crashing_reward_is_500(server: str) -> None
 def test_remote_plugin_gives_the_local_scores(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     prompts, images, metas = _batch(6)
-    remote = load_reward("remote", url=server, reward="shapes_geneval", token_env=TOKEN_ENV,
-                         batch_size=MAX_BATCH)
+    remote = load_reward(
+        "remote", url=server, reward="shapes_geneval", token_env=TOKEN_ENV, batch_size=MAX_BATCH
+    )
     local = load_reward("shapes_geneval", partial_credit=True)
     expected = local(prompts, images, metas)
     assert remote(prompts, images, metas) == expected
@@ -214,11 +249,14 @@ def test_remote_plugin_gives_the_local_scores(server: str, monkeypatch: pytest.M
     assert text(["p", "p"], images[:2], metas[:2], completions=reflections) == [8.0, 1.0]
 
 
-def test_remote_plugin_turns_server_errors_into_none(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_remote_plugin_turns_server_errors_into_none(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     prompts, images, metas = _batch(2)
-    broken = load_reward("remote", url=server, reward="broken", token_env=TOKEN_ENV, max_retries=1,
-                         backoff_s=0.01)
+    broken = load_reward(
+        "remote", url=server, reward="broken", token_env=TOKEN_ENV, max_retries=1, backoff_s=0.01
+    )
     assert broken(prompts, images, metas) == [None, None]
     assert (broken._fn.stats.attempts, broken._fn.stats.failures) == (2, 1)
     monkeypatch.setenv(TOKEN_ENV, "wrong")

@@ -46,7 +46,9 @@ def image_data_url(image: Image.Image, fmt: str = "png") -> str:
 def user_message(text: str, image_urls: Sequence[str] = ()) -> dict:
     """One user turn: the images (data URLs, encoded once per image however many questions ask
     about it) first, then the question, the order Qwen-VL judges are trained on."""
-    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+    parts: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": u}} for u in image_urls
+    ]
     parts.append({"type": "text", "text": text})
     return {"role": "user", "content": parts}
 
@@ -60,7 +62,10 @@ def parse_answer(body: Any) -> ChatAnswer | None:
             return None
         content = (choice.get("logprobs") or {}).get("content")
         positions = (
-            [[(alt["token"], float(alt["logprob"])) for alt in pos["top_logprobs"]] for pos in content]
+            [
+                [(alt["token"], float(alt["logprob"])) for alt in pos["top_logprobs"]]
+                for pos in content
+            ]
             if content
             else None
         )
@@ -85,7 +90,7 @@ class ChatClient:
         top_logprobs: int = 0,
         response_format: dict | None = None,
     ) -> list[ChatAnswer | None]:
-        """Send each conversation; answers that arrive but are not chat completions count as unparseable."""
+        """Send each conversation; an answer that is not a chat completion counts as unparseable."""
         base: dict[str, Any] = {
             "model": self.model,
             "max_tokens": max_tokens,

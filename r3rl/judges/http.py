@@ -11,6 +11,7 @@ bounded retries with exponential backoff and full jitter. A request that still f
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections import Counter
@@ -52,7 +53,9 @@ class _Fatal(Exception):
     """A failed attempt that would fail again (4xx other than rate limits)."""
 
 
-def worst_case_s(timeout_s: float, max_retries: int, backoff_s: float, backoff_max_s: float) -> float:
+def worst_case_s(
+    timeout_s: float, max_retries: int, backoff_s: float, backoff_max_s: float
+) -> float:
     """Longest one request can take: every attempt times out and every backoff draws its maximum.
 
     Backoff before retry k (k = 1..max_retries) is uniform in [0, min(backoff_s * 2**(k-1), cap)].
@@ -72,7 +75,7 @@ def _urls(base_url: str | Sequence[str]) -> list[str]:
 
 
 class HttpPool:
-    """POST JSON to one of several equivalent endpoints with timeouts, retries and a concurrency cap.
+    """POST JSON to one of several equivalent endpoints, with timeouts, retries and a cap.
 
     One `post_many` call opens one connection pool and event-loop-local state, so a pool can be
     used from `asyncio.run` in any thread, one call at a time (how `RewardFn` runs async rewards).
@@ -124,13 +127,13 @@ class HttpPool:
         self._turn = (choice + 1) % len(self.urls)
         return choice
 
-    async def _attempt(self, client: httpx.AsyncClient, index: int, path: str, payload: Any) -> Any:
+    async def _attempt(self, client: httpx.AsyncClient, index: int, path: str, body: bytes) -> Any:
         self.stats.attempts += 1
         self.sent[index] += 1
         self._busy[index] += 1
         try:
             resp = await asyncio.wait_for(
-                client.post(self.urls[index] + path, json=payload, headers=self.headers),
+                client.post(self.urls[index] + path, content=body, headers=self.headers),
                 self.timeout_s,
             )
         except (httpx.TransportError, asyncio.TimeoutError) as e:
@@ -150,6 +153,12 @@ class HttpPool:
         self, client: httpx.AsyncClient, slots: asyncio.Semaphore, path: str, payload: Any
     ) -> tuple[Any, str | None]:
         """(JSON answer, None) or (None, why it failed); never raises for remote trouble."""
+        try:
+            body = json.dumps(payload).encode()  # once, not per attempt
+        except (TypeError, ValueError) as e:
+            raise UserError(
+                f"a judge request is not JSON ({e}); check the prompt metadata"
+            ) from None
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1),
             wait=wait_random_exponential(multiplier=self.backoff_s, max=self.backoff_max_s),
@@ -163,7 +172,7 @@ class HttpPool:
                 async for attempt in retrying:
                     with attempt:
                         last = self._pick(avoid=last)
-                        return await self._attempt(client, last, path, payload), None
+                        return await self._attempt(client, last, path, body), None
             except (_Retryable, _Fatal) as e:
                 self.stats.failures += 1
                 return None, str(e)
@@ -182,6 +191,9 @@ class HttpPool:
             reasons = "; ".join(f"{n}x {err}" for err, n in errors.most_common(3))
             log.warning(
                 "%d of %d judge requests failed after up to %d retries (%s)",
-                sum(errors.values()), len(payloads), self.max_retries, reasons,
+                sum(errors.values()),
+                len(payloads),
+                self.max_retries,
+                reasons,
             )
         return [answer for answer, _ in outcomes]
