@@ -320,3 +320,10 @@ def test_remote_reward_follows_the_same_rules(server: FaultServer) -> None:
     assert bad(["a"] * 3, [IMAGE] * 3, [{}] * 3) == [None] * 3
     assert time.perf_counter() - start <= bad._fn.pool.worst_case_s + SLACK_S
     assert bad._fn.stats.failures == 1
+
+
+def test_metadata_that_is_not_json_is_a_user_error(server: FaultServer) -> None:
+    fn = load_reward("remote", url=f"{server.url}/scores", reward="r", token_env=None)
+    with pytest.raises(UserError, match="not JSON"):
+        fn(["a"], [IMAGE], [{"include": {"circle"}}])  # a set: a recipe/prompt-file mistake
+    assert server.hits["scores"] == 0
