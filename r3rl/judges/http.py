@@ -154,7 +154,7 @@ class HttpPool:
     ) -> tuple[Any, str | None]:
         """(JSON answer, None) or (None, why it failed); never raises for remote trouble."""
         try:
-            body = json.dumps(payload).encode()  # once, not per attempt
+            body = json.dumps(payload, allow_nan=False).encode()  # once, not per attempt
         except (TypeError, ValueError) as e:
             raise UserError(
                 f"a judge request is not JSON ({e}); check the prompt metadata"
