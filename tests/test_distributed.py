@@ -92,7 +92,7 @@ def _train(out: Path, cache: Path, *extra: str, nproc: int = 1) -> list[dict]:
             "world.pretrain_reflector_steps=30", "world.reflector_sft_examples=16", "world.pretrain_batch_size=8",
             "generator.num_steps=3", "refiner.num_steps=3", "rollout.group_size=4", "trainer.max_steps=1",
             "trainer.eval_every=0", "trainer.log_images_every=0", "eval.rounds=1", "eval.num_steps=2",
-            "eval.samples_per_prompt=1", "data.num_eval_prompts=2", *extra]
+            "eval.samples_per_prompt=1", "data.num_eval_prompts=2", "flow_grpo.beta=0.004", *extra]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_port", "29517"] if nproc > 1 else [sys.executable]
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "r3rl" / "torch_extensions")}
