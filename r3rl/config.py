@@ -158,8 +158,11 @@ class RegionConfig(_Section):
         "(<box>x0 y0 x1 y1</box>) nor the prompt record ('region') names one (null = the whole image).",
     )
     margin: float = Field(0.25, ge=0.0, description="Crop margin around the box, as a fraction of its longer side.")
-    dilate_px: int = Field(1, ge=0, description="Dilation of the region mask before blurring, in pixels.")
-    blur_sigma: float = Field(0.75, ge=0.0, description="Gaussian blur of the paste mask, in pixels.")
+    dilate_px: int = Field(
+        -1, ge=-8, le=8, description="Grow (> 0, RefineAnything's dilation) or shrink (< 0) the region mask "
+        "before blurring; -1 with blur_sigma 0.5 keeps the feathered edge inside the region."
+    )
+    blur_sigma: float = Field(0.5, ge=0.0, description="Gaussian blur of the paste mask, in pixels (cut at 2 sigma).")
 
     @field_validator("box")
     @classmethod

@@ -53,6 +53,18 @@ def test_soft_mask_is_the_dilated_mask_blurred_and_zero_outside_the_window() -> 
     assert (soft[outside] == 0).all()
 
 
+def test_negative_dilation_keeps_the_feather_inside_the_region() -> None:
+    mask = np.zeros((9, 9), bool)
+    mask[2:7, 2:7] = True
+    hard = soft_mask(mask, (0, 0, 9, 9), dilate_px=-1, blur_sigma=0.0)
+    assert (hard == 0).sum() == 81 - 9 and (hard[3:6, 3:6] == 1).all()  # eroded to the inner 3x3
+    soft = soft_mask(mask, (0, 0, 9, 9), dilate_px=-1, blur_sigma=0.5)  # radius int(2 * 0.5 + 0.5) = 1
+    assert (soft[~mask] == 0).all() and soft[4, 4] == pytest.approx(1.0) and 0 < soft[2, 4] < soft[3, 4] < 1
+    edge = np.zeros((9, 9), bool)
+    edge[:, :4] = True  # a region touching the canvas edge is not eroded there
+    assert soft_mask(edge, (0, 0, 9, 9), dilate_px=-1, blur_sigma=0.0)[:, :3].all()
+
+
 def test_paste_blends_by_alpha_and_copies_where_alpha_is_zero() -> None:
     base = np.full((4, 4, 3), 100, np.uint8)
     refined = Image.fromarray(np.full((2, 2, 3), 200, np.uint8))
@@ -92,7 +104,7 @@ def test_region_refiner_leaves_pixels_outside_the_soft_mask_bit_identical(tiny_f
         _, alpha = refiner.plan(before, box)
         a, b = np.asarray(before), np.asarray(after)
         assert (a[alpha == 0] == b[alpha == 0]).all()
-        assert (a[alpha == 1] != b[alpha == 1]).any()  # ... and the region itself was refined
+        assert (a[alpha > 0.99] != b[alpha > 0.99]).any()  # ... and the region itself was refined
         assert (alpha > 0).sum() < 0.6 * alpha.size
 
 

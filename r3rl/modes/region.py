@@ -72,12 +72,18 @@ def crop_window(mask: np.ndarray, margin: float) -> Window:
 
 
 def soft_mask(mask: np.ndarray, window: Window, *, dilate_px: int, blur_sigma: float) -> np.ndarray:
-    """Paste weights in [0, 1]: the mask dilated by `dilate_px`, blurred (kernel cut at 2 sigma),
-    and forced to 0 outside the window, the only pixels the refiner produced."""
-    soft = ndimage.binary_dilation(mask, iterations=dilate_px) if dilate_px > 0 else mask
-    soft = soft.astype(np.float64)
+    """Paste weights in [0, 1]: the mask dilated by `dilate_px` (eroded when negative), blurred
+    (kernel cut at 2 sigma), and forced to 0 outside the window, the only pixels the refiner produced.
+
+    RefineAnything dilates, so the feather spills past the region; eroding by the blur radius
+    instead keeps the feather inside it, and every pixel outside the region stays the input's."""
+    if dilate_px > 0:
+        mask = ndimage.binary_dilation(mask, iterations=dilate_px)
+    elif dilate_px < 0:  # the canvas edge does not erode a region that touches it
+        mask = ndimage.binary_erosion(mask, iterations=-dilate_px, border_value=1)
+    soft = mask.astype(np.float64)
     if blur_sigma > 0:
-        soft = ndimage.gaussian_filter(soft, blur_sigma, mode="constant", truncate=2.0)
+        soft = ndimage.gaussian_filter(soft, blur_sigma, mode="nearest", truncate=2.0)
     left, top, right, bottom = window
     inside = np.zeros_like(soft, dtype=bool)
     inside[top:bottom, left:right] = True

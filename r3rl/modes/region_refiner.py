@@ -38,8 +38,8 @@ from r3rl.modes.region import (
 class RegionSettings:
     box: Box | None = None  # used when neither the reflection nor the prompt record names a region
     margin: float = 0.25
-    dilate_px: int = 1
-    blur_sigma: float = 0.75
+    dilate_px: int = -1
+    blur_sigma: float = 0.5
 
 
 def record_box(meta: dict) -> Box | None:
