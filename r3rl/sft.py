@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +136,6 @@ def fit(
     band_px: int = 2,
     cond_dropout: float = 0.1,
     seed: int = 0,
-    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Flow-matching steps on `examples` (all with inputs, or all without) training `params`;
     returns the loss of every step. `model` is any FlowModel wrapper (edit/regenerate) whose
@@ -155,7 +153,7 @@ def fit(
     losses = []
     for p in params:
         p.requires_grad_(True)
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
         batch = [examples[i] for i in idx]
         x0 = x0_all[idx]
@@ -167,17 +165,15 @@ def fit(
         ref = model.encode_images([e.input for e in batch]) if batch[0].input is not None else None
         weights = None
         if boundary_weight > 0 and any(e.mask is not None for e in batch):
-            pix = [boundary_weights(e.mask, band_px, boundary_weight) if e.mask is not None
-                   else np.ones(e.target.size[::-1]) for e in batch]
-            weights = token_weights(torch.from_numpy(np.stack(pix)), grid)
+            pix = [boundary_weights(e.mask, band_px, boundary_weight) if e.mask is not None else np.ones((1, 1))
+                   for e in batch]  # each example's pixels pooled onto the token grid on its own
+            weights = torch.cat([token_weights(torch.from_numpy(w)[None], grid) for w in pix])
         loss = weighted_flow_loss(model.velocity(xt, s, cond, ref), eps - x0, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
-        if on_step:
-            on_step(step, losses[-1])
     for p in params:
         p.requires_grad_(False)
     return losses
