@@ -105,6 +105,7 @@ def evaluate_rounds(
         metrics[f"eval/round{k}_mean"] = nanmean(scores[k])
         if k:
             d = scores[k] - scores[k - 1]
+            d = d[~d.isnan()]  # shares of the samples scored in both rounds: unscorable is not "unchanged"
             metrics[f"eval/round{k}_improved"] = float((d > 0).float().mean())
             metrics[f"eval/round{k}_worse"] = float((d < 0).float().mean())
             metrics[f"eval/round{k}_unchanged"] = float((d == 0).float().mean())

@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING
 from r3rl.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
 
+    from r3rl.config import LoRAConfig
     from r3rl.evaluate import EvalResult
     from r3rl.trainer import Run
 
@@ -86,11 +88,35 @@ def load_trained(checkpoint: str | Path, *, eval_prompts: str | None = None) -> 
         for name in ("generator", "refiner")
         if (ckpt / name).exists()
     }
-    run = build_run(load_config(recipe), eval_prompts=eval_prompts, for_training=False)
+    cfg = load_config(recipe)
+    run = build_run(cfg, eval_prompts=eval_prompts, for_training=False)
     load_module(run.reflector.model, reflector_dir)
     for name, folder in policies.items():
-        load_module(getattr(run, name).model.transformer, folder)
+        _load_transformer(getattr(run, name).model.transformer, folder, getattr(cfg, name).lora)
     return run, ckpt
+
+
+def _load_transformer(transformer: torch.nn.Module, folder: Path, lora: LoRAConfig | None) -> None:
+    """Load a trained generator/refiner. A LoRA run's checkpoint holds the peft-injected model
+    (`to_q.base_layer.weight`, `to_q.lora_A.default.weight`); the transformer built for inference
+    has no adapter, so it gets the recipe's one first, then takes the saved weights as they are."""
+    from safetensors.torch import load_file
+
+    from r3rl.checkpoint import load_module
+    from r3rl.models.lora import add_lora
+
+    state = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    if not any(".lora_" in k for k in state):
+        load_module(transformer, folder)
+        return
+    if lora is None:
+        raise UserError(f"{folder}: LoRA weights, but the run's recipe has no LoRA for this policy")
+    add_lora(transformer, **lora.model_dump())
+    try:
+        transformer.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {folder} does not match the model ({str(e).splitlines()[0]})") from None
+    transformer.requires_grad_(False)
 
 
 # --------------------------------------------------------------------------- refine
