@@ -30,6 +30,8 @@ PROMPTS = [
 ]
 IMAGES = [RED, BLUE, RED, BLUE]  # prompts of different lengths: rows really are left-padded
 SAMPLING = {"temperature": 0.9, "top_k": 5, "top_p": 1.0}
+# the token that ends an assistant turn in each family's chat template (Gemma's eos is <eos>)
+END_OF_TURN = {"qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "gemma3": "<end_of_turn>"}
 CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
            "gemma3": "Gemma3ForConditionalGeneration"}  # fmt: skip
 
@@ -65,6 +67,9 @@ def test_recipe_path_loads_the_family_with_lora_on_the_language_model(base):
     assert len(trainable) == layers * 7 * 2
     assert all("lora_" in n and "language_model" in n for n in trainable)
     assert reflector.model.is_activation_checkpointing
+    end = reflector.tokenizer.convert_tokens_to_ids(END_OF_TURN[family])
+    assert reflector.end_id == end and end in reflector.stop_ids
+    assert reflector.encode_completion("<think>a</think> b")[-1] == end  # SFT targets end the turn
 
 
 def test_sampled_logprobs_equal_recomputed(base):

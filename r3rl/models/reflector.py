@@ -158,7 +158,7 @@ def load_processor(path: str | Path, *, trust_remote_code: bool = False) -> Proc
 
 def end_of_turn_id(processor: ProcessorMixin) -> int:
     """The token the chat template closes an assistant turn with (Qwen's <|im_end|>, Gemma's
-    <end_of_turn>), which is often not eos; eos where the template shows no special token there."""
+    <end_of_turn>), which is often not eos; eos where the template writes no special token there."""
     tokenizer, mark = processor.tokenizer, "reflection"
     messages = [
         {"role": "user", "content": [{"type": "text", "text": "x"}]},
@@ -167,7 +167,7 @@ def end_of_turn_id(processor: ProcessorMixin) -> int:
     rendered = processor.apply_chat_template(messages, tokenize=False)
     after = tokenizer(rendered.rsplit(mark, 1)[-1], add_special_tokens=False).input_ids
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    return after[0] if after and after[0] in special else tokenizer.eos_token_id
+    return next((t for t in after if t in special), tokenizer.eos_token_id)
 
 
 @contextmanager
