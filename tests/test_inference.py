@@ -151,7 +151,7 @@ def test_refine_rounds_with_edits_and_early_stop(trained, tmp_path: Path, monkey
                 else Reflection(f"<think>x</think> redo: {p}", [1], [0.0], f"redo: {p}", True)
                 for j, p in enumerate(prompts)]  # fmt: skip
 
-    def run_diffusion(model, texts, refs, settings, *, train, generator):
+    def run_diffusion(model, texts, refs, settings, *, train, generator, keep=None):
         images = []
         for text in texts:
             meta = metas[text.removeprefix("redo: ")]
