@@ -57,24 +57,28 @@ def find_resume(resume: str | None, out: Path) -> Path | None:
 def load_module(module: torch.nn.Module, folder: Path) -> None:
     """Load weights saved in `folder` into `module`, in place (optimisers keep their params).
 
-    A peft model gets its adapter state. Anything else goes through its own class's
-    `from_pretrained` (transformers >= 5 writes checkpoint-format key names, e.g. `visual.*`
-    for Qwen-VL's `model.visual.*`, that only `from_pretrained` maps back), then a strict copy.
+    A peft model gets its adapter state; a diffusers model with an injected adapter (a LoRA
+    run's transformer) takes the saved state dict as it is (`to_q.base_layer.weight`,
+    `to_q.lora_A.default.weight`; its class's `from_pretrained` knows no adapter). Anything else
+    goes through its own class's `from_pretrained` (transformers >= 5 writes checkpoint-format
+    key names, e.g. `visual.*` for Qwen-VL's `model.visual.*`, that only `from_pretrained` maps
+    back), then a strict copy.
     """
     from peft import PeftModel, set_peft_model_state_dict
+
+    from r3rl.models.lora import has_lora
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"checkpoint folder {folder} has no *.safetensors weights")
+    state = {k: v for f in files for k, v in load_file(f).items()} if isinstance(module, PeftModel) or has_lora(
+        module) else None
     if isinstance(module, PeftModel):
-        state = {}
-        for f in files:
-            state.update(load_file(f))
         set_peft_model_state_dict(module, state)
         return
-    loaded = type(module).from_pretrained(folder)
     try:
-        module.load_state_dict(loaded.state_dict(), strict=True)
+        module.load_state_dict(state if state is not None else type(module).from_pretrained(folder).state_dict(),
+                               strict=True)
     except RuntimeError as e:
         raise UserError(f"checkpoint {folder} does not match the model ({str(e).splitlines()[0]})") from None
 
