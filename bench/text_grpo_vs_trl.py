@@ -595,7 +595,8 @@ def report(results: list[dict], agreement: dict, s: Settings, command: str = "")
             f"{trl['rollout']:.3f} s ({ph['rollout'] / trl['rollout']:.2f}×), train "
             f"{ph['train']:.3f} s vs {trl['train']:.3f} s ({ph['train'] / trl['train']:.2f}×), "
             f"reward {ph['reward']:.3f} s vs {trl['reward']:.3f} s. Rollout is "
-            f"{ph['rollout'] / r['r3rl_s']:.0%} of r3rl's step. "
+            f"{ph['rollout'] / r['r3rl_s']:.0%} of r3rl's step: with it as it is, the ratio "
+            f"cannot go below {ph['rollout'] / r['trl_s']:.2f}. "
             + (
                 f"Meeting {TARGET} needs r3rl ≤ {TARGET * r['trl_s']:.3f} s/step, "
                 f"{r['r3rl_s'] - TARGET * r['trl_s']:.3f} s less than measured."
