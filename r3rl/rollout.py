@@ -169,10 +169,14 @@ def reflect_and_refine(
     a rank with no edit of its own refines a stand-in (returned as the rollout while `edited`
     is empty) so every rank runs the same forward passes, as ZeRO-3 needs.
     """
-    refl = reflector.reflect([m["prompt"] for m in metas], images, temperature=text.temperature,
-                             top_k=text.top_k, top_p=text.top_p, max_new_tokens=text.max_new_tokens, seed=seed)
-    edited = [i for i, r in enumerate(refl) if r.instruction is not None]
     topo = topo or Topology()
+    # every rank samples the whole group's reflections with the same seed and keeps its own, so
+    # text samples, like the diffusion draws, do not depend on how the group is split
+    prompts, group_images = gather([m["prompt"] for m in metas], topo), gather(images, topo)
+    refl = reflector.reflect(prompts, group_images, temperature=text.temperature, top_k=text.top_k,
+                             top_p=text.top_p, max_new_tokens=text.max_new_tokens, seed=seed)
+    refl = refl[topo.rank * len(images):(topo.rank + 1) * len(images)]
+    edited = [i for i, r in enumerate(refl) if r.instruction is not None]
     instructions = gather([r.instruction for r in refl], topo)
     edits = [j for j, ins in enumerate(instructions) if ins is not None]  # the whole group's edits
     mine = [edits.index(topo.rank * len(refl) + i) for i in edited]  # my edits' places among them

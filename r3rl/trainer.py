@@ -219,10 +219,9 @@ class Run:
         n = g if mine is None else len(mine)
         metas, inputs = [item.meta] * n, [item.image] * n
         r_in = torch.full((n,), item.reward)
-        # text samples use a seed per rank (rank 0's is the one-process seed): they depend on the split
         refl, edited_mine, ro, out, s = reflect_and_refine(
             self.reflector, self.refiner.model, self.reward, metas, inputs, r_in, self.text, self.refiner.settings,
-            train_refiner=self.refiner.train, generator=gen, seed=seed + 1_000_003 * self.dist.rank, topo=self.dist,
+            train_refiner=self.refiner.train, generator=gen, seed=seed, topo=self.dist,
         )
         s, out, refl_mine = self._gather_scored(s), gather(out, self.dist), refl
         refl = gather(refl, self.dist)

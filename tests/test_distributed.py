@@ -90,7 +90,7 @@ def _train(out: Path, cache: Path, *extra: str, nproc: int = 1) -> list[dict]:
     args = ["recipes/shapes_cpu.yaml", f"output_dir={out}", f"world.cache_dir={cache}",
             "world.pretrain_vae_steps=4", "world.pretrain_diffusion_steps=4", "world.pretrain_pairs=16",
             "world.pretrain_reflector_steps=30", "world.reflector_sft_examples=16", "world.pretrain_batch_size=8",
-            "generator.num_steps=3", "refiner.num_steps=3", "rollout.group_size=4", "trainer.max_steps=1",
+            "generator.num_steps=3", "refiner.num_steps=3", "rollout.group_size=4", "trainer.max_steps=2",
             "trainer.eval_every=0", "trainer.log_images_every=0", "eval.rounds=1", "eval.num_steps=2",
             "eval.samples_per_prompt=1", "data.num_eval_prompts=2", "flow_grpo.beta=0.004", *extra]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -102,19 +102,28 @@ def _train(out: Path, cache: Path, *extra: str, nproc: int = 1) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+TOKEN_MEANS = {"entropy", "kl/text"}
+
+
 @pytest.mark.timeout(900)
-def test_two_processes_under_zero2_match_one_process_at_step_1(tmp_path: Path) -> None:
-    """Same global group (4 = 2 ranks x 2): rewards, advantages and the update agree."""
+def test_two_processes_under_zero2_match_one_process(tmp_path: Path) -> None:
+    """Same global group (4 = 2 ranks x 2): rewards, advantages and the update agree, on a
+    generate step (step 1) and on a reflect-refine step (step 2: text sampled and trained)."""
     one = _train(tmp_path / "one", tmp_path / "cache")
     two = _train(tmp_path / "two", tmp_path / "cache", "distributed.deepspeed=launch/deepspeed/zero2.json",
                  nproc=2)
-    assert [r["step"] for r in two] == [0, 1] and two[1]["stage"] == "generate"
-    compared = [k for k in one[1] if not k.startswith("time/") and isinstance(one[1][k], float)]
-    assert {"reward/mean", "loss/flow_grpo", "grad_norm", "kl/image"} <= set(compared)
-    for key in compared:
-        a, b = one[1][key], two[1][key]
-        assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6), (key, a, b)
+    assert [r["step"] for r in two] == [0, 1, 2] and [r["stage"] for r in two[1:]] == ["generate", "refine"]
+    for step, must in ((1, {"reward/mean", "loss/flow_grpo", "grad_norm", "kl/image"}),
+                       (2, {"reward/mean", "loss/grpo", "refine/stop_rate", "grad_norm"})):
+        compared = [k for k in one[step] if not k.startswith("time/") and isinstance(one[step][k], float)]
+        assert must <= set(compared), step
+        for key in compared:
+            a, b = one[step][key], two[step][key]
+            # token means (entropy, kl/text) are averaged per rank, then over ranks whose shards hold
+            # different token counts: the same tokens, weighted slightly differently (measured 4e-4)
+            tol = 2e-3 if key in TOKEN_MEANS else 1e-4
+            assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=tol, abs_tol=1e-6), (step, key, a, b)
     assert one[0] == two[0]  # step-0 evaluation: every rank runs the same one
-    ckpt = tmp_path / "two" / "checkpoints" / "step-1"
+    ckpt = tmp_path / "two" / "checkpoints" / "step-2"
     assert (ckpt / "COMPLETE").exists() and len(torch.load(ckpt / "rng.pt", weights_only=True)["torch_per_rank"]) == 2
     assert sorted(p.name for p in (ckpt / "deepspeed").iterdir()) == ["generator", "refiner", "reflector"]
