@@ -515,8 +515,14 @@ def versions() -> str:
     )
 
 
+def met(r: dict) -> bool:
+    """Both the ratio of medians and the paired ratio meet the target: on a loaded machine a
+    burst of load can favour one side's median while the back-to-back steps disagree."""
+    return max(r["ratio"], r["paired_ratio"]) <= TARGET
+
+
 def report(results: list[dict], agreement: dict, s: Settings, command: str = "") -> str:
-    ok = all(r["ratio"] <= TARGET for r in results)
+    ok = all(met(r) for r in results)
     ablation = s.ablation and all(r["plain_phases"] for r in results)
     lines = [
         f"## Text GRPO vs TRL GRPOTrainer ({date.today()}, {machine()})",
@@ -543,7 +549,7 @@ def report(results: list[dict], agreement: dict, s: Settings, command: str = "")
     for r in results:
         lines.append(
             f"| Qwen2 {r['size']} | {r['params'] / 1e6:.2f}M | {r['r3rl_s']:.3f} | {r['trl_s']:.3f} | "
-            f"**{r['ratio']:.2f}** | ≤ {TARGET} | {'yes' if r['ratio'] <= TARGET else 'no'} | "
+            f"**{r['ratio']:.2f}** | ≤ {TARGET} | {'yes' if met(r) else 'no'} | "
             f"{r['paired_ratio']:.2f} / {r['min_ratio']:.2f} |"
             + (f" {r['plain_s']:.3f} | {r['plain_ratio']:.2f} |" if ablation else "")
         )
@@ -551,7 +557,8 @@ def report(results: list[dict], agreement: dict, s: Settings, command: str = "")
         "",
         (
             "ratio = median r3rl step / median TRL step; paired = median over steps of r3rl_i / TRL_i "
-            "(step i of each side ran back to back); min = fastest r3rl step / fastest TRL step. "
+            "(step i of each side ran back to back); min = fastest r3rl step / fastest TRL step; "
+            "met = both the ratio and the paired ratio within the target. "
             "The machine is shared: when another job takes a core, 2-thread matmuls slow ~2×, so "
             "absolute times move between runs; compare the ratios."
         ),
@@ -599,8 +606,9 @@ def report(results: list[dict], agreement: dict, s: Settings, command: str = "")
             f"cannot go below {ph['rollout'] / r['trl_s']:.2f}. "
             + (
                 f"Meeting {TARGET} needs r3rl ≤ {TARGET * r['trl_s']:.3f} s/step, "
-                f"{r['r3rl_s'] - TARGET * r['trl_s']:.3f} s less than measured."
-                if r["ratio"] > TARGET
+                f"{r['r3rl_s'] - TARGET * r['trl_s']:+.3f} s from the measured median "
+                f"(paired ratio {r['paired_ratio']:.2f})."
+                if not met(r)
                 else f"Target met with {TARGET * r['trl_s'] - r['r3rl_s']:.3f} s to spare."
             )
         )
@@ -620,7 +628,7 @@ def report(results: list[dict], agreement: dict, s: Settings, command: str = "")
         "",
         "Target met at every size."
         if ok
-        else f"Target NOT met at: {', '.join(r['size'] for r in results if r['ratio'] > TARGET)}.",
+        else f"Target NOT met at: {', '.join(r['size'] for r in results if not met(r))}.",
         "",
     ]
     return "\n".join(lines)

@@ -48,3 +48,10 @@ def test_benchmark_times_grpo_step_at_tiny_size():
     assert sum(r["phases"].values()) <= r["r3rl_s"]
     text = bench.report([r], bench.check_loss_agreement("tiny", tokenizer=tok), s, " --quick")
     assert "ratio r3rl/TRL" in text and "shared_prefix=False" in text and "Loss agreement" in text
+
+
+def test_target_needs_both_the_median_and_the_paired_ratio():
+    bench = _bench()
+    assert bench.met({"ratio": 0.75, "paired_ratio": 0.79})
+    assert not bench.met({"ratio": 0.63, "paired_ratio": 0.97})  # a load burst, not a speed-up
+    assert not bench.met({"ratio": 0.85, "paired_ratio": 0.7})
