@@ -106,3 +106,24 @@ def tokenizer():
     from r3rl.shapes.critique import corpus
 
     return train_chat_tokenizer(corpus())
+
+
+@pytest.fixture
+def tiny_world(tmp_path: Path) -> list[str]:
+    """Recipe overrides for a shapes world that pretrains in seconds (its own cache) and steps fast."""
+    return [
+        f"world.cache_dir={tmp_path / 'cache'}", "world.pretrain_vae_steps=2", "world.pretrain_diffusion_steps=2",
+        "world.pretrain_pairs=8", "world.pretrain_reflector_steps=2", "world.reflector_sft_examples=8",
+        "world.pretrain_batch_size=4", "reflector.max_new_tokens=6", "generator.num_steps=2", "refiner.num_steps=2",
+    ]
+
+
+def load_bench(name: str):
+    """Import `bench/<name>.py` as a module (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

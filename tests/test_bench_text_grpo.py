@@ -5,23 +5,12 @@ Only correctness is asserted here; the timings are the benchmark's business (des
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import trl  # noqa: F401  (in the dev extra: a missing TRL is an install bug, not a skip)
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "text_grpo_vs_trl", ROOT / "bench/text_grpo_vs_trl.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("text_grpo_vs_trl")
 
 
 def test_library_loss_matches_trl_on_identical_batch():

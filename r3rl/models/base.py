@@ -114,3 +114,30 @@ def saved_scheduler_config(path: str | Path) -> dict | None:
     if not (folder / "scheduler_config.json").exists():
         return None
     return dict(FlowMatchEulerDiscreteScheduler.load_config(folder))
+
+
+class PipelineModel:
+    """Plumbing shared by adapters that wrap a whole diffusers pipeline (SD3, Qwen-Image): load
+    and save in the pipeline's own layout, and tell the transformer from the frozen rest."""
+
+    PIPELINE: type  # the family's diffusers pipeline class
+    pipe: object
+    transformer: torch.nn.Module
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, image_size: int, dtype: torch.dtype | None = None, **kwargs):
+        pipe = cls.PIPELINE.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
+        return cls(pipe, image_size=image_size, **kwargs)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.pipe.transformer = self.transformer
+        self.pipe.save_pretrained(path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def encoders(self) -> list[torch.nn.Module]:
+        """Everything but the transformer (kept frozen by the trainer)."""
+        return [m for n, m in self.pipe.components.items() if n != "transformer" and isinstance(m, torch.nn.Module)]

@@ -9,13 +9,11 @@ its rescale of the guided velocity to the conditional one's norm per token.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import QwenImagePipeline
 from PIL import Image
 
-from r3rl.models.base import TextCache, TextCond, scheduler_shift
+from r3rl.models.base import PipelineModel, TextCache, TextCond, scheduler_shift
 from r3rl.models.flux import pack_latents, to_pil, to_tensor, unpack_latents
 
 
@@ -25,7 +23,7 @@ def guided(v: torch.Tensor, v_neg: torch.Tensor, scale: float) -> torch.Tensor:
     return comb * (v.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
 
 
-class QwenImageModel:
+class QwenImageModel(PipelineModel):
     """Qwen-Image components; `true_cfg_scale > 1` runs the negative-prompt branch (pipeline default " ")."""
 
     PIPELINE = QwenImagePipeline
@@ -38,25 +36,6 @@ class QwenImageModel:
         self.latent_hw = image_size // pipe.vae_scale_factor
         self.sigma_shift = scheduler_shift(pipe.scheduler.config, (self.latent_hw // 2) ** 2)
         self._text = TextCache(self._encode_uncached, lambda: [pipe.text_encoder])
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, image_size: int, dtype: torch.dtype | None = None,
-                        **kwargs) -> QwenImageModel:
-        pipe = QwenImagePipeline.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
-        return cls(pipe, image_size=image_size, **kwargs)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        self.pipe.transformer = self.transformer
-        self.pipe.save_pretrained(path)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def encoders(self) -> list[torch.nn.Module]:
-        """Everything but the transformer (kept frozen by the trainer)."""
-        return [m for n, m in self.pipe.components.items() if n != "transformer" and isinstance(m, torch.nn.Module)]
 
     # ------------------------------------------------------------------ text
     def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

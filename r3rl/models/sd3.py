@@ -8,17 +8,15 @@ SD3 is text-to-image only; its guidance is plain CFG, `v_neg + s (v - v_neg)`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
-from r3rl.models.base import TextCache, TextCond, scheduler_shift
+from r3rl.models.base import PipelineModel, TextCache, TextCond, scheduler_shift
 from r3rl.models.flux import to_pil, to_tensor
 
 
-class SD3Model:
+class SD3Model(PipelineModel):
     """SD3 components; `true_cfg_scale` is the pipeline's `guidance_scale` (1 = no CFG)."""
 
     PIPELINE = StableDiffusion3Pipeline
@@ -34,25 +32,6 @@ class SD3Model:
         self.sigma_shift = scheduler_shift(pipe.scheduler.config, (self.latent_hw // 2) ** 2)
         encoders = lambda: [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None]
         self._text = TextCache(self._encode_uncached, encoders)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, image_size: int, dtype: torch.dtype | None = None,
-                        **kwargs) -> SD3Model:
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
-        return cls(pipe, image_size=image_size, **kwargs)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        self.pipe.transformer = self.transformer
-        self.pipe.save_pretrained(path)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def encoders(self) -> list[torch.nn.Module]:
-        """Everything but the transformer (kept frozen by the trainer)."""
-        return [m for n, m in self.pipe.components.items() if n != "transformer" and isinstance(m, torch.nn.Module)]
 
     # ------------------------------------------------------------------ text
     def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
