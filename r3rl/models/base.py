@@ -60,6 +60,29 @@ class TextCache:
         return tuple(_pad_stack([self._rows[t][k] for t in texts]) for k in range(len(self._rows[texts[0]])))
 
 
+
+def cfg_text_cond(text: TextCache, texts: list[str], cache: bool, true_cfg_scale: float,
+                  negative_prompt: str) -> TextCond:
+    """(sequence, pooled) conditioning from `text`, plus the negative prompt's branch when true CFG is on."""
+    cond = TextCond(*text(texts, cache))
+    if true_cfg_scale > 1.0:
+        cond.neg_embeds, cond.neg_pooled = text([negative_prompt] * len(texts), cache)
+    return cond
+
+
+def vae_latents(vae: torch.nn.Module, pixels: torch.Tensor, *, sample: bool) -> torch.Tensor:
+    """Pixels -> (B, C, h, w) float latents normalised as the pipelines do: (z - shift) * scale."""
+    dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+    z = (dist.sample() if sample else dist.mean).float()
+    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def vae_pixels(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of `vae_latents`, decoded without grad to pixels in [-1, 1]."""
+    z = latents / vae.config.scaling_factor + vae.config.shift_factor
+    with torch.no_grad():
+        return vae.decode(z.to(vae.dtype)).sample
+
 def _pad_stack(rows: list[torch.Tensor]) -> torch.Tensor:
     """Stack rows, zero-padding their first dim to the longest (unpadded text encoders)."""
     n = max(r.shape[0] for r in rows) if rows[0].dim() else 0

@@ -16,7 +16,15 @@ from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-from r3rl.models.base import TextCache, TextCond, saved_scheduler_config, scheduler_shift
+from r3rl.models.base import (
+    TextCache,
+    TextCond,
+    cfg_text_cond,
+    saved_scheduler_config,
+    scheduler_shift,
+    vae_latents,
+    vae_pixels,
+)
 
 ADAPTER_FILE = "r3rl_adapter.json"  # adapter settings saved next to the diffusers components
 
@@ -151,25 +159,15 @@ class FluxModel:
     def encode_text(self, texts: list[str], *, cache: bool = True) -> TextCond:
         """Sequence (T5) + pooled (CLIP) embeddings; cached per string while both encoders are
         frozen (eval mode, no grad); the cache is dropped whenever either one is trainable."""
-        cond = TextCond(*self._text(texts, cache))
-        if self.true_cfg_scale > 1.0:
-            cond.neg_embeds, cond.neg_pooled = self._text([self.negative_prompt] * len(texts), cache)
-        return cond
+        return cfg_text_cond(self._text, texts, cache, self.true_cfg_scale, self.negative_prompt)
 
     # ------------------------------------------------------------------ images
     def encode_images(self, images: list[Image.Image], *, sample: bool = False) -> torch.Tensor:
         """PIL -> normalised, packed latents (B, N, 4C)."""
-        x = to_tensor(images, self.image_size).to(self.device, self.vae.dtype)
-        dist = self.vae.encode(x).latent_dist
-        z = (dist.sample() if sample else dist.mean).float()
-        z = (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-        return pack_latents(z)
+        return pack_latents(vae_latents(self.vae, to_tensor(images, self.image_size).to(self.device), sample=sample))
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        z = unpack_latents(latents, self.latent_hw, self.latent_hw)
-        z = z / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        with torch.no_grad():
-            return to_pil(self.vae.decode(z.to(self.vae.dtype)).sample)
+        return to_pil(vae_pixels(self.vae, unpack_latents(latents, self.latent_hw, self.latent_hw)))
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         n = (self.latent_hw // 2) ** 2

@@ -12,7 +12,15 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
-from r3rl.models.base import PipelineModel, TextCache, TextCond, scheduler_shift
+from r3rl.models.base import (
+    PipelineModel,
+    TextCache,
+    TextCond,
+    cfg_text_cond,
+    scheduler_shift,
+    vae_latents,
+    vae_pixels,
+)
 from r3rl.models.flux import to_pil, to_tensor
 
 
@@ -42,26 +50,18 @@ class SD3Model(PipelineModel):
         return embeds, pooled
 
     def encode_text(self, texts: list[str], *, cache: bool = True) -> TextCond:
-        cond = TextCond(*self._text(texts, cache))
-        if self.true_cfg_scale > 1.0:
-            cond.neg_embeds, cond.neg_pooled = self._text([self.negative_prompt] * len(texts), cache)
-        return cond
+        return cfg_text_cond(self._text, texts, cache, self.true_cfg_scale, self.negative_prompt)
 
     # ------------------------------------------------------------------ images
     def encode_images(self, images: list[Image.Image], *, sample: bool = False) -> torch.Tensor:
-        x = to_tensor(images, self.image_size).to(self.device, self.vae.dtype)
-        dist = self.vae.encode(x).latent_dist
-        z = (dist.sample() if sample else dist.mean).float()
-        z = (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        z = vae_latents(self.vae, to_tensor(images, self.image_size).to(self.device), sample=sample)
         return z.flatten(2).transpose(1, 2)
 
     def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, self.latent_hw, self.latent_hw)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        z = self._grid(latents) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        with torch.no_grad():
-            return to_pil(self.vae.decode(z.to(self.vae.dtype)).sample)
+        return to_pil(vae_pixels(self.vae, self._grid(latents)))
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         ch = self.transformer.config.in_channels
