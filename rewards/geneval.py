@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from r3rl.judges import HttpPool, JudgeStats, encode_image, scores_from_json
+from r3rl.judges import HttpPool, JudgeStats, encode_image
 
 
 class GenEval:
@@ -56,7 +56,7 @@ class GenEval:
     ) -> list[float | None]:
         records = [{"prompt": p, **(m or {})} for p, m in zip(prompts, metadata)]
         starts = range(0, len(records), self.batch_size)
-        bodies = await self.pool.post_many(
+        return await self.pool.post_scores(
             "",
             [
                 {
@@ -69,11 +69,5 @@ class GenEval:
                 }
                 for s in starts
             ],
+            [len(records[s : s + self.batch_size]) for s in starts],
         )
-        scores: list[float | None] = []
-        for s, body in zip(starts, bodies):
-            n = len(records[s : s + self.batch_size])
-            chunk = None if body is None else scores_from_json(body, n)
-            self.stats.unparseable += body is not None and chunk is None
-            scores.extend([None] * n if chunk is None else chunk)
-        return scores

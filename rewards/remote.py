@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from r3rl.judges import HttpPool, JudgeStats, encode_image, scores_from_json
+from r3rl.judges import HttpPool, JudgeStats, encode_image
 
 TOKEN_ENV = "R3RL_REWARD_TOKEN"
 
@@ -77,11 +77,5 @@ class Remote:
             if completions is not None:
                 payload["completions"] = list(completions[cut])
             payloads.append(payload)
-        bodies = await self.pool.post_many(f"/v1/rewards/{quote(self.reward, safe='')}", payloads)
-        scores: list[float | None] = []
-        for payload, body in zip(payloads, bodies):
-            n = len(payload["prompts"])
-            chunk = None if body is None else scores_from_json(body, n)
-            self.stats.unparseable += body is not None and chunk is None
-            scores.extend([None] * n if chunk is None else chunk)
-        return scores
+        path = f"/v1/rewards/{quote(self.reward, safe='')}"
+        return await self.pool.post_scores(path, payloads, [len(p["prompts"]) for p in payloads])

@@ -28,6 +28,7 @@ from tenacity import (
 )
 
 from r3rl.errors import UserError
+from r3rl.judges.scoring import scores_from_json
 
 log = logging.getLogger(__name__)
 
@@ -197,3 +198,13 @@ class HttpPool:
                 reasons,
             )
         return [answer for answer, _ in outcomes]
+
+    async def post_scores(self, path: str, payloads: Sequence[Any], sizes: Sequence[int]) -> list[float | None]:
+        """POST batches answered with `{"scores": [...]}` (a reward server, a GenEval detector): one
+        score or None per sample, in order; an answer that is not n scores counts as unparseable."""
+        scores: list[float | None] = []
+        for n, body in zip(sizes, await self.post_many(path, payloads)):
+            chunk = None if body is None else scores_from_json(body, n)
+            self.stats.unparseable += body is not None and chunk is None
+            scores.extend([None] * n if chunk is None else chunk)
+        return scores
