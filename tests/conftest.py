@@ -127,3 +127,12 @@ def load_bench(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def tiny_world_yaml(root: Path) -> str:
+    """Recipe lines (output_dir, world, reflector) for a shapes world that pretrains in seconds,
+    cached under `root`: the start of the end-to-end tests' tiny recipes."""
+    return f"""output_dir: {root / 'run'}
+world: {{pretrain_vae_steps: 4, pretrain_diffusion_steps: 4, pretrain_pairs: 16, pretrain_reflector_steps: 60,
+        reflector_sft_examples: 32, pretrain_batch_size: 8, cache_dir: {root / 'cache'}}}
+reflector: {{lr: 1.0e-3, max_new_tokens: 12}}"""

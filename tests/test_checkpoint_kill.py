@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import tiny_world_yaml
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -37,10 +38,7 @@ def recipe(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("kill")
     path = root / "tiny.yaml"
     path.write_text(f"""
-output_dir: {root / 'run'}
-world: {{pretrain_vae_steps: 4, pretrain_diffusion_steps: 4, pretrain_pairs: 16, pretrain_reflector_steps: 60,
-        reflector_sft_examples: 32, pretrain_batch_size: 8, cache_dir: {root / 'cache'}}}
-reflector: {{lr: 1.0e-3, max_new_tokens: 12}}
+{tiny_world_yaml(root)}
 generator: {{train: true, num_steps: 3, lr: 1.0e-3}}
 refiner: {{num_steps: 3, lr: 1.0e-3}}
 rollout: {{group_size: 3, max_rounds: 2}}

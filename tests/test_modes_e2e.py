@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_world_yaml
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -20,10 +21,7 @@ def recipe(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("modes")
     path = root / "tiny.yaml"
     path.write_text(f"""
-output_dir: {root / 'run'}
-world: {{pretrain_vae_steps: 4, pretrain_diffusion_steps: 4, pretrain_pairs: 16, pretrain_reflector_steps: 60,
-        reflector_sft_examples: 32, pretrain_batch_size: 8, cache_dir: {root / 'cache'}}}
-reflector: {{lr: 1.0e-3, max_new_tokens: 12}}
+{tiny_world_yaml(root)}
 generator: {{train: false, num_steps: 3}}
 refiner: {{num_steps: 3, lr: 1.0e-3, region: {{box: [0.25, 0.25, 0.75, 0.75]}},
           regenerate: {{pretrain_steps: 4, pretrain_pairs: 16}}}}
