@@ -136,3 +136,33 @@ def tiny_world_yaml(root: Path) -> str:
 world: {{pretrain_vae_steps: 4, pretrain_diffusion_steps: 4, pretrain_pairs: 16, pretrain_reflector_steps: 60,
         reflector_sft_examples: 32, pretrain_batch_size: 8, cache_dir: {root / 'cache'}}}
 reflector: {{lr: 1.0e-3, max_new_tokens: 12}}"""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, *, timeout_s: float, what: str,
+                 log: Callable[[], str] = lambda: "") -> None:
+    """Poll `base/health` until it answers 200; if the server exits or time runs out, kill it and
+    raise with `log()` (its output's tail) in the message."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{what} did not start: {log()}")
+        time.sleep(0.2)

@@ -10,15 +10,13 @@ is covered against a stand-in server in test_judge_faults.py.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from conftest import free_port, wait_healthy
 from PIL import Image
 
 from r3rl.rewards import load_reward
@@ -96,18 +94,12 @@ def build_tiny_judge(path: Path) -> None:
     tok.save_pretrained(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Iterator[tuple[str, str]]:
     """(base_url, model) of `transformers serve` running the tiny judge; stopped afterwards."""
     path = tmp_path_factory.mktemp("judge") / "tiny-judge"
     build_tiny_judge(path)
-    port = _free_port()
+    port = free_port()
     cli = Path(sys.executable).with_name("transformers")
     log = (path.parent / "serve.log").open("w")
     proc = subprocess.Popen(
@@ -128,19 +120,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Iterat
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    "transformers serve did not start: "
-                    + (path.parent / "serve.log").read_text()[-2000:]
-                )
-            time.sleep(0.3)
+        wait_healthy(proc, base, timeout_s=120, what="transformers serve",
+                     log=lambda: (path.parent / "serve.log").read_text()[-2000:])
         yield f"{base}/v1", str(path)
     finally:
         proc.terminate()

@@ -10,26 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from conftest import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN_ENV = "R3RL_TEST_JUDGE_TOKEN"
 GROUP = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +40,7 @@ def flaky_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """)
     )
     (root / "rewards.yaml").write_text(f'rewards: [{{name: "{root / "flaky.py"}:flaky"}}]\n')
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -67,15 +59,7 @@ def flaky_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("serve-rewards did not start")
+        wait_healthy(proc, base, timeout_s=60, what="serve-rewards")
         yield base
     finally:
         proc.terminate()

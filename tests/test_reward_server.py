@@ -16,12 +16,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port, wait_healthy
 from PIL import Image
 
 from r3rl.rewards import load_reward
@@ -33,12 +33,6 @@ TOKEN = "test-token-123"
 TOKEN_ENV = "R3RL_TEST_REWARD_TOKEN"
 MAX_BATCH = 4
 MAX_BYTES = 64 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
           - {{name: "{root / "extra.py"}:broken"}}
     """)
     )
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, TOKEN_ENV: TOKEN, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [
@@ -87,17 +81,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"serve-rewards did not start: {proc.communicate()[0][-2000:]}")
-            time.sleep(0.2)
+        wait_healthy(proc, base, timeout_s=60, what="serve-rewards", log=lambda: proc.communicate()[0][-2000:])
         yield base
     finally:
         proc.terminate()
