@@ -121,16 +121,26 @@ def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
     torch_states = gather([torch.get_rng_state()], topo)
     if main:
         _write_rest(run, tmp, final, step, optim, torch_states)
-        for _, old in _checkpoints(out)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(".tmp-step-*"):  # left by a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
+        publish(tmp, final, keep_last=keep_last)
     barrier(topo)
     return final
 
 
+def publish(tmp: Path, final: Path, *, keep_last: int) -> None:
+    """Mark a fully written `tmp` complete and rename it to `final` (atomic: a reader sees the old
+    checkpoint or the new one), then keep the newest `keep_last` and drop temp folders left by
+    runs killed while saving. `final` is `output_dir/checkpoints/step-N`."""
+    (tmp / COMPLETE).touch()
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for _, old in _checkpoints(final.parent.parent)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in final.parent.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _write_rest(run: Run, tmp: Path, final: Path, step: int, optim: dict, torch_states: list) -> None:
-    """Rank 0: optimisers, RNGs, buffer and trainer state, then COMPLETE and the atomic rename."""
+    """Rank 0: optimisers, RNGs, buffer and trainer state (`publish` then makes it the checkpoint)."""
     torch.save(optim, tmp / "optimizers.pt")
     torch.save({"torch": torch_states[0], "torch_per_rank": torch_states, "python": list(_py_state(run.rng))},
                tmp / "rng.pt")
@@ -142,9 +152,6 @@ def _write_rest(run: Run, tmp: Path, final: Path, step: int, optim: dict, torch_
         items.append({"meta": it.meta, "reward": it.reward, "round": it.round})
     state = {"step": step, "buffer": items, "nonfinite_in_row": run.nonfinite_in_row}
     (tmp / "trainer_state.json").write_text(json.dumps(state))
-    (tmp / COMPLETE).touch()
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
 
 
 def _py_state(rng: random.Random) -> tuple:

@@ -11,7 +11,6 @@ FLOPs (bench/text_grpo_vs_trl.py measures it against TRL's GRPOTrainer).
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import time
@@ -199,18 +198,14 @@ def grpo_step(
 
 
 def _save(policy: CausalLMPolicy, out: Path, step: int, keep_last: int) -> Path:
-    """Weights (or the LoRA adapter) + tokenizer, written to a temp dir and renamed, with a COMPLETE marker."""
-    root = out / "checkpoints"
-    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    """Weights (or the LoRA adapter) + tokenizer, published atomically like every r3rl checkpoint."""
+    from r3rl.checkpoint import publish
+
+    final, tmp = out / "checkpoints" / f"step-{step}", out / "checkpoints" / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.model.save_pretrained(tmp)
     policy.tok.save_pretrained(tmp)
-    (tmp / "COMPLETE").write_text(str(step))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    done = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if (p / "COMPLETE").exists())
-    for _, old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    publish(tmp, final, keep_last=keep_last)
     return final
 
 
