@@ -103,3 +103,14 @@ def test_resume_is_refused_with_one_line(tiny_lm, tmp_path):
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "resume is not supported with rollout.credit=text" in res.stderr
+
+
+def test_missing_policy_folder_is_one_line(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "the red circle"}\n')
+    cmd = [sys.executable, "-m", "r3rl.cli", "train", "recipes/grpo_text.yaml", f"reflector.model={tmp_path / 'nope'}",
+           f"data.train_prompts={tmp_path / 'p.jsonl'}", f"output_dir={tmp_path / 'run'}"]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"r3rl: error: reflector.model must be a local causal-LM directory with rollout.credit=text; "
+        f"got '{tmp_path / 'nope'}'"]
