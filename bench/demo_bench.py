@@ -39,7 +39,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "r3rl.cli", "train", str(ROOT / "recipes/shapes_cpu.yaml"),
            f"output_dir={out / 'run'}", f"world.cache_dir={cache}", *args.overrides]
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    # the CLI picks the OpenMP wait policy (r3rl/cli.py); a shell's own setting would override it
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     t0 = time.time()
     subprocess.run(cmd, check=True, env=env)
     wall = time.time() - t0

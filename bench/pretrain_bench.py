@@ -17,7 +17,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import r3rl.cli  # noqa: F401  (sets the CLI's OpenMP wait policy before torch loads, as `r3rl train` does)
 
 ROOT = Path(__file__).resolve().parents[1]
 

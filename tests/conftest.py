@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see r3rl/cli.py
+# before torch: tests share the cores with the servers and CLI runs they start, so idle OpenMP
+# threads sleep at once (the CLI itself spins briefly: r3rl/cli.py, bench/omp_wait_bench.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
