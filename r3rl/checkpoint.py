@@ -103,14 +103,15 @@ def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(topo)
-    with _full_weights(run.reflector.model):
-        if main:
-            run.reflector.save_pretrained(tmp / "reflector")
+    if run.reflector is not None:  # None in a generator-only run (credit=flow_grpo)
+        with _full_weights(run.reflector.model):
+            if main:
+                run.reflector.save_pretrained(tmp / "reflector")
     optim = {}
     if run.reflector_opt is not None and "reflector" not in run.engines:
         optim["reflector"] = run.reflector_opt.state_dict()
     for name, pol in (("generator", run.generator), ("refiner", run.refiner)):
-        if pol.train:
+        if pol is not None and pol.train:
             with _full_weights(pol.model.transformer):
                 if main:
                     pol.model.transformer.save_pretrained(tmp / name / "transformer")
@@ -168,13 +169,13 @@ def load_checkpoint(run: Run, path: Path) -> int:
         if not folder.exists():
             raise UserError(f"checkpoint {path} has no DeepSpeed state for {name} (saved without distributed.deepspeed?)")
         engine.load_checkpoint(str(folder), tag="state")
-    if "reflector" not in run.engines:
+    if run.reflector is not None and "reflector" not in run.engines:
         load_module(run.reflector.model, path / "reflector")
     optim = torch.load(path / "optimizers.pt", weights_only=True)
     if run.reflector_opt is not None and "reflector" in optim:
         run.reflector_opt.load_state_dict(optim["reflector"])
     for name, pol in (("generator", run.generator), ("refiner", run.refiner)):
-        if pol.train and (path / name).exists() and name not in run.engines:
+        if pol is not None and pol.train and (path / name).exists() and name not in run.engines:
             load_module(pol.model.transformer, path / name / "transformer")
             pol.opt.load_state_dict(optim[name])
     rng = torch.load(path / "rng.pt", weights_only=True)

@@ -257,10 +257,11 @@ class FlowGRPOConfig(_Section):
 class RolloutConfig(_Section):
     """How episodes are sampled and how credit is assigned."""
 
-    credit: Literal["r3", "tree", "text"] = Field(
+    credit: Literal["r3", "tree", "text", "flow_grpo"] = Field(
         "r3",
-        description="R3's alternating generate/refine steps, tree credit, or plain GRPO on a "
-        "text-only causal LM (`reflector.model`, no images).",
+        description="R3's alternating generate/refine steps, tree credit, plain GRPO on a "
+        "text-only causal LM (`reflector.model`, no images), or plain FlowGRPO on the generator "
+        "alone (no reflector or refiner is loaded; every step is a generate step, eval is round 0).",
     )
     group_size: int = Field(8, ge=2, description="Samples per group (GRPO needs at least 2).")
     prompts_per_step: int = Field(

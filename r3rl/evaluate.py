@@ -44,9 +44,9 @@ class EvalResult:
 
 
 def evaluate_rounds(
-    reflector: HFReflector,
+    reflector: HFReflector | None,
     generator: FluxModel,
-    refiner: FluxModel,
+    refiner: FluxModel | None,
     reward: CombinedReward,
     metas: list[dict],
     *,
@@ -57,7 +57,8 @@ def evaluate_rounds(
     seed: int,
 ) -> EvalResult:
     """Round 0 = the generator's image; round k = after k reflect/refine rounds (stopped samples
-    keep their image). `final` is the score after the last round each sample reached."""
+    keep their image). `final` is the score after the last round each sample reached. With
+    `rounds=0` (a generator-only run) the reflector and refiner may be None."""
     settings = SamplerSettings(num_steps=num_steps, sde=SDEConfig())
     n = len(metas)
     scores = torch.full((rounds + 1, n), math.nan)

@@ -82,15 +82,17 @@ def load_trained(checkpoint: str | Path, *, eval_prompts: str | None = None) -> 
     recipe = ckpt.parent.parent / "config.yaml"
     if not recipe.is_file():
         raise UserError(f"--checkpoint {checkpoint}: the run's recipe {recipe} is missing")
-    reflector_dir = _weights(ckpt / "reflector", "reflector")
+    cfg = load_config(recipe)
+    # a generator-only run (credit=flow_grpo) has no reflector
+    reflector_dir = None if cfg.rollout.credit == "flow_grpo" else _weights(ckpt / "reflector", "reflector")
     policies = {
         name: _weights(ckpt / name / "transformer", name)
         for name in ("generator", "refiner")
         if (ckpt / name).exists()
     }
-    cfg = load_config(recipe)
     run = build_run(cfg, eval_prompts=eval_prompts, for_training=False)
-    load_module(run.reflector.model, reflector_dir)
+    if reflector_dir is not None:
+        load_module(run.reflector.model, reflector_dir)
     for name, folder in policies.items():
         _load_transformer(getattr(run, name).model.transformer, folder, getattr(cfg, name).lora)
     return run, ckpt
@@ -207,7 +209,10 @@ def refine(
     metas = load_prompts(prompts)
     run, _ = load_trained(checkpoint, eval_prompts=str(prompts))
     cfg = run.cfg
-    rounds = cfg.eval.rounds if rounds is None else rounds
+    if run.refiner is None and rounds:
+        raise UserError(f"--rounds {rounds}: this run trained a generator only (rollout.credit=flow_grpo); "
+                        "it has no reflector or refiner, use --rounds 0")
+    rounds = (cfg.eval.rounds if run.refiner is not None else 0) if rounds is None else rounds
     num_steps = cfg.eval.num_steps if num_steps is None else num_steps
     seed = cfg.seed + 1 if seed is None else seed
     bs = batch_size or cfg.eval.batch_size
@@ -242,7 +247,7 @@ def refine(
             result = evaluate_rounds(
                 run.reflector,
                 run.generator.model,
-                run.refiner.model,
+                None if run.refiner is None else run.refiner.model,
                 run.reward,
                 chunk,
                 rounds=rounds,

@@ -100,11 +100,11 @@ class Policy:
 @dataclass
 class Run:
     cfg: Config
-    reflector: HFReflector
+    reflector: HFReflector | None  # None (with the refiner) in a generator-only run, credit=flow_grpo
     ref_reflector: HFReflector | None
     reflector_opt: torch.optim.Optimizer | None
     generator: Policy
-    refiner: Policy
+    refiner: Policy | None
     reward: CombinedReward
     train_prompts: list[dict]
     eval_prompts: list[dict]
@@ -136,17 +136,18 @@ class Run:
     def evaluate(self, step: int | None) -> EvalResult:
         e = self.cfg.eval
         text = TextSettings(e.temperature, self.text.top_k, self.text.top_p, self.text.max_new_tokens)
+        refiner = None if self.refiner is None else self.refiner.model
         return evaluate_rounds(
-            self.reflector, self.generator.model, self.refiner.model, self.reward,
-            self.eval_prompts * e.samples_per_prompt,
-            rounds=e.rounds, num_steps=e.num_steps, text=text, batch_size=e.batch_size, seed=self.cfg.seed + 1,
+            self.reflector, self.generator.model, refiner, self.reward, self.eval_prompts * e.samples_per_prompt,
+            rounds=e.rounds if refiner is not None else 0, num_steps=e.num_steps, text=text,
+            batch_size=e.batch_size, seed=self.cfg.seed + 1,
         )
 
     # ----------------------------------------------------------------- stages
     def stage_for(self, step: int) -> str:
         if self.cfg.rollout.credit == "tree":
             return "tree"
-        if self.generator.train and step % 2 == 1:
+        if self.refiner is None or (self.generator.train and step % 2 == 1):
             return "generate"
         return "refine"
 
@@ -199,8 +200,9 @@ class Run:
         ro = run_diffusion(self.generator.model, [meta["prompt"]] * g, None, self.generator.settings,
                            train=train, generator=gen, keep=mine)
         s = self._gather_scored(score(self.reward, [meta] * len(ro.images), ro.images))
-        for im, r in zip(gather(ro.images, self.dist), s.total.tolist()):
-            self.buffer.add(BufferItem(meta, im, r, 0))
+        if self.refiner is not None:  # the inputs of later refine steps
+            for im, r in zip(gather(ro.images, self.dist), s.total.tolist()):
+                self.buffer.add(BufferItem(meta, im, r, 0))
         batch = Batch(metrics=_reward_metrics(s.total, s))
         if train:
             _, image_r = r3_generate_rewards(s.total, torch.ones_like(s.total), self.cfg.rollout.format_weight)
@@ -575,6 +577,21 @@ def _prompts(path: str | None, split: str, n: int | None) -> list[dict]:
     return records[:n] if n else records
 
 
+def _reflector(cfg: Config, world: Path | None, for_training: bool):
+    """The reflector, its frozen KL reference (full fine-tuning with beta > 0) and its optimiser."""
+    rc = cfg.reflector
+    reflector = HFReflector.from_pretrained(
+        _model_path(rc.model, world, "reflector"), trust_remote_code=rc.trust_remote_code,
+        lora=lora_kwargs(**rc.lora.model_dump()) if rc.lora else None,
+        gradient_checkpointing=rc.gradient_checkpointing, dtype=rc.dtype,
+    )
+    if not (for_training and rc.train):
+        reflector.model.requires_grad_(False)
+        return reflector, None, None
+    opt = torch.optim.AdamW(reflector.trainable_parameters(), lr=rc.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    return reflector, reflector.frozen_copy() if rc.beta > 0 and rc.lora is None else None, opt
+
+
 def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: bool = True,
               topo: Topology | None = None) -> Run:
     """Load the policies (every rank loads the same weights) and, with `distributed.deepspeed`
@@ -583,32 +600,25 @@ def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: boo
     quiet_libraries()
     if cfg.refiner.mode != "edit" and cfg.rollout.credit == "tree":
         raise UserError(f"refiner.mode={cfg.refiner.mode!r} needs rollout.credit='r3'; tree credit refines in 'edit' mode only")
+    generator_only = cfg.rollout.credit == "flow_grpo"
+    if generator_only and for_training and not cfg.generator.train:
+        raise UserError("rollout.credit=flow_grpo trains the generator alone: set generator.train=true")
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    names = (cfg.reflector.model, cfg.generator.model, cfg.refiner.model)
+    names = (cfg.generator.model,) if generator_only else (cfg.reflector.model, cfg.generator.model, cfg.refiner.model)
     world = _shapes_world(cfg, topo) if SHAPES_MODEL in names else None
-    reflector = HFReflector.from_pretrained(
-        _model_path(cfg.reflector.model, world, "reflector"), trust_remote_code=cfg.reflector.trust_remote_code,
-        lora=lora_kwargs(**cfg.reflector.lora.model_dump()) if cfg.reflector.lora else None,
-        gradient_checkpointing=cfg.reflector.gradient_checkpointing, dtype=cfg.reflector.dtype,
-    )
-    train_refl = for_training and cfg.reflector.train
-    reflector.model.requires_grad_(False) if not train_refl else None
-    ref_reflector, opt = None, None
-    if train_refl:
-        opt = torch.optim.AdamW(reflector.trainable_parameters(), lr=cfg.reflector.lr, betas=(0.9, 0.95),
-                                weight_decay=0.0)
-        if cfg.reflector.beta > 0 and cfg.reflector.lora is None:
-            ref_reflector = reflector.frozen_copy()
+    reflector, ref_reflector, opt = (None, None, None) if generator_only else _reflector(cfg, world, for_training)
     fg = cfg.flow_grpo
     gen_cfg = cfg.generator.model_copy(update={"train": for_training and cfg.generator.train})
-    ref_cfg = cfg.refiner.model_copy(update={"train": for_training and cfg.refiner.train})
     size = cfg.world.image_size
     generator = _diffusion_policy(gen_cfg, _model_path(cfg.generator.model, world, "flux"), size, fg, max_index=None)
-    ref_path = refiner_folder(cfg.refiner, _model_path(cfg.refiner.model, world, "flux"), world, size, cfg.seed)
-    refiner = _diffusion_policy(ref_cfg, ref_path, size, fg, max_index=fg.refine_max_index)
-    refiner.model = wrap_refiner(refiner.model, cfg.refiner, ref_path)  # refiner.mode: edit | regenerate | region
+    refiner = None
+    if not generator_only:
+        ref_cfg = cfg.refiner.model_copy(update={"train": for_training and cfg.refiner.train})
+        ref_path = refiner_folder(cfg.refiner, _model_path(cfg.refiner.model, world, "flux"), world, size, cfg.seed)
+        refiner = _diffusion_policy(ref_cfg, ref_path, size, fg, max_index=fg.refine_max_index)
+        refiner.model = wrap_refiner(refiner.model, cfg.refiner, ref_path)  # refiner.mode: edit | regenerate | region
     rc = cfg.reflector
     run = Run(
         cfg=cfg, reflector=reflector, ref_reflector=ref_reflector, reflector_opt=opt, generator=generator,
@@ -638,10 +648,10 @@ def _attach_engines(run: Run) -> None:
     at ZeRO-3, transformers' flag makes `generate` step every rank until all are done."""
     cfg, tc = run.cfg, run.cfg.trainer
     configs = []
-    policies = [("reflector", run.reflector.model, cfg.reflector.lr, run.reflector_opt is not None)]
+    policies = [("reflector", run.reflector and run.reflector.model, cfg.reflector.lr, run.reflector_opt is not None)]
     policies += [(name, pol.model.transformer, lr, pol.train)
                  for name, pol, lr in (("generator", run.generator, cfg.generator.lr),
-                                       ("refiner", run.refiner, cfg.refiner.lr))]
+                                       ("refiner", run.refiner, cfg.refiner.lr)) if pol is not None]
     for name, module, lr, trained in policies:
         if not trained:
             continue

@@ -1,0 +1,95 @@
+"""`rollout.credit: flow_grpo`: plain FlowGRPO on the generator alone, on a tiny SD3 checkpoint.
+
+The run must never load a reflector or a refiner (their model paths here do not exist, and
+loading a reflector fails the test), train the generator on every step and evaluate round 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from r3rl.config import load_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
+NOISY = REPO / "tests" / "fixtures" / "noisy_reward.py"
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, tokenizer) -> Path:
+    from r3rl.models.tiny import build_tiny_sd3
+    from r3rl.shapes.prompts import shapes_prompts, write_jsonl
+
+    root = tmp_path_factory.mktemp("flow_grpo")
+    build_tiny_sd3(tokenizer, 32).save_pretrained(root / "sd3")
+    write_jsonl(shapes_prompts("train", 8), root / "train.jsonl")
+    write_jsonl(shapes_prompts("eval", 2), root / "eval.jsonl")
+    path = root / "recipe.yaml"
+    path.write_text(f"""
+output_dir: {root / 'run'}
+world: {{image_size: 32}}
+data: {{train_prompts: {root / 'train.jsonl'}, eval_prompts: {root / 'eval.jsonl'}, num_eval_prompts: 2}}
+reflector: {{model: {root / 'no-reflector'}}}
+refiner: {{model: {root / 'no-refiner'}}}
+generator: {{model: {root / 'sd3'}, train: true, lora: {{r: 4, alpha: 8}}, lr: 1.0e-2, num_steps: 3, cfg_scale: 2.0}}
+flow_grpo: {{timesteps: subset, num_train_timesteps: 2, beta: 0.04}}
+rollout: {{credit: flow_grpo, group_size: 3}}
+trainer: {{max_steps: 2, eval_every: 2, save_every: 2, log_images_every: 0}}
+eval: {{rounds: 3, num_steps: 2, batch_size: 2}}
+rewards: [{{name: "{NOISY}:noisy_reward"}}]
+""")
+    return path
+
+
+def test_generator_only_run_builds_and_trains_the_generator_alone(recipe, tmp_path, monkeypatch):
+    from r3rl.models.reflector import HFReflector
+    from r3rl.trainer import build_run
+
+    def no_reflector(*args, **kwargs):
+        raise AssertionError("a generator-only run loaded a reflector")
+
+    monkeypatch.setattr(HFReflector, "from_pretrained", no_reflector)
+    run = build_run(load_config(recipe, [f"output_dir={tmp_path}"]))
+    assert run.reflector is None and run.refiner is None and run.reflector_opt is None
+    lora = {n: p.detach().clone() for n, p in run.generator.model.transformer.named_parameters() if p.requires_grad}
+    rows = [run.train_step(step) for step in (1, 2)]
+    assert [r["stage"] for r in rows] == ["generate", "generate"]
+    for r in rows:
+        assert r["frac_reward_zero_std"] == 0.0 and 0.0 <= r["reward/mean"] <= 1.0
+        assert torch.isfinite(torch.tensor([r["loss/flow_grpo"], r["grad_norm"]])).all()
+    assert rows[1]["kl/image"] > 0.0  # step 1 moved the LoRA away from the base (the KL reference)
+    moved = [n for n, p in run.generator.model.transformer.named_parameters() if n in lora and not torch.equal(p, lora[n])]
+    assert moved and len(run.buffer) == 0  # no refine step will ever read the buffer
+    result = run.evaluate(2)
+    assert len(result.images) == 1 and "eval/round0_mean" in result.metrics  # eval.rounds=3 ignored: round 0 only
+    assert not any(k.startswith("eval/round1") for k in result.metrics)
+    assert result.metrics["eval/final_mean"] == result.metrics["eval/round0_mean"]
+
+
+def test_generator_only_cli_train_then_refine_round_zero(recipe, run_cli, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "r3rl.cli", "train", str(recipe), f"output_dir={out}"],
+                          check=False, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and [r["stage"] for r in rows[1:]] == ["generate"] * 2
+    assert "eval/round0_mean" in rows[2] and not any(k.startswith("eval/round1") for k in rows[2])
+    ckpt = out / "checkpoints" / "step-2"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["buffer", "generator"]
+
+    prompts = Path(load_config(recipe).data.eval_prompts)
+    bad = run_cli("refine", "--checkpoint", str(out), "--prompts", str(prompts), "--rounds", "1",
+                  "--out", str(tmp_path / "r1"))
+    assert bad.returncode == 2 and "generator only" in bad.stderr and "Traceback" not in bad.stderr
+    ok = run_cli("refine", "--checkpoint", str(out), "--prompts", str(prompts), "--out", str(tmp_path / "r0"))
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    trace = [json.loads(line) for line in (tmp_path / "r0" / "trace.jsonl").read_text().splitlines()]
+    assert len(trace) == 2 and all(len(t["rounds"]) == 1 for t in trace)
