@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from plot_curves import plot
+from results import publish
 
 
 def main() -> None:
@@ -69,10 +70,7 @@ def main() -> None:
     for k in rounds:
         lines.append(f"| eval/round{k}_mean step 0 -> {last['step']} | {first[f'eval/round{k}_mean']:.3f} -> {last[f'eval/round{k}_mean']:.3f} | |")
     lines += ["", "Learning curves: ![shapes demo](shapes_curves.png)", ""]
-    text = "\n".join(lines)
-    print(text)
-    with (ROOT / "bench/RESULTS.md").open("a") as f:
-        f.write("\n" + text + "\n")
+    publish("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from results import publish
+
 MODES = ("edit", "regenerate", "region")
 BOX = "[0.25,0.25,0.75,0.75]"
 
@@ -65,10 +68,7 @@ def main() -> None:
         bg = (f"{last['eval/mse_bg']:.5f} | {last['eval/ssim_bg']:.4f}" if "eval/ssim_bg" in last else "- | -")
         lines.append(f"| {mode} | {' | '.join(cells)} | {first['eval/final_mean']:.3f} -> {last['eval/final_mean']:.3f}"
                      f" | {bg} | {wall / 60:.1f} |")
-    text = "\n".join(lines)
-    print(text)
-    with (ROOT / "bench/RESULTS.md").open("a") as f:
-        f.write("\n" + text + "\n")
+    publish("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from results import publish
+
 POLICIES = {  # what each process gets in its environment before torch loads
     "cli (GOMP_SPINCOUNT=1000)": {"GOMP_SPINCOUNT": "1000"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
@@ -83,11 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
           for n, r in res.items()),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_results:
-        with (ROOT / "bench/RESULTS.md").open("a") as f:
-            f.write("\n" + text + "\n")
+    publish("\n".join(lines), append=not args.no_results)
     print(json.dumps(res))
     return res
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import r3rl.cli  # noqa: F401  (sets the CLI's OpenMP wait policy before torch loads, as `r3rl train` does)
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from results import publish
 
 
 def main() -> None:
@@ -47,9 +49,7 @@ def main() -> None:
         f"| generator strict accuracy on its SFT prompts | {stats['generator_train_accuracy']} | well below 1 |",
         "",
     ])
-    print(text)
-    with (ROOT / "bench/RESULTS.md").open("a") as f:
-        f.write("\n" + text)
+    publish(text)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from results import publish
 
 from r3rl.checkpoint import save_checkpoint
 from r3rl.config import load_config
@@ -217,11 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         "| s/step | " + " | ".join(f"{v:.3f}" for v in tree.values()) + " |",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_results:
-        with (ROOT / "bench/RESULTS.md").open("a") as f:
-            f.write("\n" + text + "\n")
+    publish("\n".join(lines), append=not args.no_results)
     return {"overhead": res, "groups": groups, "tree": tree}
 
 

@@ -35,7 +35,9 @@ import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from results import publish
 
 from r3rl.config import load_config
 from r3rl.trainer import build_run
@@ -130,11 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"| **ratio** | **{ratio:.3f}** (target <= {TARGET}) |",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_results:
-        with (ROOT / "bench/RESULTS.md").open("a") as f:
-            f.write("\n" + text + "\n")
+    publish("\n".join(lines), append=not args.no_results)
     return {"ratio": ratio, "times": times, "rewards": rewards, "same_work": same_work}
 
 

@@ -61,8 +61,9 @@ import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "bench")) if p not in sys.path]
+
+from results import publish
 
 from r3rl.algos.advantages import group_advantages
 from r3rl.algos.grpo import grpo_loss
@@ -681,16 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         results, agreement, s, " ".join(["", *(argv if argv is not None else sys.argv[1:])])
     )
     print()
-    print(text)
-    if not args.no_results:
-        path = ROOT / "bench/RESULTS.md"
-        if not path.exists():
-            prefix = "# Benchmark results\n\n"
-        else:
-            prefix = "\n" if path.read_text().endswith("\n") else "\n\n"
-        with path.open("a") as f:  # append only: other benchmarks write their own sections
-            f.write(prefix + text)
-        print(f"appended to {path}")
+    publish(text, append=not args.no_results)
     return 0
 
 
