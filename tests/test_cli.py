@@ -93,3 +93,24 @@ def test_rewards_list_names_builtins_and_installed_plugins(run_cli, toy_plugin_s
     assert rows["shapes_geneval"] == "builtin (rewards.shapes_geneval:ShapesGenEval)"
     assert rows["toy_exclamations"] == "package toy-rewards 0.1 (toy_rewards_pkg:exclamations)"
     assert rows["toy_judge"] == "package toy-rewards 0.1 (toy_rewards_pkg:Judge)"
+
+
+def _openmp_env(**launcher: str) -> tuple[str | None, str | None]:
+    """(GOMP_SPINCOUNT, OMP_WAIT_POLICY) as a fresh process sees them after importing the CLI."""
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE")}
+    code = "import os, r3rl.cli; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env | launcher, capture_output=True, text=True, check=True)
+    spin, policy = out.stdout.split()
+    return (None if spin == "None" else spin), (None if policy == "None" else policy)
+
+
+def test_openmp_threads_spin_briefly_alone_and_sleep_when_ranks_share_the_node() -> None:
+    assert _openmp_env() == ("1000", None)
+    assert _openmp_env(WORLD_SIZE="2") == (None, "PASSIVE")
+    assert _openmp_env(OMPI_COMM_WORLD_SIZE="4") == (None, "PASSIVE")
+    assert _openmp_env(WORLD_SIZE="1") == ("1000", None)
+    assert _openmp_env(OMP_WAIT_POLICY="ACTIVE") == (None, "ACTIVE")  # a user's setting is left alone
+    assert _openmp_env(GOMP_SPINCOUNT="50", WORLD_SIZE="2") == ("50", None)
