@@ -705,6 +705,9 @@ def train(cfg: Config) -> None:
     """`r3rl train`: pretrain (shapes world, cached), then RL with evaluation and checkpoints."""
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, torch.get_num_threads())))
     topo = topology_from_env()
+    if cfg.rollout.credit == "tree" and topo.distributed:  # before any model loads: the tree is not sharded
+        raise UserError(f"rollout.credit=tree runs in one process only, got {topo.world} processes; "
+                        "use rollout.credit=r3 with several processes")
     if cfg.distributed.deepspeed and not topo.distributed:  # DeepSpeed wants a process group even for one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
