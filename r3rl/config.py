@@ -124,7 +124,7 @@ class GeneratorConfig(_Section):
     """The text-to-image diffusion model that draws the first image."""
 
     model: str = Field("shapes:tiny", description="'shapes:tiny' or a local diffusers directory.")
-    family: Literal["auto", "flux", "sd3", "qwen_image"] = Field(
+    family: Literal["auto", "flux", "sd3", "qwen_image", "qwen_image_edit"] = Field(
         "auto", description="Model family (auto = read from the checkpoint's transformer class)."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(

@@ -16,6 +16,7 @@ from PIL import Image
 
 from r3rl.algos.flow_grpo import select_train_timesteps, sigma_schedule
 from r3rl.distributed import Topology, gather
+from r3rl.models.base import TextCond, encode_condition
 from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector, Reflection
 from r3rl.modes import refiner_texts, regions
@@ -79,6 +80,9 @@ class DiffusionRollout:
     traj: Trajectory
     texts: list[str]  # conditioning text per sample (prompt or instruction)
     ref: torch.Tensor | None  # reference latents (edit) or None (text-to-image)
+    # the encoded conditioning the samples were drawn with (frozen encoders): the loss reuses it,
+    # so an encoder that reads the edited image too (Qwen-Image-Edit) runs once per rollout
+    cond: TextCond | None = None
 
 
 def run_diffusion(
@@ -107,12 +111,11 @@ def run_diffusion(
     if keep is not None:
         texts = [texts[i] for i in keep.tolist()]
         refs = None if refs is None else [refs[i] for i in keep.tolist()]
-    cond = model.encode_text(texts)
-    ref = model.encode_images(refs) if refs is not None else None
     with torch.no_grad():
+        cond, ref = encode_condition(model, texts, refs)
         traj = sample(model, cond, ref, sigma_schedule(settings.num_steps, settings.shift), mask, settings.sde,
                       generator=generator, keep=keep)
-    return DiffusionRollout(model.decode(traj.latents), traj, texts, ref)
+    return DiffusionRollout(model.decode(traj.latents), traj, texts, ref, cond)
 
 
 @dataclass

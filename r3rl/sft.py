@@ -201,6 +201,8 @@ def _load(cfg, image_size: int):
         raise UserError(f"refiner.model={rc.model!r}: no such directory (expected '{SHAPES_MODEL}' or a local folder)")
     folder = refiner_folder(rc, base, world, image_size, cfg.seed)
     inner = load_flow_model(folder, family=rc.family, image_size=image_size, dtype=rc.dtype)
+    if hasattr(inner, "encode_edit"):
+        raise UserError(f"refiner.model={rc.model!r}: r3rl sft does not support Qwen-Image-Edit refiners yet")
     for m in inner.encoders:
         m.eval().requires_grad_(False)
     params = list(inner.transformer.parameters())

@@ -442,9 +442,8 @@ class Run:
             scale = len(idx) / max(1, t.size) * self.dist.world if live else 0.0
             name = "generator" if pol is self.generator else "refiner"
             traj = ro.traj.index(idx)
-            texts = [ro.texts[i] for i in idx.tolist()]
             ref_lat = ro.ref[idx] if ro.ref is not None else None
-            cond = pol.model.encode_text(texts)
+            cond = ro.cond.index(idx)
             k_steps = traj.states.shape[1]
             for k in range(k_steps):
                 logp, mean, std = transition_logprob(pol.model, traj, k, cond, ref_lat, pol.settings.sde)

@@ -1,19 +1,25 @@
 """Every diffusion family end to end on tiny random weights: build, save, load through the recipe
-path (`load_flow_model`), rollout with log-probs, one FlowGRPO step on a LoRA, and the LoRA
-round trip through diffusers' own `load_lora_weights` on the family's pipeline."""
+path (`load_flow_model`), rollout with log-probs (edit families: of edits of two input images),
+one FlowGRPO step on a LoRA, and the LoRA round trip through diffusers' own `load_lora_weights`
+on the family's pipeline."""
 
 from __future__ import annotations
 
+from functools import partial
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from r3rl.algos.flow_grpo import flow_grpo_loss
+from r3rl.models.base import encode_condition
 from r3rl.models.flux import FluxModel
 from r3rl.models.lora import adapter_disabled, add_lora, load_lora, save_lora
-from r3rl.models.qwen_image import QwenImageModel, guided
+from r3rl.models.qwen_image import QwenImageEditModel, QwenImageModel, guided
 from r3rl.models.registry import detect_family, load_flow_model
 from r3rl.models.sd3 import SD3Model
-from r3rl.models.tiny import build_tiny_qwen_image, build_tiny_sd3
+from r3rl.models.tiny import build_tiny_qwen_image, build_tiny_qwen_image_edit, build_tiny_sd3
 from r3rl.rollout import SamplerSettings, run_diffusion
 from r3rl.sampling import SDEConfig, transition_logprob
 from r3rl.shapes.tiny_diffusion import build_tiny_flux
@@ -21,8 +27,19 @@ from r3rl.shapes.tiny_diffusion import build_tiny_flux
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 32
 TEXTS = ["a red circle", "two blue squares left of a green triangle"]
-BUILDERS = {"flux": build_tiny_flux, "sd3": build_tiny_sd3, "qwen_image": build_tiny_qwen_image}
-CLASSES = {"flux": FluxModel, "sd3": SD3Model, "qwen_image": QwenImageModel}
+BUILDERS = {"flux": build_tiny_flux, "sd3": build_tiny_sd3, "qwen_image": build_tiny_qwen_image,
+            "qwen_image_edit": build_tiny_qwen_image_edit,
+            "qwen_image_edit_plus": partial(build_tiny_qwen_image_edit, plus=True)}
+CLASSES = {"flux": FluxModel, "sd3": SD3Model, "qwen_image": QwenImageModel, "qwen_image_edit": QwenImageEditModel,
+           "qwen_image_edit_plus": QwenImageEditModel}
+FAMILY = {"qwen_image_edit_plus": "qwen_image_edit"}  # Edit-Plus checkpoints load as the Edit family
+EDITS = {"qwen_image_edit", "qwen_image_edit_plus"}  # families that refine an input image
+
+
+def _inputs() -> list[Image.Image]:
+    """Two different images to edit."""
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in TEXTS]
 
 
 def _components(model) -> dict:
@@ -54,7 +71,8 @@ def saved(tokenizer, tmp_path_factory) -> dict[str, object]:
 @pytest.mark.parametrize("family", list(BUILDERS))
 def test_family_rollout_train_step_and_lora_round_trip(family, saved, tmp_path):
     path = saved[family]
-    assert detect_family(path) == family
+    assert detect_family(path) == FAMILY.get(family, family)
+    refs = _inputs() if family in EDITS else None
     model = _frozen(load_flow_model(path, image_size=SIZE, true_cfg_scale=2.0))
     assert type(model) is CLASSES[family]
     add_lora(model.transformer, r=4, alpha=8)
@@ -62,16 +80,16 @@ def test_family_rollout_train_step_and_lora_round_trip(family, saved, tmp_path):
     assert lora and all("lora_" in n for n, p in model.transformer.named_parameters() if p.requires_grad)
 
     settings = SamplerSettings(num_steps=3, sde=SDEConfig(noise_level=0.8), strategy="one", shift=model.sigma_shift)
-    ro = run_diffusion(model, TEXTS, None, settings, train=True, generator=torch.Generator().manual_seed(0))
+    ro = run_diffusion(model, TEXTS, refs, settings, train=True, generator=torch.Generator().manual_seed(0))
     assert len(ro.images) == 2 and ro.images[0].size == (SIZE, SIZE)
     assert ro.traj.logps.shape == (2, 1) and torch.isfinite(ro.traj.logps).all()
 
     # recomputed log-probs equal the behaviour ones (ratio 1: guided velocity used in both)
-    cond = model.encode_text(TEXTS)
-    logp, mean, std = transition_logprob(model, ro.traj, 0, cond, None, settings.sde)
+    cond, ref = encode_condition(model, TEXTS, refs)
+    logp, mean, std = transition_logprob(model, ro.traj, 0, cond, ref, settings.sde)
     assert torch.allclose(logp, ro.traj.logps[:, 0], atol=1e-4)
     with torch.no_grad(), adapter_disabled(model.transformer):
-        _, ref_mean, _ = transition_logprob(model, ro.traj, 0, cond, None, settings.sde)
+        _, ref_mean, _ = transition_logprob(model, ro.traj, 0, cond, ref, settings.sde)
     loss, _ = flow_grpo_loss(logp, ro.traj.logps[:, 0], torch.tensor([1.0, -1.0]), clip_range=1e-4,
                              adv_clip_max=5.0, prev_mean=mean, ref_prev_mean=ref_mean, std=std, beta=0.04)
     before = [p.detach().clone() for p in lora]
@@ -85,22 +103,49 @@ def test_family_rollout_train_step_and_lora_round_trip(family, saved, tmp_path):
     save_lora(model.transformer, model.PIPELINE, tmp_path / "lora")
     x = model.noise(2, torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ours = model.velocity(x, torch.tensor(0.6), cond, None)
+        ours = model.velocity(x, torch.tensor(0.6), cond, ref)
         with adapter_disabled(model.transformer):
-            base = model.velocity(x, torch.tensor(0.6), cond, None)
+            base = model.velocity(x, torch.tensor(0.6), cond, ref)
     assert (ours - base).abs().max() > 1e-6  # the adapter changed the model
     fresh = _frozen(load_flow_model(path, image_size=SIZE, true_cfg_scale=2.0))
-    pipe = model.PIPELINE(**_components(fresh))
+    pipe = getattr(fresh, "pipe", None) or model.PIPELINE(**_components(fresh))  # the checkpoint's own pipeline
     pipe.load_lora_weights(tmp_path / "lora")
     with torch.no_grad():
-        theirs = fresh.velocity(x, torch.tensor(0.6), fresh.encode_text(TEXTS), None)
+        theirs = fresh.velocity(x, torch.tensor(0.6), *encode_condition(fresh, TEXTS, refs))
     assert torch.allclose(theirs, ours, atol=1e-5)
 
     # and our loader (resume / inference) restores it too
     again = _frozen(load_flow_model(path, image_size=SIZE, true_cfg_scale=2.0))
     load_lora(again.transformer, tmp_path / "lora")
     with torch.no_grad():
-        assert torch.allclose(again.velocity(x, torch.tensor(0.6), again.encode_text(TEXTS), None), ours, atol=1e-5)
+        assert torch.allclose(again.velocity(x, torch.tensor(0.6), *encode_condition(again, TEXTS, refs)), ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(EDITS))
+def test_qwen_image_edit_sampling_matches_the_pipeline(family, saved, monkeypatch):
+    """Our conditioning (image read by the text encoder with the pipeline's template, reference
+    tokens with two `img_shapes`, true CFG with norm rescale), packing and ODE loop give the
+    diffusers pipeline's own latents. The pipeline's 1024^2 target area is scaled to the canvas."""
+    import sys
+
+    model = _frozen(load_flow_model(saved[family], image_size=SIZE, true_cfg_scale=2.0))
+    module = sys.modules[type(model.pipe).__module__]
+    area = module.calculate_dimensions
+    monkeypatch.setattr(module, "calculate_dimensions", lambda a, r: area(SIZE * SIZE if a == 1024 * 1024 else a, r))
+    images = _inputs()
+    settings = SamplerSettings(num_steps=2, sde=SDEConfig(), shift=model.sigma_shift)
+    ours = run_diffusion(model, TEXTS[:1], images[:1], settings, train=False, generator=torch.Generator().manual_seed(3))
+    x = model.noise(1, torch.Generator().manual_seed(3))  # the noise run_diffusion started from
+    theirs = model.pipe(image=images[0], prompt=TEXTS[0], negative_prompt=model.negative_prompt, true_cfg_scale=2.0,
+                        num_inference_steps=2, latents=x, output_type="latent").images
+    assert torch.allclose(ours.traj.latents, theirs, atol=1e-5)
+
+    # the image reaches both the text conditioning and the reference tokens
+    cond, ref = encode_condition(model, TEXTS[:1], images[:1])
+    cond2, ref2 = encode_condition(model, TEXTS[:1], images[1:])
+    assert not torch.allclose(cond.embeds, cond2.embeds) and not torch.allclose(ref, ref2)
+    with pytest.raises(ValueError, match="reads the image"):
+        model.encode_text(TEXTS)
 
 
 def test_registry_rejects_wrong_family_and_non_checkpoints(saved, tmp_path):

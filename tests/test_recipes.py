@@ -4,12 +4,14 @@ paths swapped for tiny random-weight checkpoints of the same families (saved lik
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from r3rl.config import load_config
@@ -25,7 +27,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """Tiny checkpoints per family, plus a GenEval-style prompt file."""
-    from r3rl.models.tiny import build_tiny_qwen_image, build_tiny_sd3
+    from r3rl.models.tiny import build_tiny_qwen_image, build_tiny_qwen_image_edit, build_tiny_sd3
     from r3rl.shapes.critique import corpus
     from r3rl.shapes.prompts import shapes_prompts, write_jsonl
     from r3rl.shapes.tiny_diffusion import build_tiny_flux
@@ -36,6 +38,7 @@ def tiny(tmp_path_factory, tokenizer) -> dict[str, Path]:
     build_tiny_flux(tokenizer, SIZE).save_pretrained(root / "flux")
     build_tiny_sd3(tokenizer, SIZE).save_pretrained(root / "sd3")
     build_tiny_qwen_image(tokenizer, SIZE).save_pretrained(root / "qwen_image")
+    build_tiny_qwen_image_edit(tokenizer, SIZE).save_pretrained(root / "qwen_image_edit")
     write_jsonl(shapes_prompts("train", 8), root / "train.jsonl")
     write_jsonl(shapes_prompts("eval", 2), root / "eval.jsonl")
     return {"root": root}
@@ -72,12 +75,16 @@ def _overrides(recipe: Path, tiny: dict[str, Path], out: Path) -> list[str]:
 def _family_of(path: str) -> str:
     """The family a recipe's official checkpoint folder name stands for."""
     name = path.lower()
-    return "sd3" if "stable-diffusion-3" in name else "qwen_image" if "qwen-image" in name else "flux"
+    if "stable-diffusion-3" in name:
+        return "sd3"
+    if "qwen-image-edit" in name:
+        return "qwen_image_edit"
+    return "qwen_image" if "qwen-image" in name else "flux"
 
 
 def test_every_real_recipe_is_shipped():
     assert {p.name for p in RECIPES} >= {"r3_qwen25vl_flux_kontext.yaml", "r3_qwen25vl_sd35_kontext.yaml",
-                                         "flow_grpo_sd35.yaml"}
+                                         "r3_qwen25vl_qwen_image_edit.yaml", "flow_grpo_sd35.yaml"}
     for name in TEXT_RECIPES:  # really text-only, so skipping them here skips nothing R3
         assert yaml.safe_load((REPO / "recipes" / name).read_text())["rollout"]["credit"] == "text"
 
@@ -103,3 +110,26 @@ def test_recipe_runs_one_step_on_tiny_models(recipe, tiny, tmp_path):
     ckpt = out / "checkpoints" / "step-1"
     assert (ckpt / "COMPLETE").exists()
     assert (ckpt / "reflector").exists() == ("reflector" in raw)  # a generator-only run has none
+
+
+def test_qwen_image_edit_refiner_learns_in_a_refine_step(tiny, tmp_path, monkeypatch):
+    """The R3 refine step with a Qwen-Image-Edit refiner: every reflection asks for an edit, the
+    refiner's text encoder reads each input image with its instruction, and the FlowGRPO update
+    (which reuses the rollout's conditioning) moves its LoRA."""
+    from r3rl.models.reflector import Reflection
+    from r3rl.trainer import build_run
+
+    recipe = REPO / "recipes" / "r3_qwen25vl_qwen_image_edit.yaml"
+    noisy = REPO / "tests" / "fixtures" / "noisy_reward.py"
+    cfg = load_config(recipe, [*_overrides(recipe, tiny, tmp_path / "run"), f"rewards=[{{name: '{noisy}:noisy_reward'}}]",
+                               "rollout.perfect_prob=0", "reflector.train=false"])  # the refiner's update alone
+    run = build_run(cfg)
+    edit = lambda prompts, images, **kw: [Reflection("<think>x</think> make it red", [1], [-1.0], "make it red", True)
+                                          for _ in prompts]
+    monkeypatch.setattr(run.reflector, "reflect", edit)
+    transformer = run.refiner.model.transformer
+    before = {n: p.detach().clone() for n, p in transformer.named_parameters() if p.requires_grad}
+    row = run.train_step(1)
+    assert row["stage"] == "refine" and row["refine/stop_rate"] == 0.0
+    assert math.isfinite(row["loss/flow_grpo"]) and row["frac_reward_zero_std"] == 0.0
+    assert any(not torch.equal(p, before[n]) for n, p in transformer.named_parameters() if n in before)

@@ -57,7 +57,7 @@ class TextCache:
             with torch.no_grad():
                 out = self._encode(missing)
             self._rows.update({t: tuple(o[i] for o in out) for i, t in enumerate(missing)})
-        return tuple(_pad_stack([self._rows[t][k] for t in texts]) for k in range(len(self._rows[texts[0]])))
+        return tuple(pad_stack([self._rows[t][k] for t in texts]) for k in range(len(self._rows[texts[0]])))
 
 
 
@@ -83,7 +83,7 @@ def vae_pixels(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return vae.decode(z.to(vae.dtype)).sample
 
-def _pad_stack(rows: list[torch.Tensor]) -> torch.Tensor:
+def pad_stack(rows: list[torch.Tensor]) -> torch.Tensor:
     """Stack rows, zero-padding their first dim to the longest (unpadded text encoders)."""
     n = max(r.shape[0] for r in rows) if rows[0].dim() else 0
     if not rows[0].dim() or all(r.shape[0] == n for r in rows):
@@ -113,6 +113,22 @@ class FlowModel(Protocol):
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None
     ) -> torch.Tensor: ...
+
+
+def encode_condition(model: FlowModel, texts: list[str],
+                     images: list[Image.Image] | None) -> tuple[TextCond, torch.Tensor | None]:
+    """A batch's text conditioning and the reference latents of the images it edits (None: text-to-image).
+
+    By default the text and the images are encoded apart (FLUX.1-Kontext). A family whose text
+    encoder reads each image with its instruction (Qwen-Image-Edit) has `encode_edit(texts, images)`
+    returning both, which is then used instead.
+    """
+    if images is None:
+        return model.encode_text(texts), None
+    encode_edit = getattr(model, "encode_edit", None)
+    if encode_edit is not None:
+        return encode_edit(texts, images)
+    return model.encode_text(texts), model.encode_images(images)
 
 
 def scheduler_shift(config: Mapping | None, image_seq_len: int) -> float:
@@ -149,8 +165,13 @@ class PipelineModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, image_size: int, dtype: torch.dtype | None = None, **kwargs):
-        pipe = cls.PIPELINE.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
-        return cls(pipe, image_size=image_size, **kwargs)
+        return cls(cls.load_pipeline(path, **({} if dtype is None else {"dtype": dtype})), image_size=image_size,
+                   **kwargs)
+
+    @classmethod
+    def load_pipeline(cls, path: str | Path, **load):
+        """The family's pipeline with every component from `path` (`load`: from_pretrained options)."""
+        return cls.PIPELINE.from_pretrained(path, **load)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.pipe.transformer = self.transformer

@@ -125,7 +125,8 @@ def image_only_processor(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
 
     Qwen-VL processors insist on a video processor, which needs torchvision; the CPU build of
     torch used here has no matching torchvision. Images go through the real class unchanged.
-    The subclass keeps `cls`'s name so what it saves reads as an ordinary `cls` checkpoint.
+    The subclass keeps `cls`'s name and module so what it saves reads as an ordinary `cls`
+    checkpoint (a diffusers pipeline holding it records it as a `transformers` component).
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -138,7 +139,7 @@ def image_only_processor(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
             **kwargs,
         )
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__})
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__, "__module__": cls.__module__})
 
 
 def load_processor(path: str | Path, *, trust_remote_code: bool = False) -> ProcessorMixin:

@@ -1,7 +1,8 @@
 """Which FlowModel adapter a local diffusers checkpoint needs, read from the checkpoint itself.
 
 The family is the transformer's class (`transformer/config.json` `_class_name`), which every
-diffusers checkpoint records; `model_index.json` is not required (the shapes world has none).
+diffusers checkpoint records; `model_index.json` is not required (the shapes world has none),
+except to tell Qwen-Image-Edit from Qwen-Image, whose transformers share one class.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import torch
 
 from r3rl.errors import UserError
 from r3rl.models.flux import FluxModel
-from r3rl.models.qwen_image import QwenImageModel
+from r3rl.models.qwen_image import EDIT_PIPELINES, QwenImageEditModel, QwenImageModel
 from r3rl.models.sd3 import SD3Model
 
-FAMILIES: dict[str, type] = {"flux": FluxModel, "sd3": SD3Model, "qwen_image": QwenImageModel}
+FAMILIES: dict[str, type] = {"flux": FluxModel, "sd3": SD3Model, "qwen_image": QwenImageModel,
+                             "qwen_image_edit": QwenImageEditModel}
 _BY_TRANSFORMER = {
     "FluxTransformer2DModel": "flux",
     "SD3Transformer2DModel": "sd3",
@@ -26,7 +28,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def detect_family(path: str | Path) -> str:
-    """'flux' | 'sd3' | 'qwen_image' for a diffusers folder; a UserError names what was found instead."""
+    """'flux' | 'sd3' | 'qwen_image' | 'qwen_image_edit' for a diffusers folder; a UserError names
+    what was found instead."""
     config = Path(path) / "transformer" / "config.json"
     if not config.exists():
         raise UserError(f"{path}: not a diffusers checkpoint (no transformer/config.json)")
@@ -34,7 +37,11 @@ def detect_family(path: str | Path) -> str:
     if name not in _BY_TRANSFORMER:
         raise UserError(f"{path}: transformer class {name!r} is not supported "
                         f"(expected one of {', '.join(sorted(_BY_TRANSFORMER))})")
-    return _BY_TRANSFORMER[name]
+    family = _BY_TRANSFORMER[name]
+    index = Path(path) / "model_index.json"
+    if family == "qwen_image" and index.exists() and json.loads(index.read_text()).get("_class_name") in EDIT_PIPELINES:
+        return "qwen_image_edit"
+    return family
 
 
 def load_flow_model(path: str | Path, *, family: str = "auto", image_size: int, dtype: str = "float32",

@@ -14,6 +14,8 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -21,7 +23,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from r3rl.models.qwen_image import QwenImageModel
+from r3rl.models.qwen_image import QwenImageEditModel, QwenImageModel
 from r3rl.models.sd3 import SD3Model
 
 LATENT_CHANNELS = 16
@@ -67,13 +69,14 @@ def build_tiny_sd3(tokenizer, image_size: int, *, seed: int = 0, text_len: int =
     return SD3Model(pipe, image_size=image_size, max_text_len=text_len)
 
 
-def build_tiny_qwen_image(tokenizer, image_size: int, *, seed: int = 0) -> QwenImageModel:
-    """Qwen-Image with a tiny Qwen2.5-VL text encoder (128 wide) and a /2 Qwen-Image VAE."""
+def _qwen_image_components(tokenizer, image_size: int, seed: int) -> dict:
+    """The components Qwen-Image and Qwen-Image-Edit share: a tiny Qwen2.5-VL text encoder (128 wide,
+    the shapes reflector's config), a /2 Qwen-Image VAE, the transformer and a dynamic-shift scheduler."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
     from r3rl.shapes.tiny_reflector import _config as qwen_vl_config
 
     torch.manual_seed(seed)
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     text_encoder = Qwen2_5_VLForConditionalGeneration(qwen_vl_config(tokenizer, image_size))
     vae = AutoencoderKLQwenImage(base_dim=16, z_dim=LATENT_CHANNELS, dim_mult=[1, 2], num_res_blocks=1,
                                  temperal_downsample=[False],
@@ -85,6 +88,21 @@ def build_tiny_qwen_image(tokenizer, image_size: int, *, seed: int = 0) -> QwenI
     )
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
                                                 base_image_seq_len=16, max_image_seq_len=256)
-    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                             transformer=transformer)
-    return QwenImageModel(pipe, image_size=image_size)
+    return {"scheduler": scheduler, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "transformer": transformer}
+
+
+def build_tiny_qwen_image(tokenizer, image_size: int, *, seed: int = 0) -> QwenImageModel:
+    """Qwen-Image (text-to-image) from the shared tiny components."""
+    return QwenImageModel(QwenImagePipeline(**_qwen_image_components(tokenizer, image_size, seed)),
+                          image_size=image_size)
+
+
+def build_tiny_qwen_image_edit(tokenizer, image_size: int, *, seed: int = 0, plus: bool = False) -> QwenImageEditModel:
+    """Qwen-Image-Edit (or -Edit-Plus) from the shared tiny components plus the Qwen2.5-VL processor
+    that shows the text encoder the image (16 image tokens at any input size)."""
+    from r3rl.shapes.tiny_reflector import _processor
+
+    pipeline = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    pipe = pipeline(**_qwen_image_components(tokenizer, image_size, seed), processor=_processor(tokenizer, image_size))
+    return QwenImageEditModel(pipe, image_size=image_size)
