@@ -1,7 +1,7 @@
 """`r3rl refine` and `r3rl eval` end to end on tiny real-family checkpoints, through the real CLI.
 
 The shipped real-model recipes run with their model paths swapped for tiny random-weight
-checkpoints (Qwen2.5-VL reflector, SD3.5 and FLUX.1-Kontext diffusion, LoRA on all three).
+checkpoints (Qwen2.5-VL reflector, SD3.5, FLUX.1-Kontext and Qwen-Image-Edit diffusion, LoRA).
 The reflector is first taught, by a few SFT steps on noise images, to always answer
 `<think>...</think> redraw the shapes`, so every round really goes through the refiner.
 """
@@ -56,7 +56,7 @@ def _args(recipe: Path, root: Path, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer) -> Path:
     """Tiny checkpoints laid out as `test_recipes._overrides` expects, plus prompt files."""
-    from r3rl.models.tiny import build_tiny_sd3
+    from r3rl.models.tiny import build_tiny_qwen_image_edit, build_tiny_sd3
     from r3rl.models.tiny_vlm import build_tiny_vlm
     from r3rl.shapes.critique import corpus
     from r3rl.shapes.prompts import shapes_prompts, write_jsonl
@@ -78,6 +78,7 @@ def models(tmp_path_factory, tokenizer) -> Path:
     reflector.save_pretrained(root / "reflector")
     build_tiny_flux(tokenizer, 32).save_pretrained(root / "flux")
     build_tiny_sd3(tokenizer, 32).save_pretrained(root / "sd3")
+    build_tiny_qwen_image_edit(tokenizer, 32).save_pretrained(root / "qwen_image_edit")
     write_jsonl(shapes_prompts("train", 8), root / "train.jsonl")
     # 3 shapes prompts + 1 without GenEval metadata (the checker cannot score it: reward null)
     write_jsonl(
@@ -148,10 +149,12 @@ def test_refine_loads_the_trained_lora_weights(trained, tmp_path):
     )
 
 
-def test_eval_cli_on_real_families(models, tmp_path):
-    """`r3rl eval` of the FLUX.1-Kontext recipe (Kontext as generator and refiner), untrained."""
+@pytest.mark.parametrize("recipe_name", ["r3_qwen25vl_flux_kontext", "r3_qwen25vl_qwen_image_edit"])
+def test_eval_cli_on_real_families(models, tmp_path, recipe_name):
+    """`r3rl eval`, untrained, of the FLUX.1-Kontext recipe (Kontext as generator and refiner) and of
+    the Qwen-Image-Edit one (SD3.5 generator, Qwen-Image-Edit refiner)."""
     out = tmp_path / "evalrun"
-    recipe = RECIPES / "r3_qwen25vl_flux_kontext.yaml"
+    recipe = RECIPES / f"{recipe_name}.yaml"
     proc = _cli(
         "eval", str(recipe), "--prompts", str(models / "eval.jsonl"), *_args(recipe, models, out)
     )
