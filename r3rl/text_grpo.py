@@ -66,15 +66,13 @@ class CausalLMPolicy:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, trust_remote_code: bool = False, lora: dict | None = None,
                         dtype: str | None = None) -> CausalLMPolicy:
-        from r3rl.models.reflector import lora_kwargs
+        from r3rl.models.reflector import lora_kwargs, with_lora
 
         kwargs = {"dtype": dtype} if dtype else {}
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(**lora_kwargs(**lora)))
+            model = with_lora(model, lora_kwargs(**lora))
         return cls(model, tok)
 
     def prompt_inputs(self, prompts: list[str], group: int) -> dict[str, torch.Tensor]:

@@ -51,20 +51,33 @@ _NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 _NEUTRAL_WARPERS = {"typical_p": 1.0, "min_p": 0.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
-# LoRA default: the language model's projections of any HF chat VLM (vision tower, lm_head untouched)
-LM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# LoRA default: the attention and MLP projections of the language model (vision tower, lm_head untouched)
+LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def lora_kwargs(
     r: int, alpha: int, dropout: float = 0.0, target_modules: list[str] | None = None
 ) -> dict:
-    """A recipe's `reflector.lora` section as peft `LoraConfig` keyword arguments."""
-    return {
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "target_modules": target_modules or LM_LORA_TARGETS,
-    }
+    """A recipe's `reflector.lora` section as peft `LoraConfig` keyword arguments (`target_modules`
+    None = the language model's projections, resolved by `with_lora` once the model is loaded)."""
+    return {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": target_modules}
+
+
+def language_model_targets(model: torch.nn.Module) -> str:
+    """A peft `target_modules` regex for `LM_PROJECTIONS` inside the model's language model only,
+    wherever the family keeps it (transformers' `get_decoder`): Qwen-VL's and Gemma 3's
+    `language_model`, Idefics3 / SmolVLM's `text_model` (whose vision tower has q/k/v_proj too),
+    a causal LM's `model`."""
+    decoder = model.get_decoder()
+    prefix = next(name for name, module in model.named_modules() if module is decoder)
+    inside = re.escape(prefix + ".") if prefix else ""
+    return rf"{inside}.*\.({'|'.join(LM_PROJECTIONS)})"
+
+
+def with_lora(model: torch.nn.Module, lora: dict) -> PeftModel:
+    """`model` with a fresh trainable adapter from `lora_kwargs` settings."""
+    targets = lora.get("target_modules") or language_model_targets(model)
+    return get_peft_model(model, LoraConfig(**{**lora, "target_modules": targets}))
 
 
 def _words(text: str) -> str:
@@ -242,7 +255,7 @@ class HFReflector:
         if is_adapter:
             model = PeftModel.from_pretrained(model, path, is_trainable=True)
         elif lora is not None:
-            model = get_peft_model(model, LoraConfig(**lora))
+            model = with_lora(model, lora)
         model.to(device)
         if gradient_checkpointing:
             model.activation_checkpointing_enable(
