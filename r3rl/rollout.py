@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from r3rl.algos.flow_grpo import select_train_timesteps, sigma_schedule
+from r3rl.algos.flow_grpo import select_train_timesteps
 from r3rl.distributed import Topology, gather
 from r3rl.models.base import TextCond, encode_condition
 from r3rl.models.flux import FluxModel
@@ -36,7 +36,6 @@ class SamplerSettings:
     num_train_timesteps: int = 1
     window_size: int = 2
     max_index: int | None = None
-    shift: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ def run_diffusion(
         refs = None if refs is None else [refs[i] for i in keep.tolist()]
     with torch.no_grad():
         cond, ref = encode_condition(model, texts, refs)
-        traj = sample(model, cond, ref, sigma_schedule(settings.num_steps, settings.shift), mask, settings.sde,
+        traj = sample(model, cond, ref, model.sigmas(settings.num_steps), mask, settings.sde,
                       generator=generator, keep=keep)
     return DiffusionRollout(model.decode(traj.latents), traj, texts, ref, cond)
 

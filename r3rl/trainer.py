@@ -554,7 +554,7 @@ def _diffusion_policy(cfg_section, path: Path, image_size: int, fg, *, max_index
         num_steps=cfg_section.num_steps,
         sde=SDEConfig(noise_level=cfg_section.noise_level, sde_type=fg.sde_type, logprob_reduction=fg.logprob_reduction),
         strategy=fg.timesteps, num_train_timesteps=fg.num_train_timesteps, window_size=fg.window_size,
-        max_index=max_index, shift=model.sigma_shift,
+        max_index=max_index,
     )
     policy = Policy(model, settings, cfg_section.train)
     if cfg_section.train:

@@ -5,6 +5,7 @@ on the family's pipeline."""
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from r3rl.algos.flow_grpo import flow_grpo_loss
-from r3rl.models.base import encode_condition
+from r3rl.models.base import encode_condition, scheduler_shift
 from r3rl.models.flux import FluxModel
 from r3rl.models.lora import adapter_disabled, add_lora, load_lora, save_lora
 from r3rl.models.qwen_image import QwenImageEditModel, QwenImageModel, guided
@@ -79,7 +80,7 @@ def test_family_rollout_train_step_and_lora_round_trip(family, saved, tmp_path):
     lora = [p for n, p in model.transformer.named_parameters() if p.requires_grad]
     assert lora and all("lora_" in n for n, p in model.transformer.named_parameters() if p.requires_grad)
 
-    settings = SamplerSettings(num_steps=3, sde=SDEConfig(noise_level=0.8), strategy="one", shift=model.sigma_shift)
+    settings = SamplerSettings(num_steps=3, sde=SDEConfig(noise_level=0.8), strategy="one")
     ro = run_diffusion(model, TEXTS, refs, settings, train=True, generator=torch.Generator().manual_seed(0))
     assert len(ro.images) == 2 and ro.images[0].size == (SIZE, SIZE)
     assert ro.traj.logps.shape == (2, 1) and torch.isfinite(ro.traj.logps).all()
@@ -133,7 +134,7 @@ def test_qwen_image_edit_sampling_matches_the_pipeline(family, saved, monkeypatc
     area = module.calculate_dimensions
     monkeypatch.setattr(module, "calculate_dimensions", lambda a, r: area(SIZE * SIZE if a == 1024 * 1024 else a, r))
     images = _inputs()
-    settings = SamplerSettings(num_steps=2, sde=SDEConfig(), shift=model.sigma_shift)
+    settings = SamplerSettings(num_steps=2, sde=SDEConfig())
     ours = run_diffusion(model, TEXTS[:1], images[:1], settings, train=False, generator=torch.Generator().manual_seed(3))
     x = model.noise(1, torch.Generator().manual_seed(3))  # the noise run_diffusion started from
     theirs = model.pipe(image=images[0], prompt=TEXTS[0], negative_prompt=model.negative_prompt, true_cfg_scale=2.0,
@@ -175,3 +176,26 @@ def test_scheduler_shift_static_and_dynamic():
     # FLUX at 1024 px: 4096 tokens -> mu = max_shift
     assert scheduler_shift(cfg, 4096) == pytest.approx(2.718281828 ** 1.15)
     assert scheduler_shift(cfg, 256 + (4096 - 256) // 2) == pytest.approx(2.718281828 ** 0.825)
+
+
+@pytest.mark.parametrize("config", [
+    {"shift": 3.0},  # SD3 / SD3.5: static shift
+    {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15},  # FLUX
+    {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9, "max_image_seq_len": 8192,
+     "shift_terminal": 0.02},  # Qwen-Image / -Edit: the last sigma before 0 is stretched to 0.02
+], ids=["sd3", "flux", "qwen_image"])
+def test_scheduler_sigmas_are_the_diffusers_schedulers(config):
+    """The sigma grid r3rl samples on is the one the pipelines get from the scheduler (sigmas
+    1 .. 1/n passed as the FLUX/Qwen pipelines do, then shift, terminal stretch and a final 0)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from r3rl.models.base import scheduler_sigmas
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    seq_len, n = 1024, 10
+    mu = math.log(scheduler_shift(dict(scheduler.config), seq_len)) if config.get("use_dynamic_shifting") else None
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n), mu=mu)
+    ours = scheduler_sigmas(dict(scheduler.config), seq_len, n)
+    assert torch.allclose(ours, scheduler.sigmas.float(), atol=1e-6)
+    if "shift_terminal" in config:
+        assert ours[-2] == pytest.approx(0.02)

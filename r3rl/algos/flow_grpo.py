@@ -25,13 +25,19 @@ REDUCTIONS = ("mean", "sum")
 STRATEGIES = ("all", "subset", "one", "window")
 
 
-def sigma_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+def sigma_schedule(num_steps: int, shift: float = 1.0, terminal: float | None = None) -> torch.Tensor:
     """σ from 1 to 0 in `num_steps` steps, shape (num_steps + 1,), with the SD3/FLUX time shift.
 
-    `shift > 1` spends more steps at high noise, where large images need them.
+    `shift > 1` spends more steps at high noise, where large images need them. `terminal`
+    (a scheduler's `shift_terminal`, Qwen-Image: 0.02) stretches the shifted σ so the last one
+    before 0 equals it, as FlowMatchEulerDiscreteScheduler does: the final step then covers
+    only the little noise left instead of a large jump.
     """
     s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    return (shift * s / (1.0 + (shift - 1.0) * s)).float()
+    s = shift * s / (1.0 + (shift - 1.0) * s)
+    if terminal is not None:
+        s[:-1] = 1.0 - (1.0 - s[:-1]) * (1.0 - terminal) / (1.0 - s[-2])
+    return s.float()
 
 
 def _per_sample(value: Sigma, like: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
+from r3rl.algos.flow_grpo import sigma_schedule
+
 
 @dataclass
 class TextCond:
@@ -100,7 +102,10 @@ class FlowModel(Protocol):
 
     transformer: torch.nn.Module
     encoders: list[torch.nn.Module]  # VAE and text encoders: frozen during RL
-    sigma_shift: float  # the checkpoint scheduler's time shift at the adapter's image size
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The σ grid (num_steps + 1, ending at 0) of the checkpoint's scheduler at the adapter's size."""
+        ...
 
     def encode_text(self, texts: list[str]) -> TextCond: ...
 
@@ -147,6 +152,13 @@ def scheduler_shift(config: Mapping | None, image_seq_len: int) -> float:
     return math.exp(b_lo + (image_seq_len - lo) * (b_hi - b_lo) / (hi - lo))
 
 
+def scheduler_sigmas(config: Mapping | None, image_seq_len: int, num_steps: int) -> torch.Tensor:
+    """The σ grid a FlowMatchEulerDiscreteScheduler config gives `num_steps` at this size: its time
+    shift and, where set, its `shift_terminal` (None: uniform, unshifted)."""
+    terminal = (config or {}).get("shift_terminal")
+    return sigma_schedule(num_steps, scheduler_shift(config, image_seq_len), terminal or None)
+
+
 def saved_scheduler_config(path: str | Path) -> dict | None:
     """`scheduler/scheduler_config.json` of a diffusers folder, or None when it has no scheduler."""
     folder = Path(path) / "scheduler"
@@ -185,3 +197,7 @@ class PipelineModel:
     def encoders(self) -> list[torch.nn.Module]:
         """Everything but the transformer (kept frozen by the trainer)."""
         return [m for n, m in self.pipe.components.items() if n != "transformer" and isinstance(m, torch.nn.Module)]
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The pipeline scheduler's σ grid for the adapter's (2x2-patched) latent grid."""
+        return scheduler_sigmas(self.pipe.scheduler.config, (self.latent_hw // 2) ** 2, num_steps)

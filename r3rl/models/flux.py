@@ -21,7 +21,7 @@ from r3rl.models.base import (
     TextCond,
     cfg_text_cond,
     saved_scheduler_config,
-    scheduler_shift,
+    scheduler_sigmas,
     vae_latents,
     vae_pixels,
 )
@@ -86,7 +86,7 @@ class FluxModel:
         true_cfg_scale: float = 1.0,
         negative_prompt: str = "",
         max_text_len: int = 32,
-        sigma_shift: float = 1.0,
+        scheduler_config: dict | None = None,
     ) -> None:
         self.transformer, self.vae = transformer, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -96,7 +96,7 @@ class FluxModel:
         self.negative_prompt, self.max_text_len = negative_prompt, max_text_len
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_hw = image_size // self.vae_scale
-        self.sigma_shift = sigma_shift  # the checkpoint scheduler's time shift at this size
+        self.scheduler_config = scheduler_config  # the checkpoint's scheduler (None: unshifted σ)
         self._text = TextCache(self._encode_uncached, lambda: (self.text_encoder, self.text_encoder_2))
 
     # ------------------------------------------------------------------ loading
@@ -114,17 +114,15 @@ class FluxModel:
         p = Path(path)
         settings = json.loads((p / ADAPTER_FILE).read_text()) if (p / ADAPTER_FILE).exists() else {"max_text_len": 512}
         load = {} if dtype is None else {"dtype": dtype}
-        vae = AutoencoderKL.from_pretrained(p / "vae", **load)
-        seq_len = (image_size // 2 ** (len(vae.config.block_out_channels) - 1) // 2) ** 2
         return cls(
             FluxTransformer2DModel.from_pretrained(p / "transformer", **load),
-            vae,
+            AutoencoderKL.from_pretrained(p / "vae", **load),
             CLIPTextModel.from_pretrained(p / "text_encoder", **load),
             AutoTokenizer.from_pretrained(p / "tokenizer"),
             T5EncoderModel.from_pretrained(p / "text_encoder_2", **load),
             AutoTokenizer.from_pretrained(p / "tokenizer_2"),
             image_size=image_size,
-            sigma_shift=scheduler_shift(saved_scheduler_config(p), seq_len),
+            scheduler_config=saved_scheduler_config(p),
             **{**settings, **kwargs},
         )
 
@@ -144,6 +142,10 @@ class FluxModel:
     def encoders(self) -> list[torch.nn.Module]:
         """Everything but the transformer (kept frozen by the trainer)."""
         return [self.vae, self.text_encoder, self.text_encoder_2]
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The checkpoint scheduler's σ grid for this size's packed latent grid."""
+        return scheduler_sigmas(self.scheduler_config, (self.latent_hw // 2) ** 2, num_steps)
 
     # ------------------------------------------------------------------ text
     def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
 from PIL import Image
 
-from r3rl.models.base import PipelineModel, TextCache, TextCond, pad_stack, scheduler_shift
+from r3rl.models.base import PipelineModel, TextCache, TextCond, pad_stack
 from r3rl.models.flux import pack_latents, to_pil, to_tensor, unpack_latents
 from r3rl.models.reflector import load_processor
 
@@ -40,7 +40,6 @@ class QwenImageModel(PipelineModel):
         self.image_size, self.true_cfg_scale, self.guidance_scale = image_size, true_cfg_scale, guidance_scale
         self.negative_prompt, self.max_text_len = negative_prompt, max_text_len
         self.latent_hw = image_size // pipe.vae_scale_factor
-        self.sigma_shift = scheduler_shift(pipe.scheduler.config, (self.latent_hw // 2) ** 2)
         self._text = TextCache(self._encode_uncached, lambda: [pipe.text_encoder])
 
     # ------------------------------------------------------------------ text

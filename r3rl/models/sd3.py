@@ -17,7 +17,6 @@ from r3rl.models.base import (
     TextCache,
     TextCond,
     cfg_text_cond,
-    scheduler_shift,
     vae_latents,
     vae_pixels,
 )
@@ -37,7 +36,6 @@ class SD3Model(PipelineModel):
         self.image_size, self.true_cfg_scale = image_size, true_cfg_scale
         self.negative_prompt, self.max_text_len = negative_prompt, max_text_len
         self.latent_hw = image_size // pipe.vae_scale_factor
-        self.sigma_shift = scheduler_shift(pipe.scheduler.config, (self.latent_hw // 2) ** 2)
         encoders = lambda: [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None]
         self._text = TextCache(self._encode_uncached, encoders)
 

@@ -87,7 +87,8 @@ def _qwen_image_components(tokenizer, image_size: int, seed: int) -> dict:
         axes_dims_rope=(8, 12, 12),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                                                base_image_seq_len=16, max_image_seq_len=256)
+                                                base_image_seq_len=16, max_image_seq_len=256,
+                                                shift_terminal=0.02)  # as Qwen-Image's own scheduler
     return {"scheduler": scheduler, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
             "transformer": transformer}
 

@@ -134,3 +134,6 @@ class RegenerateRefiner:
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.inner.noise(batch, generator)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        return self.inner.sigmas(num_steps)

@@ -104,5 +104,8 @@ class RegionRefiner:
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.inner.noise(batch, generator)
 
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        return self.inner.sigmas(num_steps)
+
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None) -> torch.Tensor:
         return self.inner.velocity(x, sigma, cond, ref)
