@@ -127,11 +127,17 @@ def average_gradients(params: Sequence[torch.nn.Parameter], topo: Topology) -> N
         offset += n
 
 
+# means over a rank's completion tokens; its token count is its mean `completion_length` times its
+# (equal) shard size, so weighting by `completion_length` gives the mean over the group's tokens
+TOKEN_MEANS = frozenset({"entropy", "kl/text", "clip_ratio"})
+
+
 def mean_metrics(metrics: Mapping[str, Any], topo: Topology) -> dict[str, Any]:
     """Average every numeric metric over the ranks that report it (NaN = not measured there).
 
-    Per-sample means over equal shards average to the global mean; counts (`judge/failures`)
-    are computed from gathered data before this and are the same on every rank.
+    Per-sample means over equal shards average to the global mean, token means (`TOKEN_MEANS`)
+    do when weighted by each rank's token count; counts (`judge/failures`) are computed from
+    gathered data before this and are the same on every rank.
     """
     if not topo.distributed:
         return dict(metrics)
@@ -140,12 +146,18 @@ def mean_metrics(metrics: Mapping[str, Any], topo: Topology) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in dict.fromkeys(k for r in rows for k in r):
         vals = [r[key] for r in rows if key in r]
-        nums = [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)]
-        if len(nums) != len(vals) and not any(isinstance(v, float) and math.isnan(v) for v in vals):
+        if not all(_is_number(v) for v in vals):
             out[key] = vals[0]  # not a number (e.g. the stage name): the same on every rank
-        else:
-            out[key] = sum(nums) / len(nums) if nums else math.nan
+            continue
+        weighted = [(r[key], r.get("completion_length", 1.0) if key in TOKEN_MEANS else 1.0)
+                    for r in rows if key in r and not math.isnan(r[key])]
+        total = sum(w for _, w in weighted)
+        out[key] = sum(v * w for v, w in weighted) / total if total else math.nan
     return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _device() -> torch.device:
