@@ -97,7 +97,7 @@ class QwenImageModel(PipelineModel):
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None) -> torch.Tensor:
         if (ref is not None) != self.EDITS:
-            raise ValueError("Qwen-Image-Edit refines a reference image; Qwen-Image draws from text only"
+            raise ValueError("Qwen-Image-Edit edits an image: it needs the image's reference latents (a refiner)"
                              if self.EDITS else "Qwen-Image (text-to-image) cannot refine a reference image; "
                              "load a Qwen-Image-Edit checkpoint as the refiner")
         sigma = sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma
