@@ -164,6 +164,11 @@ def load_checkpoint(run: Run, path: Path) -> int:
     """Restore policies, optimisers, RNGs and buffer; return the step to continue after."""
     from r3rl.rollout import BufferItem
 
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    per_rank = rng.get("torch_per_rank", [])
+    if run.engines and len(per_rank) != run.dist.world:  # DeepSpeed cannot re-partition ZeRO state
+        raise UserError(f"checkpoint {path} holds DeepSpeed state sharded over {len(per_rank)} processes; "
+                        f"resume it with {len(per_rank)} processes, not {run.dist.world}")
     for name, engine in run.engines.items():  # weights and sharded optimiser state
         folder = path / "deepspeed" / name
         if not folder.exists():
@@ -178,8 +183,6 @@ def load_checkpoint(run: Run, path: Path) -> int:
         if pol is not None and pol.train and (path / name).exists() and name not in run.engines:
             load_module(pol.model.transformer, path / name / "transformer")
             pol.opt.load_state_dict(optim[name])
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    per_rank = rng.get("torch_per_rank", [])
     torch.set_rng_state(per_rank[run.dist.rank] if run.dist.rank < len(per_rank) else rng["torch"])
     version, internal, gauss = rng["python"]
     run.rng.setstate((version, tuple(internal), gauss))

@@ -707,9 +707,10 @@ def train(cfg: Config) -> None:
     if cfg.rollout.credit == "tree" and topo.distributed:  # before any model loads: the tree is not sharded
         raise UserError(f"rollout.credit=tree runs in one process only, got {topo.world} processes; "
                         "use rollout.credit=r3 with several processes")
-    if cfg.distributed.deepspeed and not topo.distributed:  # DeepSpeed wants a process group even for one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if cfg.distributed.deepspeed and not topo.distributed:  # DeepSpeed wants a launcher's setup even for one
+        for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                           ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(var, value)
     if init_process_group(topo, cfg.distributed.backend, cfg.distributed.timeout_s, force=bool(cfg.distributed.deepspeed)):
         try:
             _train(cfg, topo)

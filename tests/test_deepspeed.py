@@ -205,3 +205,17 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_resumable_checkpoint(tmp_pa
     assert (ckpt / "COMPLETE").exists()
     assert len(list((ckpt / "deepspeed" / "reflector" / "state").glob("*optim_states.pt"))) == 2  # both ranks saved
     assert _train(out, cache, ZERO[2], "resume=auto") == _rows(straight(2))
+
+
+@pytest.mark.timeout(300)
+def test_a_sharded_checkpoint_resumes_only_with_its_process_count(tmp_path: Path, cache: Path, straight) -> None:
+    """A plain `python` process sets DeepSpeed up on its own, then refuses the 2-rank ZeRO state in one line."""
+    out = tmp_path / "run"
+    shutil.copytree(straight(2) / "checkpoints" / "step-2", out / "checkpoints" / "step-2")
+    proc = subprocess.run(_command(1, *_args(out, cache, ZERO[2], "resume=auto")), check=False, cwd=REPO,
+                          env={k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1] == (
+        f"r3rl: error: checkpoint {out / 'checkpoints' / 'step-2'} holds DeepSpeed state sharded over 2 processes; "
+        "resume it with 2 processes, not 1")
