@@ -18,9 +18,9 @@ EXIT_USER_ERROR = 2
 
 # How long idle OpenMP threads spin before sleeping (libgomp, which torch's pip wheels use; must
 # precede torch). libgomp's default spin collapses throughput when cores are shared (another job,
-# a judge server beside the trainer): 10x slower flow-matching steps measured on 2 busy cores.
-# Sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs a tiny model's many small ops 1.7x on idle
-# cores. One process spins briefly, which keeps most of the speed; ranks launched side by side
+# a judge server beside the trainer): 3x slower flow-matching steps than sleeping at once with two
+# processes on 2 cores. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs a tiny model's many small
+# ops 1.7x on idle cores. One process spins briefly, which keeps most of the speed; ranks launched side by side
 # share the cores, so they sleep at once (bench/omp_wait_bench.py). A user's setting wins.
 if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
     if int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1) > 1:
