@@ -36,3 +36,21 @@ def test_world_key_changes_with_config_and_seed_but_not_cache_dir(tmp_path: Path
     assert world_key(a, 0) == world_key(a.model_copy(update={"cache_dir": "/elsewhere"}), 0)
     assert world_key(a, 0) != world_key(a, 1)
     assert world_key(a, 0) != world_key(a.model_copy(update={"pretrain_diffusion_steps": 3}), 0)
+
+
+def test_flow_pretraining_runs_for_any_step_count() -> None:
+    """A short `world.pretrain_diffusion_steps` must not crash the LR schedule (20 steps once did)."""
+    import torch
+    from PIL import Image
+
+    from r3rl.shapes.critique import corpus
+    from r3rl.shapes.tiny_diffusion import FlowPairs, build_tiny_flux, pretrain_flow
+    from r3rl.shapes.tiny_reflector import build_tiny_reflector
+
+    flux = build_tiny_flux(build_tiny_reflector(corpus(), 32).tokenizer, 32)
+    with torch.no_grad():
+        x0 = flux.encode_images([Image.new("RGB", (32, 32), (200, 40, 40))] * 4)
+    before = [p.detach().clone() for p in flux.transformer.parameters()]
+    for steps in (1, 2, 20, 21):
+        pretrain_flow(flux, [FlowPairs(["one red square"] * 4, x0)], steps=steps, batch_size=2)
+    assert any(not torch.equal(a, b) for a, b in zip(before, flux.transformer.parameters()))

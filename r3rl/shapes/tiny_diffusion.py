@@ -124,7 +124,9 @@ def pretrain_flow(
     for m in encoders:
         m.train().requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.05)
+    # 5% warm-up; OneCycleLR divides by pct_start * total_steps - 1, which is 0 at exactly 20 steps
+    warmup = 0.05 if steps != 20 else 0.1
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=warmup)
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         data = datasets[step % len(datasets)]
