@@ -1,6 +1,7 @@
-"""`r3rl train` under DeepSpeed with 2 CPU processes (gloo): ZeRO-3 matches one process and does
-not hang in generation, resume is exact under ZeRO-2 and ZeRO-3, and SIGTERM reaching one rank
-stops every rank at the same step with a resumable checkpoint.
+"""`r3rl train` under DeepSpeed with 2 CPU processes (gloo): ZeRO-3 matches one process (full
+fine-tuning and LoRA) and does not hang in generation, resume is exact under ZeRO-2 and ZeRO-3,
+SIGTERM reaching one rank stops every rank at the same step with a resumable checkpoint, and
+sharded state is refused in one line by another process count.
 
 The shapes world is pretrained once per module (by the one-process run) and shared."""
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from r3rl.distributed import Topology, deepspeed_config, shard, topology_from_env
 from r3rl.errors import UserError
@@ -94,7 +95,7 @@ def _train(out: Path, cache: Path, *extra: str, nproc: int = 1) -> list[dict]:
             "trainer.eval_every=0", "trainer.log_images_every=0", "eval.rounds=1", "eval.num_steps=2",
             "eval.samples_per_prompt=1", "data.num_eval_prompts=2", "flow_grpo.beta=0.004", *extra]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", "29517"] if nproc > 1 else [sys.executable]
+                "--master_port", str(free_port())] if nproc > 1 else [sys.executable]
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "r3rl" / "torch_extensions")}
     proc = subprocess.run([*launcher, "-m", "r3rl.cli", "train", *args], check=False, cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
