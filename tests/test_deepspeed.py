@@ -137,7 +137,9 @@ run = build_run(load_config(sys.argv[1], sys.argv[2:]), topo=topo)
 assert "reflector" in run.engines
 refl = run.reflector.reflect(["a red circle"], [Image.new("RGB", (32, 32), "white")], temperature=2.0, top_k=0,
                              top_p=1.0, max_new_tokens=1 if topo.rank == 0 else 24, seed=topo.rank)
-print("LENGTHS", gather([len(refl[0].token_ids)], topo))
+lengths = gather([len(refl[0].token_ids)], topo)
+if topo.is_main:  # one writer: two ranks printing to one pipe can interleave their lines
+    print("LENGTHS", lengths, flush=True)
 dist.destroy_process_group()
 """
 
