@@ -41,7 +41,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from r3rl.trainer import train
 
     train(cfg)
-    if cfg.distributed.deepspeed or int(os.environ.get("WORLD_SIZE") or 1) > 1:
+    from r3rl.distributed import topology_from_env  # torch is loaded by now
+
+    if cfg.distributed.deepspeed or topology_from_env().distributed:
         _exit_without_teardown(0)
     return 0
 

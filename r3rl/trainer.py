@@ -156,8 +156,6 @@ class Run:
         stage = self.stage_for(step)
         n = self.cfg.trainer.grad_accum
         rows, opts, finite = [], {}, True
-        if stage == "tree" and self.dist.distributed:
-            raise UserError("rollout.credit=tree runs in one process only; use credit=r3 with several processes")
         t_roll = t_train = 0.0
         for micro in range(n):
             seed = self.cfg.seed * 100003 + step + micro * 7919
@@ -591,11 +589,19 @@ def _reflector(cfg: Config, world: Path | None, for_training: bool):
     return reflector, reflector.frozen_copy() if rc.beta > 0 and rc.lora is None else None, opt
 
 
+def _refuse_tree_across_processes(cfg: Config, topo: Topology) -> None:
+    """Tree credit is not sharded across ranks: one process only."""
+    if cfg.rollout.credit == "tree" and topo.distributed:
+        raise UserError(f"rollout.credit=tree runs in one process only, got {topo.world} processes; "
+                        "use rollout.credit=r3 with several processes")
+
+
 def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: bool = True,
               topo: Topology | None = None) -> Run:
     """Load the policies (every rank loads the same weights) and, with `distributed.deepspeed`
     during training, give each trained policy its own DeepSpeed engine."""
     topo = topo or Topology()
+    _refuse_tree_across_processes(cfg, topo)
     quiet_libraries()
     if cfg.refiner.mode != "edit" and cfg.rollout.credit == "tree":
         raise UserError(f"refiner.mode={cfg.refiner.mode!r} needs rollout.credit='r3'; tree credit refines in 'edit' mode only")
@@ -704,9 +710,7 @@ def train(cfg: Config) -> None:
     """`r3rl train`: pretrain (shapes world, cached), then RL with evaluation and checkpoints."""
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, torch.get_num_threads())))
     topo = topology_from_env()
-    if cfg.rollout.credit == "tree" and topo.distributed:  # before any model loads: the tree is not sharded
-        raise UserError(f"rollout.credit=tree runs in one process only, got {topo.world} processes; "
-                        "use rollout.credit=r3 with several processes")
+    _refuse_tree_across_processes(cfg, topo)  # before the process group and any model load
     if cfg.distributed.deepspeed and not topo.distributed:  # DeepSpeed wants a launcher's setup even for one
         for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
                            ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
