@@ -199,3 +199,23 @@ def test_scheduler_sigmas_are_the_diffusers_schedulers(config):
     assert torch.allclose(ours, scheduler.sigmas.float(), atol=1e-6)
     if "shift_terminal" in config:
         assert ours[-2] == pytest.approx(0.02)
+
+
+def test_qwen_image_edit_refuses_modes_and_sft_it_cannot_run_in_one_line(saved):
+    """Its text encoder must see the edited image, which regenerate/region modes and `r3rl sft` do not pass."""
+    from pathlib import Path
+
+    from r3rl.config import RefinerConfig, load_config
+    from r3rl.errors import UserError
+    from r3rl.modes import wrap_refiner
+    from r3rl.sft import _load
+
+    folder = saved["qwen_image_edit"]
+    model = load_flow_model(folder, image_size=SIZE)
+    for mode in ("regenerate", "region"):
+        with pytest.raises(UserError, match=f"refiner.mode='{mode}' is not supported with a Qwen-Image-Edit refiner"):
+            wrap_refiner(model, RefinerConfig(mode=mode), folder)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "shapes_cpu.yaml"
+    cfg = load_config(recipe, [f"refiner.model={folder}"])
+    with pytest.raises(UserError, match="r3rl sft does not support Qwen-Image-Edit refiners"):
+        _load(cfg, SIZE)

@@ -73,6 +73,14 @@ def test_generator_only_run_builds_and_trains_the_generator_alone(recipe, tmp_pa
     assert result.metrics["eval/final_mean"] == result.metrics["eval/round0_mean"]
 
 
+def test_generator_only_run_with_a_frozen_generator_is_one_clear_error(recipe):
+    from r3rl.errors import UserError
+    from r3rl.trainer import build_run
+
+    with pytest.raises(UserError, match=r"rollout.credit=flow_grpo trains the generator alone: set generator.train=true"):
+        build_run(load_config(recipe, ["generator.train=false"]))
+
+
 def test_generator_only_cli_train_then_refine_round_zero(recipe, run_cli, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "r3rl.cli", "train", str(recipe), f"output_dir={out}"],
