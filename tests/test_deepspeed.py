@@ -125,7 +125,7 @@ def test_zero3_two_processes_match_one_process(one, straight, variant: str) -> N
 # rank 0 samples 1 token, rank 1 up to 24: without transformers' synced_gpus, ZeRO-3 would deadlock
 # (rank 0 stops calling forward while rank 1's forward waits for rank 0's parameter shards)
 UNEVEN_GENERATE = """
-import sys, torch.distributed as dist
+import os, sys, torch.distributed as dist
 from PIL import Image
 from r3rl.config import load_config
 from r3rl.distributed import gather, init_process_group, topology_from_env
@@ -141,6 +141,7 @@ lengths = gather([len(refl[0].token_ids)], topo)
 if topo.is_main:  # one writer: two ranks printing to one pipe can interleave their lines
     print("LENGTHS", lengths, flush=True)
 dist.destroy_process_group()
+os._exit(0)  # as `r3rl train` ends a multi-process run (r3rl/cli.py): gloo's threads can abort teardown
 """
 
 
