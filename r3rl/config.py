@@ -118,6 +118,10 @@ class ReflectorConfig(_Section):
     trust_remote_code: bool = Field(
         False, description="Allow model code shipped with the checkpoint to run."
     )
+    offload: bool = Field(
+        False, description="Keep the full-copy KL reference (full fine-tuning with beta > 0) in CPU "
+        "memory, each layer copied to the GPU for its forward only."
+    )
 
 
 class GeneratorConfig(_Section):
@@ -146,6 +150,10 @@ class GeneratorConfig(_Section):
     )
     noise_level: float = Field(
         0.7, ge=0.0, description="SDE noise level a (eta) of the trained steps."
+    )
+    offload: bool = Field(
+        False, description="Keep the frozen text encoders and VAE (and a full-copy KL reference) in CPU "
+        "memory, each layer copied to the GPU for its forward only: less GPU memory, slower encoding."
     )
 
 

@@ -48,6 +48,7 @@ from r3rl.evaluate import EvalResult, evaluate_rounds
 from r3rl.logger import RunLogger, quiet_libraries
 from r3rl.models.flux import FluxModel
 from r3rl.models.lora import BaseView, add_lora
+from r3rl.models.placement import offload, place_flow_model, resolve_device
 from r3rl.models.reflector import HFReflector, Reflection, lora_kwargs
 from r3rl.models.registry import load_flow_model
 from r3rl.modes import refiner_folder, wrap_refiner
@@ -409,8 +410,8 @@ class Run:
                 ref, _, _ = self.ref_reflector.completion_logprobs(prompts, images, comp, **ref_kw)
             else:
                 ref, _, _ = self.reflector.completion_logprobs(prompts, images, comp, disable_adapter=True, **ref_kw)
-        mask = mask & valid[:, None]
-        loss, m = grpo_loss(logps, old, torch.nan_to_num(adv), mask, ref_logps=ref, epsilon_low=rc.epsilon_low,
+        mask = mask & valid[:, None].to(mask.device)  # rewards and advantages live on the CPU
+        loss, m = grpo_loss(logps, old, torch.nan_to_num(adv).to(logps.device), mask, ref_logps=ref, epsilon_low=rc.epsilon_low,
                             epsilon_high=rc.epsilon_high, beta=rc.beta, loss_type=rc.loss_type,
                             max_completion_length=rc.max_new_tokens)
         out = {"loss/grpo": loss.item(), "entropy": entropy.detach()[mask].mean().item() if mask.any() else math.nan,
@@ -450,7 +451,7 @@ class Run:
                     with torch.no_grad(), _swap_transformer(pol.model, pol.ref_transformer):
                         _, ref_mean, _ = transition_logprob(pol.model, traj, k, cond, ref_lat, pol.settings.sde)
                 loss, m = flow_grpo_loss(
-                    logp, traj.logps[:, k], torch.nan_to_num(t.adv[idx]), clip_range=fg.clip_range,
+                    logp, traj.logps[:, k], torch.nan_to_num(t.adv[idx]).to(logp.device), clip_range=fg.clip_range,
                     adv_clip_max=fg.adv_clip_max, prev_mean=mean if ref_mean is not None else None,
                     ref_prev_mean=ref_mean, std=std if ref_mean is not None else None,
                     beta=fg.beta if ref_mean is not None else 0.0, reduction=fg.logprob_reduction,
@@ -537,7 +538,8 @@ def _reward_metrics(total: torch.Tensor, s) -> dict[str, float]:
 # --------------------------------------------------------------------------- building
 
 
-def _diffusion_policy(cfg_section, path: Path, image_size: int, fg, *, max_index) -> Policy:
+def _diffusion_policy(cfg_section, path: Path, image_size: int, fg, *, max_index, device: torch.device) -> Policy:
+    """Load on the CPU (a full-copy KL reference is made there), then place on `device`."""
     model = load_flow_model(path, family=cfg_section.family, image_size=image_size, dtype=cfg_section.dtype,
                             guidance_scale=cfg_section.guidance_scale, true_cfg_scale=cfg_section.cfg_scale)
     for m in model.encoders:
@@ -560,7 +562,18 @@ def _diffusion_policy(cfg_section, path: Path, image_size: int, fg, *, max_index
         policy.opt = torch.optim.AdamW(params, lr=cfg_section.lr, betas=(0.9, 0.95), weight_decay=0.0)
         if fg.beta > 0:
             policy.ref_transformer = BaseView(model.transformer) if lora else _frozen(model.transformer)
+    place_flow_model(model, device, offload_frozen=cfg_section.offload)
+    if policy.ref_transformer is not None and not lora:
+        _place_frozen(policy.ref_transformer, device, cfg_section.offload)
     return policy
+
+
+def _place_frozen(module: torch.nn.Module, device: torch.device, offload_it: bool) -> None:
+    """A frozen copy goes to `device`, or stays in host memory and runs there layer by layer."""
+    if offload_it:
+        offload(module, device)
+    else:
+        module.to(device)
 
 
 def _prompts(path: str | None, split: str, n: int | None) -> list[dict]:
@@ -574,8 +587,9 @@ def _prompts(path: str | None, split: str, n: int | None) -> list[dict]:
     return records[:n] if n else records
 
 
-def _reflector(cfg: Config, world: Path | None, for_training: bool):
-    """The reflector, its frozen KL reference (full fine-tuning with beta > 0) and its optimiser."""
+def _reflector(cfg: Config, world: Path | None, for_training: bool, device: torch.device):
+    """The reflector, its frozen KL reference (full fine-tuning with beta > 0, copied on the CPU
+    before the policy moves to `device`) and its optimiser."""
     rc = cfg.reflector
     reflector = HFReflector.from_pretrained(
         _model_path(rc.model, world, "reflector"), trust_remote_code=rc.trust_remote_code,
@@ -583,10 +597,14 @@ def _reflector(cfg: Config, world: Path | None, for_training: bool):
         gradient_checkpointing=rc.gradient_checkpointing, dtype=rc.dtype,
     )
     if not (for_training and rc.train):
-        reflector.model.requires_grad_(False)
+        reflector.model.requires_grad_(False).to(device)
         return reflector, None, None
+    ref = reflector.frozen_copy() if rc.beta > 0 and rc.lora is None else None
+    reflector.model.to(device)  # before the optimiser, whose state then lives on `device`
+    if ref is not None:
+        _place_frozen(ref.model, device, rc.offload)
     opt = torch.optim.AdamW(reflector.trainable_parameters(), lr=rc.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    return reflector, reflector.frozen_copy() if rc.beta > 0 and rc.lora is None else None, opt
+    return reflector, ref, opt
 
 
 def _refuse_tree_across_processes(cfg: Config, topo: Topology) -> None:
@@ -613,16 +631,18 @@ def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: boo
         torch.use_deterministic_algorithms(True, warn_only=True)
     names = (cfg.generator.model,) if generator_only else (cfg.reflector.model, cfg.generator.model, cfg.refiner.model)
     world = _shapes_world(cfg, topo) if SHAPES_MODEL in names else None
-    reflector, ref_reflector, opt = (None, None, None) if generator_only else _reflector(cfg, world, for_training)
+    device = resolve_device(cfg.device, topo.local_rank)
+    reflector, ref_reflector, opt = (None, None, None) if generator_only else _reflector(cfg, world, for_training, device)
     fg = cfg.flow_grpo
     gen_cfg = cfg.generator.model_copy(update={"train": for_training and cfg.generator.train})
     size = cfg.world.image_size
-    generator = _diffusion_policy(gen_cfg, _model_path(cfg.generator.model, world, "flux"), size, fg, max_index=None)
+    generator = _diffusion_policy(gen_cfg, _model_path(cfg.generator.model, world, "flux"), size, fg, max_index=None,
+                                  device=device)
     refiner = None
     if not generator_only:
         ref_cfg = cfg.refiner.model_copy(update={"train": for_training and cfg.refiner.train})
         ref_path = refiner_folder(cfg.refiner, _model_path(cfg.refiner.model, world, "flux"), world, size, cfg.seed)
-        refiner = _diffusion_policy(ref_cfg, ref_path, size, fg, max_index=fg.refine_max_index)
+        refiner = _diffusion_policy(ref_cfg, ref_path, size, fg, max_index=fg.refine_max_index, device=device)
         refiner.model = wrap_refiner(refiner.model, cfg.refiner, ref_path)  # refiner.mode: edit | regenerate | region
     rc = cfg.reflector
     run = Run(

@@ -34,6 +34,7 @@ from transformers import (
 from transformers.models.auto.processing_auto import processor_class_from_name
 
 from r3rl.algos.grpo import token_logprobs
+from r3rl.models.placement import execution_device
 from r3rl.modes.region import split_box
 
 REFLECTION_PROMPT = (
@@ -278,7 +279,7 @@ class HFReflector:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return execution_device(self.model)  # an offloaded reference's parameters are placeholders
 
     # ------------------------------------------------------------------ inputs
     def prompt_inputs(
