@@ -24,6 +24,7 @@ from r3rl.algos.advantages import group_advantages
 from r3rl.algos.grpo import grpo_loss, token_logprobs
 from r3rl.config import Config
 from r3rl.errors import UserError
+from r3rl.models.placement import execution_device, place_frozen, resolve_device
 from r3rl.rewards import CombinedReward
 
 
@@ -75,12 +76,17 @@ class CausalLMPolicy:
             model = with_lora(model, lora_kwargs(**lora))
         return cls(model, tok)
 
+    @property
+    def device(self) -> torch.device:
+        return execution_device(self.model)
+
     def prompt_inputs(self, prompts: list[str], group: int) -> dict[str, torch.Tensor]:
         enc = self.tok.apply_chat_template(
             [[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True, tokenize=True,
             return_dict=True, padding=True, padding_side="left", return_tensors="pt",
         )
-        return {k: v.repeat_interleave(group, 0) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        return {k: v.repeat_interleave(group, 0).to(self.device) for k, v in enc.items()
+                if k in ("input_ids", "attention_mask")}
 
     def _prefix_cache(self, ids: torch.Tensor, mask: torch.Tensor, group: int):
         """Run each group's prompt once (row 0 of the group) and repeat its KV cache G times."""
@@ -108,7 +114,7 @@ class CausalLMPolicy:
         old = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         is_eos = new == self.tok.eos_token_id
         first = torch.where(is_eos.any(1), is_eos.int().argmax(1), new.shape[1])
-        mask = torch.arange(new.shape[1]).unsqueeze(0) <= first.unsqueeze(1)
+        mask = torch.arange(new.shape[1], device=new.device).unsqueeze(0) <= first.unsqueeze(1)
         ids = new.masked_fill(~mask, self.tok.pad_token_id)
         return Completions(inputs["input_ids"], inputs["attention_mask"], ids, mask, old.masked_fill(~mask, 0.0),
                            self.tok.batch_decode(ids, skip_special_tokens=True))
@@ -167,8 +173,8 @@ def grpo_step(
     policy.model.train()
     logps, entropy = policy.logprobs(c, s)
     ref_logps = policy.reference_logprobs(c, s, ref) if s.beta > 0 else None
-    mask = c.completion_mask & valid[:, None]
-    loss, m = grpo_loss(logps, c.old_logps, adv, mask, ref_logps=ref_logps, epsilon_low=s.epsilon_low,
+    mask = c.completion_mask & valid[:, None].to(logps.device)  # rewards live on the CPU
+    loss, m = grpo_loss(logps, c.old_logps, adv.to(logps.device), mask, ref_logps=ref_logps, epsilon_low=s.epsilon_low,
                         epsilon_high=s.epsilon_high, beta=s.beta, loss_type=s.loss_type,
                         max_completion_length=s.max_new_tokens)
     loss.backward()
@@ -222,11 +228,15 @@ def train_text(cfg: Config) -> None:
     path = Path(rc.model)
     if not path.is_dir():
         raise UserError(f"reflector.model must be a local causal-LM directory with rollout.credit=text; got {rc.model!r}")
+    device = resolve_device(cfg.device)
     policy = CausalLMPolicy.from_pretrained(path, trust_remote_code=rc.trust_remote_code,
-                                            lora=rc.lora.model_dump() if rc.lora else None)
+                                            lora=rc.lora.model_dump() if rc.lora else None, dtype=rc.dtype)
+    policy.model.to(device)
     ref = None
     if rc.beta > 0 and rc.lora is None:
-        ref = CausalLMPolicy(AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False), policy.tok)
+        ref_model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=rc.trust_remote_code, dtype=rc.dtype)
+        ref = CausalLMPolicy(ref_model.eval().requires_grad_(False), policy.tok)
+        place_frozen(ref.model, device, offload_it=rc.offload)
     s = TextGRPOSettings(
         group=cfg.rollout.group_size, temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
         max_new_tokens=rc.max_new_tokens, epsilon_low=rc.epsilon_low, epsilon_high=rc.epsilon_high,

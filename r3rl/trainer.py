@@ -48,7 +48,7 @@ from r3rl.evaluate import EvalResult, evaluate_rounds
 from r3rl.logger import RunLogger, quiet_libraries
 from r3rl.models.flux import FluxModel
 from r3rl.models.lora import BaseView, add_lora
-from r3rl.models.placement import offload, place_flow_model, resolve_device
+from r3rl.models.placement import place_flow_model, place_frozen, resolve_device
 from r3rl.models.reflector import HFReflector, Reflection, lora_kwargs
 from r3rl.models.registry import load_flow_model
 from r3rl.modes import refiner_folder, wrap_refiner
@@ -564,16 +564,9 @@ def _diffusion_policy(cfg_section, path: Path, image_size: int, fg, *, max_index
             policy.ref_transformer = BaseView(model.transformer) if lora else _frozen(model.transformer)
     place_flow_model(model, device, offload_frozen=cfg_section.offload)
     if policy.ref_transformer is not None and not lora:
-        _place_frozen(policy.ref_transformer, device, cfg_section.offload)
+        place_frozen(policy.ref_transformer, device, offload_it=cfg_section.offload)
     return policy
 
-
-def _place_frozen(module: torch.nn.Module, device: torch.device, offload_it: bool) -> None:
-    """A frozen copy goes to `device`, or stays in host memory and runs there layer by layer."""
-    if offload_it:
-        offload(module, device)
-    else:
-        module.to(device)
 
 
 def _prompts(path: str | None, split: str, n: int | None) -> list[dict]:
@@ -602,7 +595,7 @@ def _reflector(cfg: Config, world: Path | None, for_training: bool, device: torc
     ref = reflector.frozen_copy() if rc.beta > 0 and rc.lora is None else None
     reflector.model.to(device)  # before the optimiser, whose state then lives on `device`
     if ref is not None:
-        _place_frozen(ref.model, device, rc.offload)
+        place_frozen(ref.model, device, offload_it=rc.offload)
     opt = torch.optim.AdamW(reflector.trainable_parameters(), lr=rc.lr, betas=(0.9, 0.95), weight_decay=0.0)
     return reflector, ref, opt
 

@@ -71,7 +71,8 @@ def test_behaviour_logprobs_are_of_the_sampled_distribution(tiny_lm):
     torch.testing.assert_close(logps[m], c.old_logps[m], atol=1e-4, rtol=1e-4)
 
 
-def test_cli_trains_a_text_policy(tiny_lm, tmp_path):
+@pytest.mark.parametrize("offload", ["false", "true"])  # true: the KL reference runs from host memory
+def test_cli_trains_a_text_policy(tiny_lm, tmp_path, offload):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("the red circle", "the blue star")))
     reward = tmp_path / "count_e.py"
@@ -80,7 +81,7 @@ def test_cli_trains_a_text_policy(tiny_lm, tmp_path):
     cmd = [sys.executable, "-m", "r3rl.cli", "train", "recipes/grpo_text.yaml", f"reflector.model={tiny_lm}",
            f"data.train_prompts={prompts}", f"output_dir={out}", "trainer.max_steps=3", "trainer.save_every=2",
            "reflector.lr=1e-3", "reflector.max_new_tokens=8", "rollout.group_size=4", "rollout.prompts_per_step=2",
-           "reflector.beta=0.01", f"rewards=[{{name: '{reward}:count_e'}}]"]
+           "reflector.beta=0.01", f"reflector.offload={offload}", f"rewards=[{{name: '{reward}:count_e'}}]"]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

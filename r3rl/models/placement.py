@@ -47,12 +47,17 @@ def execution_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def place_frozen(module: torch.nn.Module, device: torch.device, *, offload_it: bool) -> None:
+    """A frozen module (e.g. a full-copy KL reference) goes to `device`, or is offloaded."""
+    if offload_it:
+        offload(module, device)
+    else:
+        module.to(device)
+
+
 def place_flow_model(model: FlowModel, device: torch.device, *, offload_frozen: bool) -> None:
     """Move a diffusion model to `device`; with `offload_frozen` its encoders (text encoders,
     VAE) stay in host memory and run layer by layer on `device`."""
     model.transformer.to(device)
     for module in model.encoders:
-        if offload_frozen:
-            offload(module, device)
-        else:
-            module.to(device)
+        place_frozen(module, device, offload_it=offload_frozen)
