@@ -3,8 +3,10 @@
 The loss is rectified-flow matching (x_t = (1-s) x0 + s eps, target v = eps - x0) in the
 refiner's own mode: `edit` conditions on the input's latents, `regenerate` on its projected
 semantic tokens (the projection trains too), `region` trains on the focused crops that
-region mode refines. With a mask, RefineAnything's boundary-consistency term up-weights the
-tokens in a narrow band around the mask edge, where a pasted region must blend in.
+region mode refines. A refiner whose text encoder reads the input (Qwen-Image-Edit) gets the
+instruction encoded with the input, exactly as in rollouts. With a mask, RefineAnything's
+boundary-consistency term up-weights the tokens in a narrow band around the mask edge, where a
+pasted region must blend in.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from PIL import Image
 from scipy import ndimage
 
 from r3rl.errors import UserError
+from r3rl.models.base import FlowModel, TextCond
 from r3rl.modes.region import box_mask, crop, crop_window, split_box
 from r3rl.modes.region_refiner import RegionRefiner, record_box
 
@@ -124,6 +127,13 @@ def focus(model: RegionRefiner, example: Example) -> Example:
 # --------------------------------------------------------------------------- training
 
 
+def _condition(model, texts: list[str], inputs: list[Image.Image] | None) -> tuple[TextCond, torch.Tensor | None]:
+    """`encode_condition` without the per-string text cache, which one-off SFT texts would only fill."""
+    if inputs is not None and hasattr(model, "encode_edit"):  # the text encoder reads each input
+        return model.encode_edit(texts, inputs)
+    return model.encode_text(texts, cache=False), None if inputs is None else model.encode_images(inputs)
+
+
 def fit(
     model,
     examples: list[Example],
@@ -161,8 +171,7 @@ def fit(
         s = torch.rand(batch_size, generator=g)
         xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps
         texts = [e.text if rng.random() >= cond_dropout else "" for e in batch]
-        cond = model.encode_text(texts, cache=False)
-        ref = model.encode_images([e.input for e in batch]) if batch[0].input is not None else None
+        cond, ref = _condition(model, texts, [e.input for e in batch] if batch[0].input is not None else None)
         weights = None
         if boundary_weight > 0 and any(e.mask is not None for e in batch):
             pix = [boundary_weights(e.mask, band_px, boundary_weight) if e.mask is not None else np.ones((1, 1))
@@ -201,12 +210,11 @@ def _load(cfg, image_size: int):
         raise UserError(f"refiner.model={rc.model!r}: no such directory (expected '{SHAPES_MODEL}' or a local folder)")
     folder = refiner_folder(rc, base, world, image_size, cfg.seed)
     inner = load_flow_model(folder, family=rc.family, image_size=image_size, dtype=rc.dtype)
-    if hasattr(inner, "encode_edit"):
-        raise UserError(f"refiner.model={rc.model!r}: r3rl sft does not support Qwen-Image-Edit refiners yet")
     for m in inner.encoders:
         m.eval().requires_grad_(False)
     params = list(inner.transformer.parameters())
-    if rc.mode == "regenerate" and not (folder / PROJECTION_DIR).exists():
+    reads_images = hasattr(inner, "encode_edit")  # Qwen-Image-Edit: its own text encoder is the semantic one
+    if rc.mode == "regenerate" and not reads_images and not (folder / PROJECTION_DIR).exists():
         if rc.regenerate.semantic_encoder is None:
             raise UserError("refiner.regenerate.semantic_encoder: set a VLM folder to start a regenerate refiner from "
                             f"{folder} (it has no {PROJECTION_DIR}/ yet)")
@@ -215,9 +223,26 @@ def _load(cfg, image_size: int):
         model = RegenerateRefiner(inner, encoder, projection, append_critique=rc.regenerate.append_critique)
     else:
         model = wrap_refiner(inner, rc, folder)
-    if isinstance(model, RegenerateRefiner):
+    if isinstance(model, RegenerateRefiner) and model.projection is not None:
         params += list(model.projection.parameters())
     return model, params
+
+
+def mode_examples(model, pairs: list[tuple[dict, Example]], source: str) -> tuple[FlowModel, list[Example]]:
+    """(the model the loss runs on, the pairs as the refiner's mode sees them): texts composed by
+    the mode, and for region mode the focused crops it refines, learnt by the wrapped refiner."""
+    from r3rl.modes.regenerate import RegenerateRefiner
+
+    compose = getattr(model, "compose", None)
+    examples = []
+    for rec, ex in pairs:
+        if isinstance(model, RegenerateRefiner) and "prompt" not in rec:
+            raise UserError(f"{source}: regenerate-mode pairs need a 'prompt' (the target description)")
+        text = compose(rec, ex.text) if compose is not None else ex.text
+        examples.append(Example(text, ex.input, ex.target, ex.mask))
+    if isinstance(model, RegionRefiner):
+        return model.inner, [focus(model, e) for e in examples]
+    return model, examples
 
 
 def run_sft(cfg) -> Path:
@@ -234,17 +259,7 @@ def run_sft(cfg) -> Path:
     pairs = load_pairs(sc.data)  # a bad line fails before any model is loaded
     torch.manual_seed(cfg.seed)
     model, params = _load(cfg, cfg.world.image_size)
-    examples = []
-    for rec, ex in pairs:
-        compose = getattr(model, "compose", None)
-        if isinstance(model, RegenerateRefiner) and "prompt" not in rec:
-            raise UserError(f"{sc.data}: regenerate-mode pairs need a 'prompt' (the target description)")
-        text = compose(rec, ex.text) if compose is not None else ex.text
-        examples.append(Example(text, ex.input, ex.target, ex.mask))
-    trained = model
-    if isinstance(model, RegionRefiner):  # region mode learns on the focused crops it refines
-        examples = [focus(model, e) for e in examples]
-        trained = model.inner
+    trained, examples = mode_examples(model, pairs, sc.data)
     losses = fit(trained, examples, params, steps=sc.steps, batch_size=sc.batch_size, lr=sc.lr,
                  boundary_weight=sc.boundary_weight, band_px=sc.boundary_band_px, cond_dropout=sc.cond_dropout,
                  seed=cfg.seed)

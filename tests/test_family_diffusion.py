@@ -201,21 +201,29 @@ def test_scheduler_sigmas_are_the_diffusers_schedulers(config):
         assert ours[-2] == pytest.approx(0.02)
 
 
-def test_qwen_image_edit_refuses_modes_and_sft_it_cannot_run_in_one_line(saved):
-    """Its text encoder must see the edited image, which regenerate/region modes and `r3rl sft` do not pass."""
-    from pathlib import Path
-
-    from r3rl.config import RefinerConfig, load_config
+def test_qwen_image_edit_regenerates_from_the_prompt_read_with_the_image_and_no_vae_latents(saved, monkeypatch):
+    """`refiner.mode: regenerate` (RvR) on Qwen-Image-Edit: its Qwen2.5-VL text encoder reads the target
+    prompt with the current image (the semantic tokens); the image's VAE latents never enter."""
+    from r3rl.config import RefinerConfig
     from r3rl.errors import UserError
-    from r3rl.modes import wrap_refiner
-    from r3rl.sft import _load
+    from r3rl.modes import refiner_texts, wrap_refiner
 
     folder = saved["qwen_image_edit"]
-    model = load_flow_model(folder, image_size=SIZE)
-    for mode in ("regenerate", "region"):
-        with pytest.raises(UserError, match=f"refiner.mode='{mode}' is not supported with a Qwen-Image-Edit refiner"):
-            wrap_refiner(model, RefinerConfig(mode=mode), folder)
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "shapes_cpu.yaml"
-    cfg = load_config(recipe, [f"refiner.model={folder}"])
-    with pytest.raises(UserError, match="r3rl sft does not support Qwen-Image-Edit refiners"):
-        _load(cfg, SIZE)
+    model = _frozen(load_flow_model(folder, image_size=SIZE, true_cfg_scale=2.0))
+    refiner = wrap_refiner(model, RefinerConfig(mode="regenerate"), folder)
+    texts = refiner_texts(refiner, [{"prompt": t} for t in TEXTS], ["make it blue", "add a circle"])
+    assert texts == TEXTS  # the target prompt, not the instruction
+    images = _inputs()
+    monkeypatch.setattr(model.vae, "encode", lambda *a, **k: pytest.fail("the VAE encoded the input image"))
+    settings = SamplerSettings(num_steps=3, sde=SDEConfig(noise_level=0.8), strategy="one")
+    ro = run_diffusion(refiner, texts, images, settings, train=True, generator=torch.Generator().manual_seed(0))
+    assert ro.ref is None and torch.isfinite(ro.traj.logps).all()
+    with torch.no_grad():
+        assert torch.equal(ro.cond.embeds, model.encode_text_with_images(texts, images).embeds)
+        logp, _, _ = transition_logprob(refiner, ro.traj, 0, ro.cond, None, settings.sde)
+    assert torch.allclose(logp, ro.traj.logps[:, 0], atol=1e-4)  # what the loss recomputes
+    # the image reaches the result through the text encoder alone: another image, another result
+    other = run_diffusion(refiner, texts, images[::-1], settings, train=True, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(other.traj.latents, ro.traj.latents)
+    with pytest.raises(UserError, match="reads the image with its own text encoder"):
+        wrap_refiner(model, RefinerConfig(mode="regenerate", regenerate={"semantic_encoder": "vlm"}), folder)

@@ -1,5 +1,6 @@
 """End-to-end: one tiny recipe trains in every refinement mode by switching `refiner.mode`
-(the real `r3rl train` CLI), and evaluation reports region preservation in region mode."""
+(the real `r3rl train` CLI), with the shapes world's FLUX.1-Kontext refiner or a tiny
+Qwen-Image-Edit one, and evaluation reports region preservation in region mode."""
 
 from __future__ import annotations
 
@@ -54,6 +55,31 @@ def test_every_mode_trains_from_the_same_recipe(recipe: Path, tmp_path: Path, mo
         assert rows[0]["eval/mse_bg"] == 0.0 and rows[0]["eval/ssim_bg"] == 1.0
     if mode == "regenerate":  # its extra pretraining is a separate cached stage beside the world
         assert len(list((recipe.parent / "cache").glob("shapes-*-regenerate-*/COMPLETE"))) == 1
+
+
+@pytest.fixture(scope="module")
+def qwen_image_edit(recipe: Path, tokenizer) -> Path:
+    """A tiny random-weight Qwen-Image-Edit checkpoint at the world's image size."""
+    from r3rl.models.tiny import build_tiny_qwen_image_edit
+
+    path = recipe.parent / "qwen_image_edit"
+    build_tiny_qwen_image_edit(tokenizer, 32, seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["regenerate", "region"])
+def test_qwen_image_edit_refiner_trains_in_mode(recipe: Path, qwen_image_edit: Path, tmp_path: Path,
+                                                mode: str) -> None:
+    """Its text encoder reads the image the mode conditions on (the input, or the region's crop);
+    what each mode does to the pixels is checked in-process in test_region / test_family_diffusion."""
+    stages = set((recipe.parent / "cache").glob("shapes-*-regenerate-*"))
+    rows = _train(recipe, tmp_path, f"refiner.mode={mode}", f"refiner.model={qwen_image_edit}", "trainer.max_steps=1")
+    assert [r["step"] for r in rows] == [0, 1] and rows[1]["stage"] == "refine"
+    assert math.isfinite(rows[1]["loss/flow_grpo"]) and rows[0]["eval/round1_improved"] > 0
+    if mode == "region":  # only pixels inside the box changed
+        assert rows[0]["eval/mse_bg"] == 0.0 and rows[0]["eval/ssim_bg"] == 1.0
+    else:  # a Qwen-Image-Edit refiner is its own semantic encoder: no shapes regenerate stage is trained
+        assert set((recipe.parent / "cache").glob("shapes-*-regenerate-*")) == stages
 
 
 def test_non_edit_modes_refuse_tree_credit_in_one_line(recipe: Path, tmp_path: Path) -> None:

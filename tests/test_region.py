@@ -76,19 +76,26 @@ def test_paste_blends_by_alpha_and_copies_where_alpha_is_zero() -> None:
     assert (out[untouched] == base[untouched]).all()
 
 
-@pytest.fixture(scope="module")
-def tiny_flux(tokenizer, one_thread):
+@pytest.fixture(scope="module", params=["flux_kontext", "qwen_image_edit"])
+def tiny_refiner(request, tokenizer, one_thread):
+    from r3rl.models.tiny import build_tiny_qwen_image_edit
     from r3rl.shapes.tiny_diffusion import build_tiny_flux
 
-    return build_tiny_flux(tokenizer, 32, seed=0)
+    build = {"flux_kontext": build_tiny_flux, "qwen_image_edit": build_tiny_qwen_image_edit}[request.param]
+    model = build(tokenizer, 32, seed=0)
+    for m in model.encoders:  # frozen, as the trainer loads them (no dropout)
+        m.eval().requires_grad_(False)
+    return model
 
 
-def test_region_refiner_leaves_pixels_outside_the_soft_mask_bit_identical(tiny_flux) -> None:
+def test_region_refiner_leaves_pixels_outside_the_soft_mask_bit_identical(tiny_refiner) -> None:
+    from r3rl.models.base import encode_condition
+    from r3rl.modes.region import crop
     from r3rl.modes.region_refiner import RegionRefiner, RegionSettings
     from r3rl.rollout import SamplerSettings, run_diffusion
     from r3rl.sampling import SDEConfig
 
-    refiner = RegionRefiner(tiny_flux, RegionSettings(box=(0.25, 0.25, 0.5, 0.5)))
+    refiner = RegionRefiner(tiny_refiner, RegionSettings(box=(0.25, 0.25, 0.5, 0.5)))
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
     metas = [{"prompt": "a red circle"}, {"prompt": "a red circle", "region": [0.5, 0.5, 0.9, 0.8]},
@@ -99,7 +106,12 @@ def test_region_refiner_leaves_pixels_outside_the_soft_mask_bit_identical(tiny_f
     assert [split_box(t)[1] for t in texts] == boxes
     settings = SamplerSettings(num_steps=2, sde=SDEConfig())
     out = run_diffusion(refiner, texts, images, settings, train=True, generator=torch.Generator().manual_seed(0))
-    assert out.ref.shape == tiny_flux.encode_images(images).shape  # crops enter as Kontext references
+    # the wrapped refiner is conditioned on the focused crops as if they were the whole image: their
+    # latents are the reference and (Qwen-Image-Edit) its text encoder reads them, box stripped
+    crops = [crop(im, refiner.plan(im, box)[0], 32) for im, box in zip(images, boxes)]
+    with torch.no_grad():
+        cond, ref = encode_condition(tiny_refiner, [split_box(t)[0] for t in texts], crops)
+    assert torch.allclose(out.ref, ref) and torch.allclose(out.cond.embeds, cond.embeds)
     for before, after, box in zip(images, out.images, boxes):
         _, alpha = refiner.plan(before, box)
         a, b = np.asarray(before), np.asarray(after)

@@ -96,9 +96,10 @@ class QwenImageModel(PipelineModel):
         return out[:, : x.shape[1]].float()
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None) -> torch.Tensor:
-        if (ref is not None) != self.EDITS:
-            raise ValueError("Qwen-Image-Edit edits an image: it needs the image's reference latents (a refiner)"
-                             if self.EDITS else "Qwen-Image (text-to-image) cannot refine a reference image; "
+        """Guided velocity; Qwen-Image-Edit without `ref` draws from its (image-aware) text conditioning
+        alone, no VAE latents of the image (`refiner.mode: regenerate`)."""
+        if ref is not None and not self.EDITS:
+            raise ValueError("Qwen-Image (text-to-image) cannot refine a reference image; "
                              "load a Qwen-Image-Edit checkpoint as the refiner")
         sigma = sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma
         v = self._forward(x, sigma, cond.embeds, cond.mask, ref)
@@ -152,14 +153,19 @@ class QwenImageEditModel(QwenImageModel):
         lengths = torch.tensor([len(r) for r in rows], device=embeds.device)
         return embeds, (torch.arange(embeds.shape[1], device=embeds.device)[None] < lengths[:, None]).long()
 
-    def encode_edit(self, texts: list[str], images: list[Image.Image]) -> tuple[TextCond, torch.Tensor]:
-        """(instruction + image conditioning, with the negative prompt's under true CFG; reference latents)."""
+    def encode_text_with_images(self, texts: list[str], images: list[Image.Image]) -> TextCond:
+        """Each text read together with its image (the negative prompt too, under true CFG): the
+        semantic conditioning, without the VAE latents."""
         side = self.PLUS_CONDITION_SIZE if isinstance(self.pipe, QwenImageEditPlusPipeline) else self.image_size
         seen = [self.pipe.image_processor.resize(im.convert("RGB"), side, side) for im in images]
         neg = None
         if self.true_cfg_scale > 1.0:
             neg = self._encode_with_image([self.negative_prompt] * len(texts), seen)
-        return _text_cond(self._encode_with_image(texts, seen), neg), self.encode_images(images)
+        return _text_cond(self._encode_with_image(texts, seen), neg)
+
+    def encode_edit(self, texts: list[str], images: list[Image.Image]) -> tuple[TextCond, torch.Tensor]:
+        """(instruction + image conditioning; reference latents of the images)."""
+        return self.encode_text_with_images(texts, images), self.encode_images(images)
 
 
 EDIT_PIPELINES = {p.__name__: p for p in (QwenImageEditPipeline, QwenImageEditPlusPipeline)}

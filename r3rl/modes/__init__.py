@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from r3rl.config import RefinerConfig
-from r3rl.errors import UserError
 from r3rl.modes.region import Box, split_box
 from r3rl.modes.region_refiner import RegionRefiner, RegionSettings, record_box
 
@@ -38,10 +37,7 @@ def refiner_folder(rc: RefinerConfig, folder: Path, world_root: Path | None, ima
 
 
 def wrap_refiner(model, rc: RefinerConfig, folder: Path):
-    """The loaded FLUX(-Kontext) refiner seen through the recipe's `refiner.mode`."""
-    if rc.mode != "edit" and hasattr(model, "encode_edit"):  # its text encoder must see the edited image
-        raise UserError(f"refiner.mode={rc.mode!r} is not supported with a Qwen-Image-Edit refiner yet; "
-                        "use refiner.mode=edit")
+    """The loaded FLUX.1-Kontext or Qwen-Image-Edit refiner seen through the recipe's `refiner.mode`."""
     if rc.mode == "region":
         r = rc.region
         box = tuple(r.box) if r.box else None

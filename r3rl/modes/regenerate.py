@@ -6,6 +6,10 @@ The semantic tokens are the image tokens a vision-language model's language mode
 appended to the prompt's sequence embeddings. To the rollout and FlowGRPO this is an ordinary
 FlowModel whose "reference" is those projected tokens: no reference latents enter the
 transformer, so nothing pins the pixels.
+
+A refiner whose text encoder is itself a VLM reading the image (Qwen-Image-Edit: its Qwen2.5-VL
+is the model's semantic path, the VAE latents its appearance path) needs no second encoder:
+the target prompt is read together with the image, and only the VAE latents are left out.
 """
 
 from __future__ import annotations
@@ -19,8 +23,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from r3rl.errors import UserError
-from r3rl.models.base import TextCond
-from r3rl.models.flux import FluxModel
+from r3rl.models.base import FlowModel, TextCond
 from r3rl.models.reflector import load_processor
 
 ENCODER_DIR, PROJECTION_DIR = "semantic_encoder", "semantic_projection"
@@ -66,22 +69,34 @@ class VLMSemanticEncoder:
 
 
 class RegenerateRefiner:
-    """Target prompt (+ optionally the reflector's critique) and semantic tokens -> a new image."""
+    """Target prompt (+ optionally the reflector's critique) and semantic tokens -> a new image.
+
+    `encoder` and `projection` are None for a refiner that reads the image with its own text
+    encoder (one with `encode_edit`, Qwen-Image-Edit); this wrapper then has `encode_edit` too.
+    """
 
     def __init__(
-        self, inner: FluxModel, encoder: VLMSemanticEncoder, projection: SemanticProjection, *,
+        self, inner: FlowModel, encoder: VLMSemanticEncoder | None, projection: SemanticProjection | None, *,
         append_critique: bool = False,
     ) -> None:
         self.inner, self.encoder, self.projection = inner, encoder, projection
         self.append_critique = append_critique
+        if encoder is None:  # `encode_condition` must pass the images to the text encoder
+            self.encode_edit = self._encode_prompt_with_images
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def around(
-        cls, inner: FluxModel, path: str | Path, *, encoder: str | Path | None = None, append_critique: bool = False,
+        cls, inner: FlowModel, path: str | Path, *, encoder: str | Path | None = None, append_critique: bool = False,
     ) -> RegenerateRefiner:
         """Wrap a loaded FLUX(-Kontext) refiner with the `semantic_projection/` saved in its folder
-        and the VLM at `encoder` (default: the folder's own `semantic_encoder/`)."""
+        and the VLM at `encoder` (default: the folder's own `semantic_encoder/`); a Qwen-Image-Edit
+        refiner is its own semantic encoder."""
+        if hasattr(inner, "encode_edit"):
+            if encoder is not None:
+                raise UserError(f"refiner.regenerate.semantic_encoder={str(encoder)!r}: a Qwen-Image-Edit refiner "
+                                "reads the image with its own text encoder; leave it unset (null)")
+            return cls(inner, None, None, append_critique=append_critique)
         p = Path(path)
         enc_path = Path(encoder) if encoder is not None else p / ENCODER_DIR
         if not (p / PROJECTION_DIR).exists() or not enc_path.exists():
@@ -93,8 +108,9 @@ class RegenerateRefiner:
     def save_pretrained(self, path: str | Path) -> None:
         p = Path(path)
         self.inner.save_pretrained(p)
-        self.encoder.save_pretrained(p / ENCODER_DIR)
-        self.projection.save_pretrained(p / PROJECTION_DIR)
+        if self.encoder is not None:
+            self.encoder.save_pretrained(p / ENCODER_DIR)
+            self.projection.save_pretrained(p / PROJECTION_DIR)
 
     # ------------------------------------------------------------------ FlowModel
     @property
@@ -120,6 +136,10 @@ class RegenerateRefiner:
         """Projected semantic tokens (B, N, D_text) of the current images; no VAE involved."""
         tokens = self.encoder(images).to(self.inner.device)
         return self.projection.to(self.inner.device)(tokens)
+
+    def _encode_prompt_with_images(self, texts: list[str], images: list[Image.Image]) -> tuple[TextCond, None]:
+        """The refiner's own VLM text encoder reads each prompt with its image; no reference latents."""
+        return self.inner.encode_text_with_images(texts, images), None
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None) -> torch.Tensor:
         if ref is not None:  # the image conditions both CFG branches: guidance is on the text only

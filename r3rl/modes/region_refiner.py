@@ -1,14 +1,14 @@
 """`refiner.mode: region`: a FlowModel wrapper that refines a box and pastes it back.
 
-The rollout, FlowGRPO and the trainer see an ordinary refiner: `encode_images` returns the
-latents of the focused crop (the Kontext reference), `velocity` is the wrapped model's, and
-`decode` pastes the refined crop into the input through the soft mask. The box travels in
-the conditioning text as `<box>x0 y0 x1 y1</box>` (so a recorded rollout re-encodes the same
-text in the loss); `encode_text` strips it before the text encoders see it.
+The rollout, FlowGRPO and the trainer see an ordinary refiner: `encode_edit` conditions the
+wrapped refiner on the focused crop as if it were the whole image (FLUX.1-Kontext: the crop's
+latents are the reference; Qwen-Image-Edit: its text encoder reads the crop too), `velocity` is
+the wrapped model's, and `decode` pastes the refined crop into the input through the soft mask.
+The box travels in the conditioning text as `<box>x0 y0 x1 y1</box>` (so a recorded rollout
+keeps the region it was refined in); `encode_edit` strips it before the text encoders see it.
 
-`run_diffusion` calls encode_text -> encode_images -> sample -> decode for one batch, and
-this wrapper relies on that order: encode_text remembers the batch's boxes, encode_images
-the crop windows and input images that decode pastes into.
+`run_diffusion` calls encode_edit -> sample -> decode for one batch, and this wrapper relies on
+that order: encode_edit remembers the crop windows and input images that decode pastes into.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from r3rl.models.base import TextCond
-from r3rl.models.flux import FluxModel
+from r3rl.models.base import FlowModel, TextCond, encode_condition
 from r3rl.modes.region import (
     Box,
     Window,
@@ -51,9 +50,8 @@ def record_box(meta: dict) -> Box | None:
 class RegionRefiner:
     """Focus-and-refine around a wrapped refiner (RefineAnything, seed 001)."""
 
-    def __init__(self, inner: FluxModel, settings: RegionSettings) -> None:
+    def __init__(self, inner: FlowModel, settings: RegionSettings) -> None:
         self.inner, self.settings = inner, settings
-        self._boxes: list[Box | None] = []
         self._pending: tuple[list[Image.Image], list[tuple[Window, np.ndarray]]] | None = None
 
     @property
@@ -80,23 +78,18 @@ class RegionRefiner:
         window = crop_window(mask, self.settings.margin)
         return window, soft_mask(mask, window, dilate_px=self.settings.dilate_px, blur_sigma=self.settings.blur_sigma)
 
-    def encode_text(self, texts: list[str], **kwargs) -> TextCond:
+    def encode_edit(self, texts: list[str], images: list[Image.Image]) -> tuple[TextCond, torch.Tensor]:
+        """The wrapped refiner's conditioning on (instruction without its box, focused crop)."""
         split = [split_box(t) for t in texts]
-        self._boxes = [box for _, box in split]
-        return self.inner.encode_text([t for t, _ in split], **kwargs)
-
-    def encode_images(self, images: list[Image.Image], **kwargs) -> torch.Tensor:
-        if len(self._boxes) != len(images):
-            raise ValueError("RegionRefiner: encode_text must be called for the same batch before encode_images")
-        plans = [self.plan(im, box) for im, box in zip(images, self._boxes)]
+        plans = [self.plan(im, box) for im, (_, box) in zip(images, split, strict=True)]
         self._pending = (list(images), plans)
         crops = [crop(im, window, self.inner.image_size) for im, (window, _) in zip(images, plans)]
-        return self.inner.encode_images(crops, **kwargs)
+        return encode_condition(self.inner, [t for t, _ in split], crops)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         crops = self.inner.decode(latents)
         if self._pending is None or len(self._pending[0]) != len(crops):
-            raise ValueError("RegionRefiner: decode needs the input images of the same batch (encode_images first)")
+            raise ValueError("RegionRefiner: decode needs the input images of the same batch (encode_edit first)")
         images, plans = self._pending
         self._pending = None
         return [paste(im, c, window, alpha) for im, c, (window, alpha) in zip(images, crops, plans)]
