@@ -31,9 +31,13 @@ PROMPTS = [
 IMAGES = [RED, BLUE, RED, BLUE]  # prompts of different lengths: rows really are left-padded
 SAMPLING = {"temperature": 0.9, "top_k": 5, "top_p": 1.0}
 # the token that ends an assistant turn in each family's chat template (Gemma's eos is <eos>)
-END_OF_TURN = {"qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "gemma3": "<end_of_turn>"}
+END_OF_TURN = {"qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "gemma3": "<end_of_turn>",
+               "idefics3": "<end_of_utterance>"}
 CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-           "gemma3": "Gemma3ForConditionalGeneration"}  # fmt: skip
+           "gemma3": "Gemma3ForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration"}  # fmt: skip
+# where each family keeps its language model (SmolVLM's vision tower has q/k/v_proj too)
+LANGUAGE_MODEL = {"qwen2_5_vl": ".language_model.", "qwen3_vl": ".language_model.", "gemma3": ".language_model.",
+                  "idefics3": ".text_model."}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -65,7 +69,7 @@ def test_recipe_path_loads_the_family_with_lora_on_the_language_model(base):
     layers = reflector.model.get_base_model().config.get_text_config().num_hidden_layers
     # the default targets: 7 projections per language-model layer, 2 LoRA matrices each; no vision tower
     assert len(trainable) == layers * 7 * 2
-    assert all("lora_" in n and "language_model" in n for n in trainable)
+    assert all("lora_" in n and LANGUAGE_MODEL[family] in n for n in trainable)
     assert reflector.model.is_activation_checkpointing
     end = reflector.tokenizer.convert_tokens_to_ids(END_OF_TURN[family])
     assert reflector.end_id == end and end in reflector.stop_ids
@@ -111,7 +115,7 @@ def test_one_grpo_step_trains_only_the_lora_weights_with_checkpointing(base, mon
     before = {n: p.detach().clone() for n, p in reflector.model.named_parameters()}
     loss = _grpo(reflector, out, adv)
     # checkpointed: what runs inside a language-model layer runs again in backward (the recompute)
-    mlp = reflector.model.get_base_model().model.language_model.layers[0].mlp
+    mlp = reflector.model.get_base_model().get_decoder().layers[0].mlp
     calls, forward = [], mlp.forward
     monkeypatch.setattr(mlp, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     _grpo(reflector, out, adv).backward()

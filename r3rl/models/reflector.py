@@ -7,7 +7,7 @@ the same log-probs recomputed (with grad) by one teacher-forced forward. Both go
 `r3rl.algos.grpo.token_logprobs` semantics, so ratios start at exactly 1 (R3's bug was
 behaviour log-probs taken at temperature 1 without the top-p filter used for sampling).
 Nothing here is specific to a model family: whatever `AutoModelForImageTextToText` and
-`AutoProcessor` load works (tested: Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA).
+`AutoProcessor` load works (tested: Qwen2.5-VL, Qwen3-VL, Gemma 3, SmolVLM / Idefics3, LLaVA).
 """
 
 from __future__ import annotations

@@ -15,20 +15,25 @@ from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3Processor,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3Processor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from r3rl.models.reflector import REFLECTION_PROMPT, HFReflector, image_only_processor
-from r3rl.models.tokenizer import GEMMA, train_chat_tokenizer
+from r3rl.models.tokenizer import GEMMA, SMOLVLM, train_chat_tokenizer
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 64, 2, 4, 2, 16
 VISION_HIDDEN, VISION_HEADS = 32, 2
 PATCHES_PER_SIDE = 8  # patch size = image_size / 8
 GEMMA_IMAGE_TOKENS = 4  # soft tokens per image (2x2 after pooling 8x8 patches)
+IDEFICS3_SCALE = 4  # pixel shuffle: 8x8 patches -> (8/4)^2 = 4 image tokens
 
 
 def _text(tokenizer) -> dict:
@@ -121,9 +126,33 @@ def _gemma3(corpus: Sequence[str], image_size: int) -> HFReflector:
     return HFReflector(Gemma3ForConditionalGeneration(config), processor)
 
 
+def _idefics3(corpus: Sequence[str], image_size: int) -> HFReflector:
+    """SmolVLM's class: a SigLIP-style vision tower, pixel shuffle, a Llama `text_model`. The
+    processor shows the whole image once (no tiling into 4x4 sub-images at this size)."""
+    tokenizer = train_chat_tokenizer(corpus, style=SMOLVLM)
+    text = _text(tokenizer) | {"model_type": "llama", "bos_token_id": tokenizer.bos_token_id}
+    vision = {
+        "hidden_size": VISION_HIDDEN,
+        "intermediate_size": 2 * VISION_HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": VISION_HEADS,
+        "image_size": image_size,
+        "patch_size": image_size // PATCHES_PER_SIDE,
+    }
+    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=IDEFICS3_SCALE,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            pad_token_id=tokenizer.pad_token_id)
+    images = Idefics3ImageProcessorPil(size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size},
+                                       do_image_splitting=False)
+    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
+                                  image_seq_len=(PATCHES_PER_SIDE // IDEFICS3_SCALE) ** 2)
+    return HFReflector(Idefics3ForConditionalGeneration(config), processor)
+
+
 BUILDERS: dict[str, Callable[[Sequence[str], int], HFReflector]] = {
     "qwen3_vl": _qwen3_vl,
     "gemma3": _gemma3,
+    "idefics3": _idefics3,
 }
 FAMILIES = ("qwen2_5_vl", *BUILDERS)
 

@@ -90,6 +90,29 @@ GEMMA = ChatStyle(
     words=("system", "user", "model"),
 )  # fmt: skip
 
+# SmolVLM's (Idefics3's) chat conventions: "User:" / "Assistant:" turns ended by <end_of_utterance>,
+# which is also eos; an image is <image>, which the processor expands between
+# <fake_token_around_image> marks (the tokenizer lower-cases, so the role words are lower case here)
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}"
+    "{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}: {{ message['content'] }}"
+    "{% else %}{{ ':' if message['content'][0]['type'] == 'image' else ': ' }}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<end_of_utterance>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+SMOLVLM = ChatStyle(
+    specials=("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", UNK, "<fake_token_around_image>", "<image>",
+              "<global-img>"),
+    pad="<|endoftext|>", eos="<end_of_utterance>", bos="<|im_start|>", template=SMOLVLM_TEMPLATE,
+    words=("system", "user", "assistant"),
+)  # fmt: skip
+
 
 def _alphabet() -> list[str]:
     """Printable lower-case ASCII plus newline: any such text encodes without `<unk>`."""
