@@ -25,6 +25,7 @@ from scipy import ndimage
 
 from r3rl.errors import UserError
 from r3rl.models.base import FlowModel, TextCond
+from r3rl.models.placement import place_flow_model, resolve_device
 from r3rl.modes.region import box_mask, crop, crop_window, split_box
 from r3rl.modes.region_refiner import RegionRefiner, record_box
 
@@ -167,8 +168,8 @@ def fit(
         idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
         batch = [examples[i] for i in idx]
         x0 = x0_all[idx]
-        eps = torch.randn(x0.shape, generator=g)
-        s = torch.rand(batch_size, generator=g)
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)  # CPU draws: the same noise on any device
+        s = torch.rand(batch_size, generator=g).to(x0.device)
         xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps
         texts = [e.text if rng.random() >= cond_dropout else "" for e in batch]
         cond, ref = _condition(model, texts, [e.input for e in batch] if batch[0].input is not None else None)
@@ -176,7 +177,7 @@ def fit(
         if boundary_weight > 0 and any(e.mask is not None for e in batch):
             pix = [boundary_weights(e.mask, band_px, boundary_weight) if e.mask is not None else np.ones((1, 1))
                    for e in batch]  # each example's pixels pooled onto the token grid on its own
-            weights = torch.cat([token_weights(torch.from_numpy(w)[None], grid) for w in pix])
+            weights = torch.cat([token_weights(torch.from_numpy(w)[None], grid) for w in pix]).to(x0.device)
         loss = weighted_flow_loss(model.velocity(xt, s, cond, ref), eps - x0, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -212,6 +213,7 @@ def _load(cfg, image_size: int):
     inner = load_flow_model(folder, family=rc.family, image_size=image_size, dtype=rc.dtype)
     for m in inner.encoders:
         m.eval().requires_grad_(False)
+    place_flow_model(inner, resolve_device(cfg.device), offload_frozen=rc.offload)
     params = list(inner.transformer.parameters())
     reads_images = hasattr(inner, "encode_edit")  # Qwen-Image-Edit: its own text encoder is the semantic one
     if rc.mode == "regenerate" and not reads_images and not (folder / PROJECTION_DIR).exists():
@@ -221,6 +223,7 @@ def _load(cfg, image_size: int):
         encoder = VLMSemanticEncoder.from_pretrained(rc.regenerate.semantic_encoder)
         projection = SemanticProjection(encoder.dim, inner.transformer.config.joint_attention_dim)
         model = RegenerateRefiner(inner, encoder, projection, append_critique=rc.regenerate.append_critique)
+        model.place_semantic(offload_encoder=rc.offload)
     else:
         model = wrap_refiner(inner, rc, folder)
     if isinstance(model, RegenerateRefiner) and model.projection is not None:

@@ -105,3 +105,19 @@ def test_an_r3_run_with_everything_offloaded_matches_one_without(tiny_world, mon
                 continue
             other = offloaded[key]
             assert (math.isnan(value) and math.isnan(other)) or value == pytest.approx(other, rel=1e-6, abs=1e-9), key
+
+
+def test_regenerate_mode_offloads_its_semantic_encoder(tiny_world):
+    """The regenerate refiner's VLM semantic encoder is one of its frozen encoders: offloaded with
+    `refiner.offload`, and its semantic tokens unchanged."""
+    from r3rl.trainer import build_run
+
+    images = [Image.new("RGB", (SIZE, SIZE), c) for c in ("red", "navy")]
+    tokens = []
+    for off in ("false", "true"):
+        run = build_run(load_config("recipes/shapes_cpu.yaml", [
+            *tiny_world, "output_dir=unused", "refiner.mode=regenerate", f"refiner.offload={off}",
+            "refiner.regenerate.pretrain_steps=2", "refiner.regenerate.pretrain_pairs=8"]), for_training=False)
+        assert _resident(run.refiner.model.encoder.model) == (off == "false")
+        tokens.append(run.refiner.model.encode_images(images))
+    assert torch.equal(*tokens)

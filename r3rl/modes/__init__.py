@@ -45,6 +45,8 @@ def wrap_refiner(model, rc: RefinerConfig, folder: Path):
     if rc.mode == "regenerate":
         from r3rl.modes.regenerate import RegenerateRefiner
 
-        return RegenerateRefiner.around(model, folder, encoder=rc.regenerate.semantic_encoder,
-                                        append_critique=rc.regenerate.append_critique)
+        refiner = RegenerateRefiner.around(model, folder, encoder=rc.regenerate.semantic_encoder,
+                                           append_critique=rc.regenerate.append_critique)
+        refiner.place_semantic(offload_encoder=rc.offload)
+        return refiner
     return model

@@ -24,6 +24,7 @@ from transformers import AutoModelForImageTextToText
 
 from r3rl.errors import UserError
 from r3rl.models.base import FlowModel, TextCond
+from r3rl.models.placement import execution_device, place_frozen
 from r3rl.models.reflector import load_processor
 
 ENCODER_DIR, PROJECTION_DIR = "semantic_encoder", "semantic_projection"
@@ -60,7 +61,7 @@ class VLMSemanticEncoder:
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
         inputs = self.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-        dev = next(self.model.parameters()).device
+        dev = execution_device(self.model)
         inputs = {k: v.to(dev) for k, v in inputs.items() if torch.is_tensor(v)}
         tokens = self.model.get_image_features(**inputs).pooler_output
         if len({t.shape[0] for t in tokens}) != 1:
@@ -105,6 +106,13 @@ class RegenerateRefiner:
         projection = SemanticProjection.from_pretrained(p / PROJECTION_DIR).requires_grad_(False).eval()
         return cls(inner, VLMSemanticEncoder.from_pretrained(enc_path), projection, append_critique=append_critique)
 
+    def place_semantic(self, *, offload_encoder: bool) -> None:
+        """Put the semantic encoder and projection where the refiner runs; with `offload_encoder` the
+        VLM stays in host memory like the refiner's other frozen encoders."""
+        if self.encoder is not None:
+            place_frozen(self.encoder.model, self.inner.device, offload_it=offload_encoder)
+            self.projection.to(self.inner.device)
+
     def save_pretrained(self, path: str | Path) -> None:
         p = Path(path)
         self.inner.save_pretrained(p)
@@ -134,8 +142,7 @@ class RegenerateRefiner:
 
     def encode_images(self, images: list[Image.Image], **kwargs) -> torch.Tensor:
         """Projected semantic tokens (B, N, D_text) of the current images; no VAE involved."""
-        tokens = self.encoder(images).to(self.inner.device)
-        return self.projection.to(self.inner.device)(tokens)
+        return self.projection(self.encoder(images).to(self.inner.device))
 
     def _encode_prompt_with_images(self, texts: list[str], images: list[Image.Image]) -> tuple[TextCond, None]:
         """The refiner's own VLM text encoder reads each prompt with its image; no reference latents."""
