@@ -53,7 +53,9 @@ def _exit_without_teardown(code: int) -> NoReturn:
 
     There, gloo's C++ threads intermittently abort the process ("terminate called without an
     active exception", exit -6) after a run that finished and saved; 2 of 8 two-process CPU
-    tests failed so in one full-suite run. Exiting directly gives the launcher the true status.
+    tests failed so in one full-suite run. A known PyTorch problem: gloo work objects still held
+    by C++ worker threads are destroyed during interpreter finalisation (pytorch/pytorch#179291,
+    whose atexit fix was abandoned; #190489). Exiting directly gives the launcher the true status.
     """
     sys.stdout.flush()
     sys.stderr.flush()
