@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from r3rl.errors import UserError
 from r3rl.models.base import FlowModel, TextCond
-from r3rl.models.placement import place_flow_model, resolve_device
+from r3rl.models.placement import onload, place_flow_model, resolve_device
 from r3rl.modes.region import box_mask, crop, crop_window, split_box
 from r3rl.modes.region_refiner import RegionRefiner, record_box
 
@@ -248,6 +248,13 @@ def mode_examples(model, pairs: list[tuple[dict, Example]], source: str) -> tupl
     return model, examples
 
 
+def _frozen_modules(model) -> list[torch.nn.Module]:
+    """The refiner's encoders, and the regenerate mode's semantic VLM when it has one."""
+    inner = getattr(model, "inner", model)
+    encoder = getattr(model, "encoder", None)
+    return [*inner.encoders, *([encoder.model] if encoder is not None else [])]
+
+
 def run_sft(cfg) -> Path:
     """`r3rl sft RECIPE`: fine-tune the recipe's refiner on `refiner.sft.data`; returns the folder
     written (`output_dir/sft/refiner`, loadable as `refiner.model`)."""
@@ -269,7 +276,10 @@ def run_sft(cfg) -> Path:
     out = Path(cfg.output_dir) / "sft" / "refiner"
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    (model if isinstance(model, RegenerateRefiner) else getattr(model, "inner", model)).save_pretrained(tmp)
+    saved = model if isinstance(model, RegenerateRefiner) else getattr(model, "inner", model)
+    for module in _frozen_modules(model):
+        onload(module)  # offloaded weights live in their hooks: give them back before saving
+    saved.save_pretrained(tmp)
     (tmp / "sft.json").write_text(json.dumps({"pairs": len(examples), "steps": sc.steps, "first_loss": losses[0],
                                              "last_loss": sum(losses[-10:]) / len(losses[-10:])}))
     shutil.rmtree(out, ignore_errors=True)

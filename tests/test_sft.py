@@ -151,3 +151,21 @@ def test_sft_bad_pair_line_is_a_one_line_user_error(sft_setup, tmp_path: Path) -
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"r3rl: error: {bad}:1: image not found: {tmp_path / 'out0.png'}"
     assert not (tmp_path / "sft").exists()
+
+
+def test_sft_with_offloaded_encoders_trains_and_saves_the_same_refiner(sft_setup, tmp_path: Path, one_thread) -> None:
+    """`refiner.offload`: the frozen encoders (and regenerate's semantic VLM) run from host memory;
+    the losses are unchanged and the saved folder holds their real weights, not placeholders."""
+    from safetensors.torch import load_file
+
+    from r3rl.config import load_config
+    from r3rl.sft import run_sft
+
+    outs = [run_sft(load_config(sft_setup, [f"output_dir={tmp_path / off}", "refiner.mode=regenerate",
+                                            f"refiner.offload={off}"])) for off in ("false", "true")]
+    stats = [json.loads((o / "sft.json").read_text()) for o in outs]
+    assert stats[0] == stats[1]
+    weights = lambda o: {f.relative_to(o): load_file(f) for f in sorted(o.rglob("*.safetensors"))}
+    plain, offloaded = weights(outs[0]), weights(outs[1])
+    assert plain.keys() == offloaded.keys() and any("semantic_encoder" in str(f) for f in plain)
+    assert all(torch.equal(plain[f][k], offloaded[f][k]) for f in plain for k in plain[f])

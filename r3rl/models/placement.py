@@ -36,6 +36,13 @@ def offload(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return cpu_offload(module, execution_device=device)
 
 
+def onload(module: torch.nn.Module) -> None:
+    """Undo `offload`: the module owns its weights again (in host memory), e.g. to be saved."""
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(module, recurse=True)
+
+
 def execution_device(module: torch.nn.Module) -> torch.device:
     """Where `module` computes: its layers' offload-hook device, else the device of its parameters."""
     if not hasattr(module, "_hf_hook"):  # not offloaded (`offload` hooks the module itself too)
