@@ -22,7 +22,6 @@ from r3rl.algos.advantages import (
     group_advantages,
     r3_generate_rewards,
     r3_refine_rewards,
-    tree_advantages,
 )
 from r3rl.algos.flow_grpo import flow_grpo_loss
 from r3rl.algos.grpo import grpo_loss
@@ -68,6 +67,7 @@ from r3rl.rollout import (
 )
 from r3rl.sampling import SDEConfig, transition_logprob
 from r3rl.shapes.world import SHAPES_MODEL, ensure_world
+from r3rl.tree import Rows, grow_tree
 
 # --------------------------------------------------------------------------- loading
 
@@ -262,70 +262,29 @@ class Run:
         return batch
 
     def _tree_rollout(self, gen: torch.Generator, seed: int) -> Batch:
-        """G roots x K reflections x M refinements per level, `max_rounds` levels; values are
-        leaf-reward means, advantages are relative to siblings (design.md §4, tree credit)."""
-        ro_cfg = self.cfg.rollout
+        """Tree credit (`r3rl.tree`): this rank's share of the tree's nodes as loss terms, each with
+        its count on all ranks; a rank without refinements of its own in a level trains a stand-in at weight 0."""
         meta = self.rng.choice(self.train_prompts)
-        roots = run_diffusion(self.generator.model, [meta["prompt"]] * ro_cfg.group_size, None,
-                              self.generator.settings, train=self.generator.train, generator=gen)
-        root_s = score(self.reward, [meta] * ro_cfg.group_size, roots.images)
-        parent = [-1] * ro_cfg.group_size
-        reward = root_s.total.tolist()
-        # frontier: (node id, image, reward) of images still to reflect on
-        frontier = [(i, im, reward[i]) for i, im in enumerate(roots.images)]
-        text_nodes: list[tuple[int, Reflection, object]] = []  # (node, reflection, input image)
-        image_nodes: list[tuple[list[int], DiffusionRollout]] = []
-        stops = 0
-        total_refl = 0
-        for level in range(ro_cfg.max_rounds):
-            if not frontier:
-                break
-            src = [f for f in frontier for _ in range(ro_cfg.tree_k)]
-            refl = self.reflector.reflect([meta["prompt"]] * len(src), [f[1] for f in src], temperature=self.text.temperature,
-                                          top_k=self.text.top_k, top_p=self.text.top_p,
-                                          max_new_tokens=self.text.max_new_tokens, seed=seed + 31 * level)
-            total_refl += len(refl)
-            next_frontier = []
-            edit_src: list[tuple[int, object, str]] = []
-            for (node, image, r), rf in zip(src, refl):
-                rid = len(parent)
-                parent.append(node)
-                reward.append(r if rf.instruction is None else math.nan)  # stop: value = unchanged image
-                text_nodes.append((rid, rf, image))
-                if rf.instruction is None:
-                    stops += 1
-                else:
-                    edit_src += [(rid, image, rf.instruction)] * ro_cfg.tree_m
-            if edit_src:
-                ro = run_diffusion(self.refiner.model, [e[2] for e in edit_src], [e[1] for e in edit_src],
-                                   self.refiner.settings, train=self.refiner.train, generator=gen)
-                s = score(self.reward, [meta] * len(edit_src), ro.images)
-                nodes = []
-                for (rid, _, _), im, r in zip(edit_src, ro.images, s.total.tolist()):
-                    nid = len(parent)
-                    parent.append(rid)
-                    reward.append(r)
-                    nodes.append(nid)
-                    next_frontier.append((nid, im, r))
-                image_nodes.append((nodes, ro))
-            frontier = next_frontier
-        rewards = torch.tensor(reward, dtype=torch.float64)
-        values, adv, zero, sets = tree_advantages(parent, rewards, scale_std=ro_cfg.scale_rewards)
-        adv = adv.float()
-        batch = Batch(metrics=_reward_metrics(values[torch.tensor([n for n, p in enumerate(parent) if p < 0])].float(), root_s))
-        batch.metrics.update({"refine/stop_rate": stops / max(1, total_refl), "frac_reward_zero_std": zero / max(1, sets),
-                              "reward/final_mean": nanmean(torch.tensor([r for _, _, r in frontier])) if frontier else math.nan})
-        valid_of = lambda ids: ~torch.isnan(values[ids])
-        if text_nodes:
-            ids = torch.tensor([n for n, _, _ in text_nodes])
-            batch.text_terms.append(TextTerm([meta["prompt"]] * len(ids), [im for _, _, im in text_nodes],
-                                             [rf for _, rf, _ in text_nodes], adv[ids], valid_of(ids)))
+        tree = grow_tree(self.reflector, self.generator, self.refiner, self.reward, meta, self.cfg.rollout, self.text,
+                         generator_rng=gen, seed=seed, topo=self.dist, gather_scored=self._gather_scored)
+        roots = tree.values[: self.cfg.rollout.group_size].float()
+        batch = Batch(metrics={**_reward_metrics(roots, tree.root_scores), **tree.metrics})
+        valid = ~torch.isnan(tree.values)
+
+        def image_term(policy: Policy, ro: DiffusionRollout, rows: Rows) -> ImageTerm:
+            if not rows.nodes:
+                return ImageTerm(policy, ro, torch.zeros(1), torch.zeros(1, dtype=torch.bool), total=rows.total)
+            ids = torch.tensor(rows.nodes)
+            return ImageTerm(policy, ro, tree.adv[ids], valid[ids], total=rows.total)
+
+        if tree.reflections:
+            ids = torch.tensor([n for n, _, _ in tree.reflections])
+            batch.text_terms.append(TextTerm([meta["prompt"]] * len(ids), [im for _, _, im in tree.reflections],
+                                             [rf for _, rf, _ in tree.reflections], tree.adv[ids], valid[ids],
+                                             total=tree.reflection_total))
         if self.generator.train:
-            ids = torch.arange(ro_cfg.group_size)
-            batch.image_terms.append(ImageTerm(self.generator, roots, adv[ids], valid_of(ids)))
-        for nodes, ro in image_nodes:
-            ids = torch.tensor(nodes)
-            batch.image_terms.append(ImageTerm(self.refiner, ro, adv[ids], valid_of(ids)))
+            batch.image_terms.append(image_term(self.generator, tree.roots, tree.root_rows))
+        batch.image_terms += [image_term(self.refiner, ro, rows) for rows, ro in tree.refinements]
         return batch
 
     # ----------------------------------------------------------------- update
@@ -414,8 +373,15 @@ class Run:
         loss, m = grpo_loss(logps, old, torch.nan_to_num(adv).to(logps.device), mask, ref_logps=ref, epsilon_low=rc.epsilon_low,
                             epsilon_high=rc.epsilon_high, beta=rc.beta, loss_type=rc.loss_type,
                             max_completion_length=rc.max_new_tokens)
+        # terms counted on all ranks (tree credit's uneven shards) weigh this rank's share of the rows, so
+        # the ranks' mean loss and gradient are the one-process ones: exact for grpo and dr_grpo, whose
+        # normalisers count rows; dapo's normaliser is each rank's own tokens (exact if mean lengths agree)
+        totals = [t.total for t in terms]
+        share = 1.0 if None in totals else len(keep) * self.dist.world / sum(totals)
+        loss = loss * share
+        # completion_length weighted alike averages to the group's; mean_metrics weighs token means by it
         out = {"loss/grpo": loss.item(), "entropy": entropy.detach()[mask].mean().item() if mask.any() else math.nan,
-               "completion_length": float(mask.sum(1).float().mean())}
+               "completion_length": float(mask.sum(1).float().mean()) * share}
         out["clip_ratio"] = m.get("clip_ratio/region_mean", math.nan)
         if "kl" in m:
             out["kl/text"] = m["kl"]
@@ -459,12 +425,13 @@ class Run:
                 part = loss * scale / k_steps
                 total = total + part
                 by_policy[name] = by_policy[name] + part if name in by_policy else part
-                if not live:
-                    continue
-                losses.append(loss.item())
-                clips.append(m["clip_ratio"])
+                # several processes: a rank's metrics weighted like its gradient (stand-ins at 0), so the
+                # ranks' mean is the one-process mean even for uneven shards (exact when all are scored)
+                w = scale if self.dist.distributed else 1.0
+                losses.append(loss.item() * w)
+                clips.append(m["clip_ratio"] * w)
                 if "kl" in m:
-                    kls.append(m["kl"])
+                    kls.append(m["kl"] * w)
         out = {"loss/flow_grpo": sum(losses) / len(losses) if losses else math.nan,
                "clip_ratio/image": sum(clips) / len(clips) if clips else math.nan}
         if kls:
@@ -493,6 +460,7 @@ class TextTerm:
     reflections: list[Reflection]
     adv: torch.Tensor
     valid: torch.Tensor
+    total: int | None = None  # rows of this term on all ranks (None: shards of equal size, weighted alike)
 
 
 @dataclass
@@ -600,19 +568,11 @@ def _reflector(cfg: Config, world: Path | None, for_training: bool, device: torc
     return reflector, ref, opt
 
 
-def _refuse_tree_across_processes(cfg: Config, topo: Topology) -> None:
-    """Tree credit is not sharded across ranks: one process only."""
-    if cfg.rollout.credit == "tree" and topo.distributed:
-        raise UserError(f"rollout.credit=tree runs in one process only, got {topo.world} processes; "
-                        "use rollout.credit=r3 with several processes")
-
-
 def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: bool = True,
               topo: Topology | None = None) -> Run:
     """Load the policies (every rank loads the same weights) and, with `distributed.deepspeed`
     during training, give each trained policy its own DeepSpeed engine."""
     topo = topo or Topology()
-    _refuse_tree_across_processes(cfg, topo)
     quiet_libraries()
     if cfg.refiner.mode != "edit" and cfg.rollout.credit == "tree":
         raise UserError(f"refiner.mode={cfg.refiner.mode!r} needs rollout.credit='r3'; tree credit refines in 'edit' mode only")
@@ -723,7 +683,6 @@ def train(cfg: Config) -> None:
     """`r3rl train`: pretrain (shapes world, cached), then RL with evaluation and checkpoints."""
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, torch.get_num_threads())))
     topo = topology_from_env()
-    _refuse_tree_across_processes(cfg, topo)  # before the process group and any model load
     if cfg.distributed.deepspeed and not topo.distributed:  # DeepSpeed wants a launcher's setup even for one
         for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
                            ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):

@@ -1,0 +1,151 @@
+"""Tree credit (design.md §4): grow one prompt's generate → reflect → refine tree level by level
+and give every node its value and sibling-relative advantage, on one or several processes.
+
+Several processes split the work like R3 credit does (`reflect_and_refine`): each rank simulates
+a contiguous block of the roots and of each level's refinements, with the diffusion draws made
+for the whole level on every rank; every rank samples the whole level's reflections with the
+same seed; images and rewards are gathered after each level. So every rank holds the whole tree
+and computes the same advantages, whatever the split, and trains its block of each level's
+nodes. Each trained term carries its node count on all ranks, from which the trainer weights
+its share so that the mean of the ranks' gradients is the one-process gradient (text: exact for
+`reflector.loss_type` grpo and dr_grpo, not dapo; see `Run._text_loss`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+
+from r3rl.algos.advantages import tree_advantages
+from r3rl.config import RolloutConfig
+from r3rl.distributed import Topology, gather, shard
+from r3rl.models.reflector import HFReflector, Reflection
+from r3rl.rewards import CombinedReward
+from r3rl.rollout import DiffusionRollout, Scored, TextSettings, nanmean, run_diffusion, score
+
+if TYPE_CHECKING:
+    from r3rl.trainer import Policy
+
+
+def block(n: int, topo: Topology) -> range:
+    """This rank's contiguous block of `n` items, block sizes differing by at most one (the first
+    `n % world` ranks take one more): a level's node count rarely divides by the rank count."""
+    size, extra = divmod(n, topo.world)
+    start = topo.rank * size + min(topo.rank, extra)
+    return range(start, start + size + (topo.rank < extra))
+
+
+@dataclass
+class Rows:
+    """The nodes of one trained term that this rank holds, and the term's node count on all ranks."""
+
+    nodes: list[int]
+    total: int
+
+
+@dataclass
+class Tree:
+    """One prompt's tree, whole on every rank, and this rank's share of its trained nodes."""
+
+    parent: list[int]  # node -> parent node (-1: a root); roots are nodes 0..G-1
+    values: torch.Tensor  # (n,) float64: mean leaf reward under each node (NaN: none scored)
+    adv: torch.Tensor  # (n,) float32: value relative to the node's siblings
+    root_scores: Scored  # all roots
+    metrics: dict[str, float]
+    roots: DiffusionRollout  # this rank's roots
+    root_rows: Rows
+    reflections: list[tuple[int, Reflection, Image.Image]]  # this rank's (node, reflection, input image)
+    reflection_total: int
+    # per level with refinements: this rank's nodes and their rollout (a stand-in when it has none)
+    refinements: list[tuple[Rows, DiffusionRollout]]
+
+
+def grow_tree(
+    reflector: HFReflector,
+    generator: Policy,
+    refiner: Policy,
+    reward: CombinedReward,
+    meta: dict,
+    cfg: RolloutConfig,
+    text: TextSettings,
+    *,
+    generator_rng: torch.Generator,
+    seed: int,
+    topo: Topology,
+    gather_scored: Callable[[Scored], Scored],
+) -> Tree:
+    """G roots x K reflections x M refinements per level, `cfg.max_rounds` levels. A reflection
+    that stops is a leaf whose reward is its unchanged input's. `gather_scored` concatenates the
+    ranks' scores of their blocks (identity for one process)."""
+    g, prompt = cfg.group_size, meta["prompt"]
+    mine = shard(g, topo)
+    roots = run_diffusion(generator.model, [prompt] * g, None, generator.settings, train=generator.train,
+                          generator=generator_rng, keep=torch.tensor(list(mine)) if topo.distributed else None)
+    root_s = gather_scored(score(reward, [meta] * len(roots.images), roots.images))
+    parent = [-1] * g
+    rewards = root_s.total.tolist()
+    frontier = list(zip(range(g), gather(roots.images, topo), rewards))  # (node, image, reward) to reflect on
+    reflections: list[tuple[int, Reflection, Image.Image]] = []
+    refinements: list[tuple[Rows, DiffusionRollout]] = []
+    stops = total_refl = 0
+    for level in range(cfg.max_rounds):
+        if not frontier:
+            break
+        src = [f for f in frontier for _ in range(cfg.tree_k)]
+        refl = reflector.reflect([prompt] * len(src), [f[1] for f in src], temperature=text.temperature,
+                                 top_k=text.top_k, top_p=text.top_p, max_new_tokens=text.max_new_tokens,
+                                 seed=seed + 31 * level)
+        total_refl += len(refl)
+        own = block(len(src), topo)
+        edit_src: list[tuple[int, Image.Image, str]] = []  # (reflection node, input image, instruction)
+        for j, ((node, image, r), rf) in enumerate(zip(src, refl)):
+            rid = len(parent)
+            parent.append(node)
+            rewards.append(r if rf.instruction is None else math.nan)  # stop: value = unchanged image
+            if j in own:
+                reflections.append((rid, rf, image))
+            if rf.instruction is None:
+                stops += 1
+            else:
+                edit_src += [(rid, image, rf.instruction)] * cfg.tree_m
+        frontier = []
+        if edit_src:
+            frontier, ro = _refine_level(refiner, reward, meta, edit_src, len(parent), generator_rng, topo,
+                                         gather_scored)
+            parent += [rid for rid, _, _ in edit_src]
+            rewards += [r for _, _, r in frontier]
+            refinements.append((Rows([frontier[i][0] for i in block(len(frontier), topo)], len(frontier)), ro))
+    values, adv, zero, sets = tree_advantages(parent, torch.tensor(rewards, dtype=torch.float64),
+                                              scale_std=cfg.scale_rewards)
+    metrics = {"refine/stop_rate": stops / max(1, total_refl), "frac_reward_zero_std": zero / max(1, sets),
+               "reward/final_mean": nanmean(torch.tensor([r for _, _, r in frontier])) if frontier else math.nan}
+    return Tree(parent, values, adv.float(), root_s, metrics, roots, Rows(list(mine), g), reflections, total_refl,
+                refinements)
+
+
+def _refine_level(
+    refiner: Policy,
+    reward: CombinedReward,
+    meta: dict,
+    edits: list[tuple[int, Image.Image, str]],
+    first_node: int,
+    rng: torch.Generator,
+    topo: Topology,
+    gather_scored: Callable[[Scored], Scored],
+) -> tuple[list[tuple[int, Image.Image, float]], DiffusionRollout]:
+    """Refine a level's edits, each rank its block, and return every edit's (node, image, reward)
+    on every rank with this rank's rollout. A rank with an empty block refines a stand-in row (the
+    first edit) so that every rank runs the same forwards, as ZeRO-3 needs."""
+    own = block(len(edits), topo)
+    keep = torch.tensor(list(own) or [0]) if topo.distributed else None
+    ro = run_diffusion(refiner.model, [e[2] for e in edits], [e[1] for e in edits], refiner.settings,
+                       train=refiner.train, generator=rng, keep=keep)
+    images = ro.images[: len(own)]
+    s = score(reward, [meta] * len(images), images) if images else Scored(torch.zeros(0), {}, {}, {})
+    nodes = range(first_node, first_node + len(edits))
+    return list(zip(nodes, gather(images, topo), gather_scored(s).total.tolist())), ro
