@@ -3,7 +3,7 @@ and RNG state loaded with `weights_only=True`, the rollout buffer, and a COMPLET
 
 Written to a temp folder and renamed, so a run killed mid-save resumes from the previous
 complete checkpoint. With several processes rank 0 writes everything except what only a
-collective can produce: consolidated weights (ZeRO-3 gathers them for the save), each
+collective can produce: consolidated weights (ZeRO-3 gathers them a submodule at a time), each
 DeepSpeed engine's own sharded state (`deepspeed/<policy>/`, every rank writes its shard of
 the optimiser; resuming needs the same number of processes) and the RNG state of every rank. References for KL are never restored from a checkpoint: they stay the
 original weights (R3's resume made the reference drift to the resumed policy).
@@ -16,8 +16,9 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -83,14 +84,30 @@ def load_module(module: torch.nn.Module, folder: Path) -> None:
         raise UserError(f"checkpoint {folder} does not match the model ({str(e).splitlines()[0]})") from None
 
 
-def _full_weights(module: torch.nn.Module):
-    """Inside: every parameter whole on every rank (ZeRO-3 partitions them; a no-op otherwise)."""
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
+@contextlib.contextmanager
+def _consolidated(module: torch.nn.Module, engine: Any) -> Iterator[None]:
+    """Inside, on rank 0: every parameter of `module` holds its whole value in CPU memory, so the
+    module's own `save_pretrained` writes the usual layout (a no-op unless `engine` is ZeRO-3).
 
-    return deepspeed.zero.GatheredParameters(params)
+    ZeRO-3 partitions the parameters across ranks. DeepSpeed's consolidation (the one
+    accelerate's `get_state_dict` calls) gathers them one submodule at a time, copies them to
+    rank 0's CPU in their own dtype and frees them, so no device ever holds more than one
+    submodule's parameters beyond its shard: a model larger than one device can be saved.
+    Every rank must call this (the gathers are collectives); the partitions are put back after.
+    """
+    zero3 = engine is not None and engine.zero_optimization_partition_weights()
+    # "16bit" in name only: the dtypes are kept; None on ranks other than 0
+    state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+    shards = {}
+    try:
+        if state is not None:
+            for name, p in module.named_parameters():
+                shards[name], p.data = p.data, state[name]
+        yield
+    finally:
+        for name, p in module.named_parameters():
+            if name in shards:
+                p.data = shards[name]
 
 
 def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
@@ -104,7 +121,7 @@ def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
         tmp.mkdir(parents=True)
     barrier(topo)
     if run.reflector is not None:  # None in a generator-only run (credit=flow_grpo)
-        with _full_weights(run.reflector.model):
+        with _consolidated(run.reflector.model, run.engines.get("reflector")):
             if main:
                 run.reflector.save_pretrained(tmp / "reflector")
     optim = {}
@@ -112,7 +129,7 @@ def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
         optim["reflector"] = run.reflector_opt.state_dict()
     for name, pol in (("generator", run.generator), ("refiner", run.refiner)):
         if pol is not None and pol.train:
-            with _full_weights(pol.model.transformer):
+            with _consolidated(pol.model.transformer, run.engines.get(name)):
                 if main:
                     pol.model.transformer.save_pretrained(tmp / name / "transformer")
             if name not in run.engines:

@@ -14,5 +14,6 @@ cmd=(deepspeed)
 [[ -n "${NUM_GPUS:-}" ]] && cmd+=(--num_gpus "$NUM_GPUS")
 [[ -n "${MASTER_ADDR:-}" ]] && cmd+=(--master_addr "$MASTER_ADDR")
 cmd+=(--master_port "${MASTER_PORT:-29500}")
-cmd+=(--module r3rl.cli train "$recipe" "distributed.deepspeed=$HERE/zero${ZERO:-2}.json" resume=auto "$@")
+# r3rl reads LOCAL_RANK from the environment; its CLI takes no --local_rank argument
+cmd+=(--no_local_rank --module r3rl.cli train "$recipe" "distributed.deepspeed=$HERE/zero${ZERO:-2}.json" resume=auto "$@")
 if [[ -n "${DRY_RUN:-}" ]]; then printf '%q ' "${cmd[@]}"; echo; else exec "${cmd[@]}"; fi
