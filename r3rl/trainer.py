@@ -236,6 +236,7 @@ class Run:
         )
         ids = torch.zeros(g)
         t_adv, t_valid, zero, groups = group_advantages(text_r, ids, scale_std=ro_cfg.scale_rewards)
+        tokens = sum(len(r.token_ids) for r, v in zip(refl, t_valid.tolist()) if v)  # on all ranks
         i_adv, i_valid, _, _ = group_advantages(image_r, ids, scale_std=ro_cfg.scale_rewards)
         if item.round + 1 < ro_cfg.max_rounds and edited:
             k = self.rng.choice(edited)  # one refined image goes on to the next round
@@ -251,7 +252,8 @@ class Run:
         })
         if mine is not None:
             t_adv, t_valid = t_adv[mine], t_valid[mine]
-        batch.text_terms.append(TextTerm([m["prompt"] for m in metas], inputs, refl_mine, t_adv, t_valid))
+        batch.text_terms.append(TextTerm([m["prompt"] for m in metas], inputs, refl_mine, t_adv, t_valid,
+                                         tokens=tokens))
         if ro is not None and edited_mine:
             idx = torch.tensor(edited_mine) + (0 if mine is None else int(mine[0]))
             batch.image_terms.append(ImageTerm(self.refiner, ro, i_adv[idx], i_valid[idx] & image_mask[idx],
@@ -281,7 +283,7 @@ class Run:
             ids = torch.tensor([n for n, _, _ in tree.reflections])
             batch.text_terms.append(TextTerm([meta["prompt"]] * len(ids), [im for _, _, im in tree.reflections],
                                              [rf for _, rf, _ in tree.reflections], tree.adv[ids], valid[ids],
-                                             total=tree.reflection_total))
+                                             total=tree.reflection_total, tokens=tree.reflection_tokens))
         if self.generator.train:
             batch.image_terms.append(image_term(self.generator, tree.roots, tree.root_rows))
         batch.image_terms += [image_term(self.refiner, ro, rows) for rows, ro in tree.refinements]
@@ -373,12 +375,14 @@ class Run:
         loss, m = grpo_loss(logps, old, torch.nan_to_num(adv).to(logps.device), mask, ref_logps=ref, epsilon_low=rc.epsilon_low,
                             epsilon_high=rc.epsilon_high, beta=rc.beta, loss_type=rc.loss_type,
                             max_completion_length=rc.max_new_tokens)
-        # terms counted on all ranks (tree credit's uneven shards) weigh this rank's share of the rows, so
-        # the ranks' mean loss and gradient are the one-process ones: exact for grpo and dr_grpo, whose
-        # normalisers count rows; dapo's normaliser is each rank's own tokens (exact if mean lengths agree)
-        totals = [t.total for t in terms]
+        # this rank's share of the rows (grpo, dr_grpo: their normalisers count rows) or, for dapo, of
+        # the valid tokens on all ranks, so the ranks' mean loss and gradient are the one-process ones
+        totals, tokens = [t.total for t in terms], [t.tokens for t in terms]
         share = 1.0 if None in totals else len(keep) * self.dist.world / sum(totals)
-        loss = loss * share
+        loss_share = share
+        if rc.loss_type == "dapo" and None not in tokens:
+            loss_share = float(mask.sum()) * self.dist.world / max(1, sum(tokens))
+        loss = loss * loss_share
         # completion_length weighted alike averages to the group's; mean_metrics weighs token means by it
         out = {"loss/grpo": loss.item(), "entropy": entropy.detach()[mask].mean().item() if mask.any() else math.nan,
                "completion_length": float(mask.sum(1).float().mean()) * share}
@@ -461,6 +465,7 @@ class TextTerm:
     adv: torch.Tensor
     valid: torch.Tensor
     total: int | None = None  # rows of this term on all ranks (None: shards of equal size, weighted alike)
+    tokens: int | None = None  # valid completion tokens of this term on all ranks (dapo's normaliser)
 
 
 @dataclass

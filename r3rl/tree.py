@@ -6,9 +6,9 @@ a contiguous block of the roots and of each level's refinements, with the diffus
 for the whole level on every rank; every rank samples the whole level's reflections with the
 same seed; images and rewards are gathered after each level. So every rank holds the whole tree
 and computes the same advantages, whatever the split, and trains its block of each level's
-nodes. Each trained term carries its node count on all ranks, from which the trainer weights
-its share so that the mean of the ranks' gradients is the one-process gradient (text: exact for
-`reflector.loss_type` grpo and dr_grpo, not dapo; see `Run._text_loss`).
+nodes. Each trained term carries its node count (and the reflections their valid token count)
+on all ranks, from which the trainer weights its share so that the mean of the ranks' gradients
+is the one-process gradient (see `Run._text_loss`).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class Tree:
     root_rows: Rows
     reflections: list[tuple[int, Reflection, Image.Image]]  # this rank's (node, reflection, input image)
     reflection_total: int
+    reflection_tokens: int  # completion tokens of all ranks' reflections whose value is known (dapo)
     # per level with refinements: this rank's nodes and their rollout (a stand-in when it has none)
     refinements: list[tuple[Rows, DiffusionRollout]]
 
@@ -91,6 +92,7 @@ def grow_tree(
     rewards = root_s.total.tolist()
     frontier = list(zip(range(g), gather(roots.images, topo), rewards))  # (node, image, reward) to reflect on
     reflections: list[tuple[int, Reflection, Image.Image]] = []
+    lengths: list[tuple[int, int]] = []  # (node, completion tokens) of every rank's reflections
     refinements: list[tuple[Rows, DiffusionRollout]] = []
     stops = total_refl = 0
     for level in range(cfg.max_rounds):
@@ -107,6 +109,7 @@ def grow_tree(
             rid = len(parent)
             parent.append(node)
             rewards.append(r if rf.instruction is None else math.nan)  # stop: value = unchanged image
+            lengths.append((rid, len(rf.token_ids)))
             if j in own:
                 reflections.append((rid, rf, image))
             if rf.instruction is None:
@@ -124,8 +127,9 @@ def grow_tree(
                                               scale_std=cfg.scale_rewards)
     metrics = {"refine/stop_rate": stops / max(1, total_refl), "frac_reward_zero_std": zero / max(1, sets),
                "reward/final_mean": nanmean(torch.tensor([r for _, _, r in frontier])) if frontier else math.nan}
+    tokens = sum(n for node, n in lengths if not math.isnan(values[node]))
     return Tree(parent, values, adv.float(), root_s, metrics, roots, Rows(list(mine), g), reflections, total_refl,
-                refinements)
+                tokens, refinements)
 
 
 def _refine_level(

@@ -39,6 +39,8 @@ CASES = {
     # G=2 roots, K=1, M=3: one root's reflection edits (stop rate 3/5), so level 0 has 3
     # refinements and level 1 three reflections, 2 + 1 on the ranks; dr_grpo's text normaliser
     "uneven": (("rollout.tree_m=3", "reflector.loss_type=dr_grpo"), 3 / 5),
+    # the same split with dapo, whose normaliser is the valid tokens of all ranks' reflections
+    "uneven_dapo": (("rollout.tree_m=3", "reflector.loss_type=dapo"), 3 / 5),
     # M=1: one edit per level (stop rate 1/3), so rank 1 has no refinement of its own; ZeRO-3
     "rank_without_refinement": (("rollout.tree_m=1", "distributed.deepspeed=launch/deepspeed/zero3.json"), 1 / 3),
 }
