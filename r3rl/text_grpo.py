@@ -216,9 +216,12 @@ def _save(policy: CausalLMPolicy, out: Path, step: int, keep_last: int) -> Path:
 def train_text(cfg: Config) -> None:
     """`r3rl train` with `rollout.credit: text`: GRPO on `reflector.model` as a text-only causal LM."""
     from r3rl.data import load_prompts
+    from r3rl.distributed import topology_from_env
     from r3rl.logger import RunLogger, quiet_libraries
 
     quiet_libraries()
+    if topology_from_env().distributed:  # each rank would train its own copy into one output_dir
+        raise UserError("rollout.credit=text runs in one process only; start it without a launcher")
     if cfg.resume is not None:
         raise UserError("resume is not supported with rollout.credit=text yet; start a new run (resume=null)")
     if cfg.data.train_prompts is None:

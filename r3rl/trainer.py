@@ -688,6 +688,9 @@ def train(cfg: Config) -> None:
     """`r3rl train`: pretrain (shapes world, cached), then RL with evaluation and checkpoints."""
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, torch.get_num_threads())))
     topo = topology_from_env()
+    if cfg.rollout.group_size % topo.world:  # before the process group and any model load
+        raise UserError(f"rollout.group_size={cfg.rollout.group_size} must be divisible by the number of "
+                        f"processes ({topo.world}): each rank simulates an equal share of every group")
     if cfg.distributed.deepspeed and not topo.distributed:  # DeepSpeed wants a launcher's setup even for one
         for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
                            ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):

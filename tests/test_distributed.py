@@ -123,3 +123,18 @@ def test_two_processes_under_zero2_match_one_process(tmp_path: Path) -> None:
     assert (ckpt / "COMPLETE").exists() and len(torch.load(ckpt / "rng.pt", weights_only=True)["torch_per_rank"]) == 2
     assert sorted(p.name for p in (ckpt / "deepspeed").iterdir()) == ["generator", "refiner", "reflector"]
 
+
+
+def test_launched_runs_refuse_what_they_cannot_split_before_joining_the_group(monkeypatch, minimal_recipe) -> None:
+    """Rank 0 of a 2-process launch: a group of 3 cannot be split in equal shares, and plain text
+    GRPO runs in one process only; both refuse before waiting on the other rank or loading a model."""
+    from r3rl.config import load_config
+    from r3rl.text_grpo import train_text
+    from r3rl.trainer import train
+
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
+    with pytest.raises(UserError, match=r"group_size=3 must be divisible by the number of processes \(2\)"):
+        train(load_config(minimal_recipe, ["rollout.group_size=3"]))
+    with pytest.raises(UserError, match="rollout.credit=text runs in one process only"):
+        train_text(load_config(minimal_recipe, ["rollout.credit=text"]))
