@@ -137,8 +137,10 @@ def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
     for name, engine in run.engines.items():
         engine.save_checkpoint(str(tmp / "deepspeed" / name), tag="state")
     torch_states = gather([torch.get_rng_state()], topo)
+    # each rank's GPU generator too (dropout in training forwards draws from it)
+    cuda_states = gather([torch.cuda.get_rng_state()], topo) if torch.cuda.is_available() else []
     if main:
-        _write_rest(run, tmp, final, step, optim, torch_states)
+        _write_rest(run, tmp, final, step, optim, torch_states, cuda_states)
         publish(tmp, final, keep_last=keep_last)
     barrier(topo)
     return final
@@ -157,11 +159,12 @@ def publish(tmp: Path, final: Path, *, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _write_rest(run: Run, tmp: Path, final: Path, step: int, optim: dict, torch_states: list) -> None:
+def _write_rest(run: Run, tmp: Path, final: Path, step: int, optim: dict, torch_states: list,
+                cuda_states: list) -> None:
     """Rank 0: optimisers, RNGs, buffer and trainer state (`publish` then makes it the checkpoint)."""
     torch.save(optim, tmp / "optimizers.pt")
-    torch.save({"torch": torch_states[0], "torch_per_rank": torch_states, "python": list(_py_state(run.rng))},
-               tmp / "rng.pt")
+    torch.save({"torch": torch_states[0], "torch_per_rank": torch_states, "cuda_per_rank": cuda_states,
+                "python": list(_py_state(run.rng))}, tmp / "rng.pt")
     buf = tmp / "buffer"
     buf.mkdir()
     items = []
@@ -201,6 +204,9 @@ def load_checkpoint(run: Run, path: Path) -> int:
             load_module(pol.model.transformer, path / name / "transformer")
             pol.opt.load_state_dict(optim[name])
     torch.set_rng_state(per_rank[run.dist.rank] if run.dist.rank < len(per_rank) else rng["torch"])
+    cuda = rng.get("cuda_per_rank", [])
+    if cuda and torch.cuda.is_available() and run.dist.rank < len(cuda):
+        torch.cuda.set_rng_state(cuda[run.dist.rank])
     version, internal, gauss = rng["python"]
     run.rng.setstate((version, tuple(internal), gauss))
     state = json.loads((path / "trainer_state.json").read_text())

@@ -1,4 +1,4 @@
-"""A LoRA run's diffusion transformer survives a checkpoint round trip (resume path)."""
+"""Checkpoint round trips on the resume path: a LoRA run's diffusion transformer, and the GPU generator states."""
 
 from __future__ import annotations
 
@@ -24,3 +24,22 @@ def test_lora_transformer_reloads_exactly(tokenizer, tmp_path, one_thread):
     assert want.keys() == got.keys() and any(".lora_A." in k for k in got)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+def test_checkpoint_round_trips_each_ranks_gpu_generator_state(tiny_world, tmp_path, monkeypatch, one_thread):
+    """On a GPU box a checkpoint also holds the CUDA generator's state (dropout draws from it). No
+    GPU here: torch.cuda's state functions are replaced by a stand-in device generator."""
+    from r3rl.checkpoint import load_checkpoint, save_checkpoint
+    from r3rl.config import load_config
+    from r3rl.trainer import build_run
+
+    run = build_run(load_config("recipes/shapes_cpu.yaml", [*tiny_world, f"output_dir={tmp_path}", "device=cpu"]))
+    device_state = {"now": torch.arange(8, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: device_state["now"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: device_state.update(now=s.clone()))
+    path = save_checkpoint(run, tmp_path, 1, keep_last=2)
+    saved = device_state["now"].clone()
+    device_state["now"] = torch.zeros(8, dtype=torch.uint8)  # the generator moved on after the save
+    load_checkpoint(run, path)
+    assert torch.equal(device_state["now"], saved)
