@@ -99,15 +99,7 @@ def _gemma3(corpus: Sequence[str], image_size: int) -> HFReflector:
         "layer_types": ["sliding_attention", "full_attention"],
         "bos_token_id": tokenizer.bos_token_id,
     }
-    vision = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": VISION_HIDDEN,
-        "intermediate_size": 2 * VISION_HIDDEN,
-        "num_hidden_layers": 2,
-        "num_attention_heads": VISION_HEADS,
-        "image_size": image_size,
-        "patch_size": image_size // PATCHES_PER_SIDE,
-    }
+    vision = {"model_type": "siglip_vision_model", **_siglip(image_size)}
     config = Gemma3Config(
         text_config=text,
         vision_config=vision,
@@ -126,12 +118,9 @@ def _gemma3(corpus: Sequence[str], image_size: int) -> HFReflector:
     return HFReflector(Gemma3ForConditionalGeneration(config), processor)
 
 
-def _idefics3(corpus: Sequence[str], image_size: int) -> HFReflector:
-    """SmolVLM's class: a SigLIP-style vision tower, pixel shuffle, a Llama `text_model`. The
-    processor shows the whole image once (no tiling into 4x4 sub-images at this size)."""
-    tokenizer = train_chat_tokenizer(corpus, style=SMOLVLM)
-    text = _text(tokenizer) | {"model_type": "llama", "bos_token_id": tokenizer.bos_token_id}
-    vision = {
+def _siglip(image_size: int) -> dict:
+    """A two-layer SigLIP-style vision tower seeing PATCHES_PER_SIDE² patches (Gemma 3, Idefics3)."""
+    return {
         "hidden_size": VISION_HIDDEN,
         "intermediate_size": 2 * VISION_HIDDEN,
         "num_hidden_layers": 2,
@@ -139,6 +128,14 @@ def _idefics3(corpus: Sequence[str], image_size: int) -> HFReflector:
         "image_size": image_size,
         "patch_size": image_size // PATCHES_PER_SIDE,
     }
+
+
+def _idefics3(corpus: Sequence[str], image_size: int) -> HFReflector:
+    """SmolVLM's class: a SigLIP-style vision tower, pixel shuffle, a Llama `text_model`. The
+    processor shows the whole image once (no tiling into 4x4 sub-images at this size)."""
+    tokenizer = train_chat_tokenizer(corpus, style=SMOLVLM)
+    text = _text(tokenizer) | {"model_type": "llama", "bos_token_id": tokenizer.bos_token_id}
+    vision = _siglip(image_size)
     config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=IDEFICS3_SCALE,
                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                             pad_token_id=tokenizer.pad_token_id)
