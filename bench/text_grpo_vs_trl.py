@@ -199,7 +199,7 @@ def text_settings(s: Settings, *, shared_prefix: bool = True) -> TextGRPOSetting
         epsilon_high=s.epsilon_high,
         loss_type="grpo",
         beta=0.0,
-        scale_rewards=True,
+        scale_rewards="group",
         max_grad_norm=s.max_grad_norm,
         shared_prefix=shared_prefix,
     )

@@ -151,6 +151,10 @@ class GeneratorConfig(_Section):
     noise_level: float = Field(
         0.7, ge=0.0, description="SDE noise level a (eta) of the trained steps."
     )
+    max_text_len: int | None = Field(
+        None, gt=0, description="Tokens the text encoder reads (T5 / Qwen2.5-VL); null = the "
+        "checkpoint's setting or the family's pipeline default (FLUX 512, SD3 256, Qwen-Image 512)."
+    )
     offload: bool = Field(
         False, description="Keep the frozen text encoders and VAE (and a full-copy KL reference) in CPU "
         "memory, each layer copied to the GPU for its forward only: less GPU memory, slower encoding."
@@ -285,9 +289,18 @@ class RolloutConfig(_Section):
         description="Chance to draw a perfect-score image from the buffer for a refine step.",
     )
     buffer_size: int = Field(256, gt=0, description="Generated images kept for refine steps.")
-    scale_rewards: bool = Field(
-        False, description="Divide advantages by the group std (R3 does not)."
+    scale_rewards: Literal["none", "group", "batch"] = Field(
+        "none",
+        description="Divide the group-centred advantages by a std: 'group' (each group's; TRL's "
+        "default), 'batch' (over every group of the optimiser step, on all ranks: TRL's 'batch', "
+        "flow_grpo's global_std) or 'none' (R3). true/false mean group/none.",
     )
+
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _scale_from_bool(cls, value: Any) -> Any:
+        """Recipes written when this was a switch (true = the group's std) keep their meaning."""
+        return {True: "group", False: "none"}.get(value, value) if isinstance(value, bool) else value
     format_weight: float = Field(1.0, ge=0.0, description="Weight of the reflection format reward.")
     perfect_stop_bonus: float = Field(
         1.0, description="Improvement credited for stopping on an already perfect image."

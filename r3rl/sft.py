@@ -210,7 +210,8 @@ def _load(cfg, image_size: int):
     if not base.exists():
         raise UserError(f"refiner.model={rc.model!r}: no such directory (expected '{SHAPES_MODEL}' or a local folder)")
     folder = refiner_folder(rc, base, world, image_size, cfg.seed)
-    inner = load_flow_model(folder, family=rc.family, image_size=image_size, dtype=rc.dtype)
+    inner = load_flow_model(folder, family=rc.family, image_size=image_size, dtype=rc.dtype,
+                            max_text_len=rc.max_text_len)
     for m in inner.encoders:
         m.eval().requires_grad_(False)
     place_flow_model(inner, resolve_device(cfg.device), offload_frozen=rc.offload)

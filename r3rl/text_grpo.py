@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from r3rl.algos.advantages import group_advantages
+from r3rl.algos.advantages import batch_std, group_advantages
 from r3rl.algos.grpo import grpo_loss, token_logprobs
 from r3rl.config import Config
 from r3rl.errors import UserError
@@ -39,7 +39,7 @@ class TextGRPOSettings:
     epsilon_high: float = 0.28
     loss_type: str = "grpo"
     beta: float = 0.0
-    scale_rewards: bool = True
+    scale_rewards: str = "group"  # "group", "batch" (all of the step's groups) or "none", as TRL
     max_grad_norm: float = 1.0
     shared_prefix: bool = True
 
@@ -168,7 +168,9 @@ def grpo_step(
     res = reward(flat, [None] * len(flat), metas, completions=c.texts)
     rewards = torch.tensor([math.nan if r is None else float(r) for r in res.total])
     adv, valid, zero, groups = group_advantages(rewards, torch.arange(len(prompts)).repeat_interleave(s.group),
-                                                scale_std=s.scale_rewards)
+                                                scale_std=s.scale_rewards == "group")
+    if s.scale_rewards == "batch":
+        adv = adv / (batch_std([rewards]) + 1e-4)
     t2 = time.perf_counter()
     policy.model.train()
     logps, entropy = policy.logprobs(c, s)

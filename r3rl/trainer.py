@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from r3rl.algos.advantages import (
+    batch_std,
     group_advantages,
     r3_generate_rewards,
     r3_refine_rewards,
@@ -145,6 +146,11 @@ class Run:
         )
 
     # ----------------------------------------------------------------- stages
+    @property
+    def _group_std(self) -> bool:
+        """Whether a group's advantages are divided by its own std ('batch' divides them later)."""
+        return self.cfg.rollout.scale_rewards == "group"
+
     def stage_for(self, step: int) -> str:
         if self.cfg.rollout.credit == "tree":
             return "tree"
@@ -153,24 +159,28 @@ class Run:
         return "refine"
 
     def train_step(self, step: int) -> dict[str, float]:
-        """`trainer.grad_accum` rollouts (each backpropagated at once), then one optimiser step."""
+        """`trainer.grad_accum` rollouts, then their losses (backpropagated one by one) and one
+        optimiser step. The rollouts all come first (the weights do not change in between) so that
+        `scale_rewards: batch` sees every group of the step."""
         stage = self.stage_for(step)
         n = self.cfg.trainer.grad_accum
-        rows, opts, finite = [], {}, True
-        t_roll = t_train = 0.0
+        rows, opts, finite, batches = [], {}, True, []
+        t0 = time.perf_counter()
         for micro in range(n):
             seed = self.cfg.seed * 100003 + step + micro * 7919
             gen = torch.Generator().manual_seed(seed)
-            t0 = time.perf_counter()
             if stage == "generate":
-                batch = self._generate_rollout(gen, train=True)
+                batches.append(self._generate_rollout(gen, train=True))
             elif stage == "refine":
                 if self.generator.train is False or len(self.buffer) == 0:
                     self._generate_rollout(gen, train=False)  # keep the buffer fed with fresh images
-                batch = self._refine_rollout(gen, seed)
+                batches.append(self._refine_rollout(gen, seed))
             else:
-                batch = self._tree_rollout(gen, seed)
-            t1 = time.perf_counter()
+                batches.append(self._tree_rollout(gen, seed))
+        if self.cfg.rollout.scale_rewards == "batch":
+            scale_by_batch_std(batches)
+        t1 = time.perf_counter()
+        for batch in batches:
             metrics, loss, micro_opts, parts = self._loss(batch)
             if any_rank(not torch.isfinite(loss), self.dist):
                 finite = False
@@ -181,13 +191,10 @@ class Run:
             elif micro_opts:
                 (loss / n).backward()
             opts.update(micro_opts)
-            t_train += time.perf_counter() - t1
-            t_roll += t1 - t0
             rows.append({**metrics, **batch.metrics})
-        t1 = time.perf_counter()
         out = _mean_rows(rows)
         out.update(self._optimizer_step(opts, finite))
-        t_train += time.perf_counter() - t1
+        t_roll, t_train = t1 - t0, time.perf_counter() - t1
         out.update({"stage": stage, "time/rollout_s": t_roll, "time/train_s": t_train, "time/step_s": t_roll + t_train})
         return mean_metrics(out, self.dist)
 
@@ -205,10 +212,10 @@ class Run:
         batch = Batch(metrics=_reward_metrics(s.total, s))
         if train:
             _, image_r = r3_generate_rewards(s.total, torch.ones_like(s.total), self.cfg.rollout.format_weight)
-            adv, valid, zero, groups = group_advantages(image_r, torch.zeros(g), scale_std=self.cfg.rollout.scale_rewards)
+            adv, valid, zero, groups = group_advantages(image_r, torch.zeros(g), scale_std=self._group_std)
             if mine is not None:
                 adv, valid = adv[mine], valid[mine]
-            batch.image_terms.append(ImageTerm(self.generator, ro, adv, valid, total=g))
+            batch.image_terms.append(ImageTerm(self.generator, ro, adv, valid, total=g, pool=image_r))
             batch.metrics["frac_reward_zero_std"] = zero / groups
         return batch
 
@@ -235,9 +242,9 @@ class Run:
             format_weight=ro_cfg.format_weight, perfect_stop_bonus=ro_cfg.perfect_stop_bonus,
         )
         ids = torch.zeros(g)
-        t_adv, t_valid, zero, groups = group_advantages(text_r, ids, scale_std=ro_cfg.scale_rewards)
+        t_adv, t_valid, zero, groups = group_advantages(text_r, ids, scale_std=self._group_std)
         tokens = sum(len(r.token_ids) for r, v in zip(refl, t_valid.tolist()) if v)  # on all ranks
-        i_adv, i_valid, _, _ = group_advantages(image_r, ids, scale_std=ro_cfg.scale_rewards)
+        i_adv, i_valid, _, _ = group_advantages(image_r, ids, scale_std=self._group_std)
         if item.round + 1 < ro_cfg.max_rounds and edited:
             k = self.rng.choice(edited)  # one refined image goes on to the next round
             self.buffer.add(BufferItem(item.meta, out[k], float(s.total[k]), item.round + 1))
@@ -253,14 +260,14 @@ class Run:
         if mine is not None:
             t_adv, t_valid = t_adv[mine], t_valid[mine]
         batch.text_terms.append(TextTerm([m["prompt"] for m in metas], inputs, refl_mine, t_adv, t_valid,
-                                         tokens=tokens))
+                                         tokens=tokens, pool=text_r))
         if ro is not None and edited_mine:
             idx = torch.tensor(edited_mine) + (0 if mine is None else int(mine[0]))
             batch.image_terms.append(ImageTerm(self.refiner, ro, i_adv[idx], i_valid[idx] & image_mask[idx],
-                                               total=len(edited)))
+                                               total=len(edited), pool=image_r))
         elif ro is not None:  # a stand-in refinement: runs the same forwards as other ranks, weight 0
             batch.image_terms.append(ImageTerm(self.refiner, ro, torch.zeros(1), torch.zeros(1, dtype=torch.bool),
-                                               total=len(edited)))
+                                               total=len(edited), pool=image_r))  # every rank pools the group
         return batch
 
     def _tree_rollout(self, gen: torch.Generator, seed: int) -> Batch:
@@ -466,6 +473,7 @@ class TextTerm:
     valid: torch.Tensor
     total: int | None = None  # rows of this term on all ranks (None: shards of equal size, weighted alike)
     tokens: int | None = None  # valid completion tokens of this term on all ranks (dapo's normaliser)
+    pool: torch.Tensor | None = None  # the whole group's rewards `adv` was centred on ('batch' scaling)
 
 
 @dataclass
@@ -475,6 +483,7 @@ class ImageTerm:
     adv: torch.Tensor
     valid: torch.Tensor
     total: int | None = None  # samples of this term on all ranks (None: these ones)
+    pool: torch.Tensor | None = None  # the whole group's rewards `adv` was centred on ('batch' scaling)
 
     @property
     def size(self) -> int:
@@ -486,6 +495,16 @@ class Batch:
     metrics: dict[str, float]
     text_terms: list[TextTerm] = field(default_factory=list)
     image_terms: list[ImageTerm] = field(default_factory=list)
+
+
+def scale_by_batch_std(batches: list[Batch]) -> None:
+    """`scale_rewards: batch`: divide every term's group-centred advantages by the std of all the
+    step's groups' rewards, text and image apart (their rewards differ). Every rank pools the same
+    whole groups (stand-in terms included), so every rank divides by the same number."""
+    for terms in ([t for b in batches for t in b.text_terms], [t for b in batches for t in b.image_terms]):
+        std = batch_std([t.pool for t in terms if t.pool is not None])
+        for t in terms:
+            t.adv = t.adv / (std + 1e-4)  # the eps of group_advantages
 
 
 def _mean_rows(rows: list[dict]) -> dict:
@@ -514,6 +533,7 @@ def _reward_metrics(total: torch.Tensor, s) -> dict[str, float]:
 def _diffusion_policy(cfg_section, path: Path, image_size: int, fg, *, max_index, device: torch.device) -> Policy:
     """Load on the CPU (a full-copy KL reference is made there), then place on `device`."""
     model = load_flow_model(path, family=cfg_section.family, image_size=image_size, dtype=cfg_section.dtype,
+                            max_text_len=cfg_section.max_text_len,
                             guidance_scale=cfg_section.guidance_scale, true_cfg_scale=cfg_section.cfg_scale)
     for m in model.encoders:
         m.eval().requires_grad_(False)
@@ -581,6 +601,9 @@ def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: boo
     quiet_libraries()
     if cfg.refiner.mode != "edit" and cfg.rollout.credit == "tree":
         raise UserError(f"refiner.mode={cfg.refiner.mode!r} needs rollout.credit='r3'; tree credit refines in 'edit' mode only")
+    if cfg.rollout.credit == "tree" and cfg.rollout.scale_rewards == "batch":
+        raise UserError("rollout.scale_rewards=batch is not defined for tree credit (its advantages are relative "
+                        "to siblings, not groups); use 'group' or 'none'")
     generator_only = cfg.rollout.credit == "flow_grpo"
     if generator_only and for_training and not cfg.generator.train:
         raise UserError("rollout.credit=flow_grpo trains the generator alone: set generator.train=true")

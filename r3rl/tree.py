@@ -124,7 +124,7 @@ def grow_tree(
             rewards += [r for _, _, r in frontier]
             refinements.append((Rows([frontier[i][0] for i in block(len(frontier), topo)], len(frontier)), ro))
     values, adv, zero, sets = tree_advantages(parent, torch.tensor(rewards, dtype=torch.float64),
-                                              scale_std=cfg.scale_rewards)
+                                              scale_std=cfg.scale_rewards == "group")
     metrics = {"refine/stop_rate": stops / max(1, total_refl), "frac_reward_zero_std": zero / max(1, sets),
                "reward/final_mean": nanmean(torch.tensor([r for _, _, r in frontier])) if frontier else math.nan}
     tokens = sum(n for node, n in lengths if not math.isnan(values[node]))

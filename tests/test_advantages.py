@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from r3rl.algos.advantages import (
+    batch_std,
     group_advantages,
     r3_generate_rewards,
     r3_refine_rewards,
@@ -39,6 +40,27 @@ def test_group_advantages_std_scaling():
     )
     d = 1 / (math.sqrt(2) + 1e-4)
     assert adv.tolist() == pytest.approx([-d, d, 0.0, 0.0], rel=1e-6)
+
+
+def test_batch_scaling_divides_group_centred_advantages_by_the_std_of_all_groups():
+    """TRL's scale_rewards='batch' / flow_grpo's global_std, over the groups of two rollouts of one
+    step: group {1, 3} (mean 2), group {5, 9, NaN} (mean 7); all scored rewards {1, 3, 5, 9} have
+    mean 4.5 and unbiased std sqrt((12.25 + 2.25 + 0.25 + 20.25) / 3) = sqrt(35 / 3)."""
+    from r3rl.trainer import Batch, ImageTerm, scale_by_batch_std
+
+    groups = [torch.tensor([1.0, 3.0]), torch.tensor([5.0, 9.0, NAN])]
+    assert batch_std(groups) == pytest.approx(math.sqrt(35 / 3), rel=1e-12)
+    assert batch_std([torch.tensor([2.0, NAN])]) == 0.0  # fewer than two scored: no spread
+    batches = []
+    for r in groups:
+        adv, valid, _, _ = group_advantages(r, torch.zeros(len(r)))
+        batches.append(Batch(metrics={}, image_terms=[ImageTerm(None, None, adv, valid, pool=r)]))
+    batches[1].image_terms.append(ImageTerm(None, None, torch.zeros(1), torch.zeros(1, dtype=torch.bool)))  # stand-in
+    scale_by_batch_std(batches)
+    d = math.sqrt(35 / 3) + 1e-4
+    assert batches[0].image_terms[0].adv.tolist() == pytest.approx([-1 / d, 1 / d], rel=1e-6)
+    assert batches[1].image_terms[0].adv.tolist() == pytest.approx([-2 / d, 2 / d, 0.0], rel=1e-6)
+    assert batches[1].image_terms[1].adv.tolist() == [0.0]
 
 
 def test_r3_generate_rewards():

@@ -7,6 +7,7 @@ loading a reflector fails the test), train the generator on every step and evalu
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -101,3 +102,36 @@ def test_generator_only_cli_train_then_refine_round_zero(recipe, run_cli, tmp_pa
     assert ok.returncode == 0, ok.stderr[-3000:]
     trace = [json.loads(line) for line in (tmp_path / "r0" / "trace.jsonl").read_text().splitlines()]
     assert len(trace) == 2 and all(len(t["rounds"]) == 1 for t in trace)
+
+
+def test_flow_grpo_recipe_settings_batch_std_and_t5_length(recipe, tmp_path):
+    """flow_grpo's global_std (`scale_rewards: batch`) over a step of two groups, and its 128-token
+    T5: the advantages of a step are its groups' deviations over the std of all their rewards."""
+    from r3rl.trainer import build_run
+
+    cfg = load_config(recipe, [f"output_dir={tmp_path}", "rollout.scale_rewards=batch", "trainer.grad_accum=2",
+                               "generator.max_text_len=12"])
+    run = build_run(cfg)
+    assert run.generator.model.max_text_len == 12
+    # the two batches the step trains on, as the loss sees them
+    seen = []
+    loss = run._loss
+    run._loss = lambda batch: (seen.append(batch), loss(batch))[1]
+    row = run.train_step(1)
+    assert len(seen) == 2 and math.isfinite(row["loss/flow_grpo"])
+    pools = [b.image_terms[0].pool for b in seen]
+    spread = torch.cat(pools).std()
+    for b, pool in zip(seen, pools):
+        assert torch.allclose(b.image_terms[0].adv, (pool - pool.mean()) / (spread + 1e-4), atol=1e-6)
+
+
+def test_scale_rewards_takes_the_old_switch_and_refuses_batch_with_tree_credit(recipe):
+    from r3rl.errors import ConfigError, UserError
+    from r3rl.trainer import build_run
+
+    assert load_config(recipe, ["rollout.scale_rewards=true"]).rollout.scale_rewards == "group"
+    assert load_config(recipe, ["rollout.scale_rewards=false"]).rollout.scale_rewards == "none"
+    with pytest.raises(ConfigError, match="rollout.scale_rewards"):
+        load_config(recipe, ["rollout.scale_rewards=global"])
+    with pytest.raises(UserError, match="scale_rewards=batch is not defined for tree credit"):
+        build_run(load_config(recipe, ["rollout.credit=tree", "rollout.scale_rewards=batch"]))

@@ -47,6 +47,15 @@ def group_advantages(
     return adv.to(rewards.dtype), valid, int(flat.sum().item()), num_groups
 
 
+def batch_std(groups: Sequence[torch.Tensor]) -> float:
+    """Unbiased std of every scored reward of a batch of groups (TRL's `scale_rewards='batch'`,
+    flow_grpo's `global_std`): dividing group-centred advantages by it keeps the groups' relative
+    scale, where each group's own std would blow up a group that barely varies. 0 with < 2 scored."""
+    r = torch.cat([g.detach().double().flatten() for g in groups]) if groups else torch.zeros(0)
+    r = r[~torch.isnan(r)]
+    return float(r.std()) if r.numel() > 1 else 0.0
+
+
 def r3_generate_rewards(
     image_reward: torch.Tensor, format_reward: torch.Tensor, format_weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,8 +45,11 @@ def detect_family(path: str | Path) -> str:
 
 
 def load_flow_model(path: str | Path, *, family: str = "auto", image_size: int, dtype: str = "float32",
-                    **settings):
-    """The family's adapter loaded from `path`; `settings` are its sampling options (CFG, guidance)."""
+                    max_text_len: int | None = None, **settings):
+    """The family's adapter loaded from `path`; `settings` are its sampling options (CFG, guidance);
+    `max_text_len` None keeps the checkpoint's or the family's text length."""
+    if max_text_len is not None:
+        settings["max_text_len"] = max_text_len
     found = detect_family(path)
     if family != "auto" and family != found:
         raise UserError(f"{path}: family={family!r} but the checkpoint's transformer is a {found!r} model")
