@@ -7,6 +7,10 @@ collective can produce: consolidated weights (ZeRO-3 gathers them a submodule at
 DeepSpeed engine's own sharded state (`deepspeed/<policy>/`, every rank writes its shard of
 the optimiser; resuming needs the same number of processes) and the RNG state of every rank. References for KL are never restored from a checkpoint: they stay the
 original weights (R3's resume made the reference drift to the resumed policy).
+
+With `trainer.ema`, `ema/` holds each trained policy's average twice: as weights in the layout
+of the live ones (`ema/reflector/`, `ema/generator/transformer/`, `ema/refiner/transformer/`,
+what a user loads) and as `ema/state.pt`, the float32 averages and step counts a resume restores.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
     from r3rl.trainer import Run
 
 COMPLETE = "COMPLETE"
+EMA_DIR = "ema"
 
 
 def _checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -123,7 +128,7 @@ def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
     if run.reflector is not None:  # None in a generator-only run (credit=flow_grpo)
         with _consolidated(run.reflector.model, run.engines.get("reflector")):
             if main:
-                run.reflector.save_pretrained(tmp / "reflector")
+                _save_weights(run, "reflector", tmp)
     optim = {}
     if run.reflector_opt is not None and "reflector" not in run.engines:
         optim["reflector"] = run.reflector_opt.state_dict()
@@ -131,9 +136,14 @@ def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
         if pol is not None and pol.train:
             with _consolidated(pol.model.transformer, run.engines.get(name)):
                 if main:
-                    pol.model.transformer.save_pretrained(tmp / name / "transformer")
+                    _save_weights(run, name, tmp)
             if name not in run.engines:
                 optim[name] = pol.opt.state_dict()
+    if main and run.ema:  # trainer.ema is refused under ZeRO-3: rank 0 holds every weight
+        for name, ema in run.ema.items():
+            with ema.applied(run.trained_params(name)):
+                _save_weights(run, name, tmp / EMA_DIR)
+        torch.save({name: ema.state_dict() for name, ema in run.ema.items()}, tmp / EMA_DIR / "state.pt")
     for name, engine in run.engines.items():
         engine.save_checkpoint(str(tmp / "deepspeed" / name), tag="state")
     torch_states = gather([torch.get_rng_state()], topo)
@@ -144,6 +154,14 @@ def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
         publish(tmp, final, keep_last=keep_last)
     barrier(topo)
     return final
+
+
+def _save_weights(run: Run, name: str, root: Path) -> None:
+    """Rank 0: policy `name`'s weights under `root`, in the checkpoint layout `load_module` reads."""
+    if name == "reflector":
+        run.reflector.save_pretrained(root / "reflector")
+    else:
+        getattr(run, name).model.transformer.save_pretrained(root / name / "transformer")
 
 
 def publish(tmp: Path, final: Path, *, keep_last: int) -> None:
@@ -203,6 +221,14 @@ def load_checkpoint(run: Run, path: Path) -> int:
         if pol is not None and pol.train and (path / name).exists() and name not in run.engines:
             load_module(pol.model.transformer, path / name / "transformer")
             pol.opt.load_state_dict(optim[name])
+    if run.ema:  # the float32 averages as they were (the ema/ weight folders are for users)
+        state = path / EMA_DIR / "state.pt"
+        saved = torch.load(state, weights_only=True, map_location="cpu") if state.exists() else {}
+        for name, ema in run.ema.items():
+            if name not in saved:
+                raise UserError(f"checkpoint {path} holds no EMA of the {name} (saved without trainer.ema); "
+                                "resume it with trainer.ema=null, or start a new run")
+            ema.load_state_dict(saved[name], f"checkpoint {path} ({name})")
     torch.set_rng_state(per_rank[run.dist.rank] if run.dist.rank < len(per_rank) else rng["torch"])
     cuda = rng.get("cuda_per_rank", [])
     if cuda and torch.cuda.is_available() and run.dist.rank < len(cuda):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -72,6 +72,21 @@ class WorldConfig(_Section):
     )
 
 
+_Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+# the AdamW settings of every trained policy: the reflector's, the generator's and the refiner's
+AdamBetas = Annotated[tuple[_Beta, _Beta], Field(
+    description="AdamW (beta1, beta2), each in [0, 1). A DeepSpeed JSON's explicit `betas` wins over 'auto'.")]
+AdamEps = Annotated[float, Field(gt=0.0, description="AdamW epsilon (DeepSpeed JSON: likewise `eps`).")]
+WeightDecay = Annotated[float, Field(
+    ge=0.0, description="AdamW decoupled weight decay (DeepSpeed JSON: likewise `weight_decay`).")]
+
+
+def adamw_kwargs(policy: ReflectorConfig | GeneratorConfig) -> dict[str, Any]:
+    """A policy section's AdamW keyword arguments (`torch.optim.AdamW(params, **...)`)."""
+    return {"lr": policy.lr, "betas": tuple(policy.adam_betas), "eps": policy.adam_eps,
+            "weight_decay": policy.weight_decay}
+
+
 class LoRAConfig(_Section):
     """A LoRA adapter instead of full fine-tuning."""
 
@@ -89,6 +104,9 @@ class ReflectorConfig(_Section):
     model: str = Field("shapes:tiny", description="'shapes:tiny' or a local model directory.")
     train: bool = Field(True, description="Train the reflector with GRPO.")
     lr: float = Field(5e-6, gt=0.0, description="AdamW learning rate.")
+    adam_betas: AdamBetas = (0.9, 0.95)
+    adam_eps: AdamEps = 1e-8
+    weight_decay: WeightDecay = 0.0
     lora: LoRAConfig | None = Field(None, description="LoRA settings (null = full fine-tuning).")
     temperature: float = Field(
         0.9, gt=0.0, description="Sampling temperature in training rollouts."
@@ -136,6 +154,9 @@ class GeneratorConfig(_Section):
     )
     train: bool = Field(False, description="Train the generator with FlowGRPO.")
     lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
+    adam_betas: AdamBetas = (0.9, 0.95)
+    adam_eps: AdamEps = 1e-8
+    weight_decay: WeightDecay = 0.0
     lora: LoRAConfig | None = Field(
         None, description="LoRA on the transformer's attention projections (null = full fine-tuning); "
         "the KL reference is the adapter switched off."
@@ -307,6 +328,16 @@ class RolloutConfig(_Section):
     )
 
 
+class EMAConfig(_Section):
+    """An exponential moving average of each trained policy's trainable weights (flow_grpo's `train.ema`)."""
+
+    decay: float = Field(
+        0.9, gt=0.0, lt=1.0, description="Weight of the old average in a blend; the blend after the policy's "
+        "optimiser step n uses min(decay, (1 + n) / (10 + n)), flow_grpo's warm-up."
+    )
+    every: int = Field(8, ge=1, description="Blend the live weights in after every N-th optimiser step of the policy.")
+
+
 class TrainerConfig(_Section):
     """The training loop: length, checkpoints, loss weights and safety limits."""
 
@@ -324,6 +355,10 @@ class TrainerConfig(_Section):
         3, ge=1, description="Stop after this many NaN/inf losses in a row."
     )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    ema: EMAConfig | None = Field(
+        None, description="Keep an EMA of every trained policy's trainable weights (LoRA or all) and evaluate "
+        "it in their place; checkpoints add it under ema/ (null = off: evaluate the live weights)."
+    )
 
 
 class EvalConfig(_Section):

@@ -170,9 +170,11 @@ def _device() -> torch.device:
 _AUTO = "auto"
 
 
-def deepspeed_config(path: str | Path, *, lr: float, world: int, grad_accum: int, max_grad_norm: float) -> dict:
+def deepspeed_config(path: str | Path, *, adamw: Mapping[str, Any], world: int, grad_accum: int,
+                     max_grad_norm: float) -> dict:
     """A policy's DeepSpeed config: the JSON file with its "auto" (or missing) values filled from
-    the recipe, so one file serves both policies (each gets its own copy and learning rate)."""
+    the recipe, so one file serves every policy (each gets its own copy, learning rate and AdamW
+    settings: `adamw` is `config.adamw_kwargs` of the policy's section); explicit values stay."""
     cfg = json.loads(Path(path).read_text())
     fill = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": grad_accum,
             "train_batch_size": world * grad_accum, "gradient_clipping": max_grad_norm}
@@ -181,8 +183,8 @@ def deepspeed_config(path: str | Path, *, lr: float, world: int, grad_accum: int
             cfg[key] = value
     params = cfg.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
     # the same AdamW as the single-process path; torch's on CPU, where DeepSpeed's fused one can't build
-    defaults = {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
-                "torch_adam": not torch.cuda.is_available()}
+    defaults = {"lr": adamw["lr"], "betas": list(adamw["betas"]), "eps": adamw["eps"],
+                "weight_decay": adamw["weight_decay"], "torch_adam": not torch.cuda.is_available()}
     for key, value in defaults.items():
         if params.get(key, _AUTO) == _AUTO:
             params[key] = value

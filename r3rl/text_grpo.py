@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from r3rl.algos.advantages import batch_std, group_advantages
 from r3rl.algos.grpo import grpo_loss, token_logprobs
-from r3rl.config import Config
+from r3rl.config import Config, adamw_kwargs
 from r3rl.errors import UserError
 from r3rl.models.placement import execution_device, place_frozen, resolve_device
 from r3rl.rewards import CombinedReward
@@ -226,6 +226,9 @@ def train_text(cfg: Config) -> None:
         raise UserError("rollout.credit=text runs in one process only; start it without a launcher")
     if cfg.resume is not None:
         raise UserError("resume is not supported with rollout.credit=text yet; start a new run (resume=null)")
+    if cfg.trainer.ema is not None:
+        raise UserError("trainer.ema is not supported with rollout.credit=text (it has no evaluation to use the "
+                        "average); set trainer.ema=null")
     if cfg.data.train_prompts is None:
         raise UserError("rollout.credit=text needs data.train_prompts (a JSONL file with a 'prompt' per line)")
     torch.manual_seed(cfg.seed)
@@ -248,8 +251,7 @@ def train_text(cfg: Config) -> None:
         loss_type=rc.loss_type, beta=rc.beta, scale_rewards=cfg.rollout.scale_rewards,
         max_grad_norm=cfg.trainer.max_grad_norm,
     )
-    opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=rc.lr, betas=(0.9, 0.95),
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], **adamw_kwargs(rc))
     records = load_prompts(cfg.data.train_prompts)
     reward = CombinedReward(cfg.rewards)
     rng = random.Random(cfg.seed)

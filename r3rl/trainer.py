@@ -7,7 +7,9 @@ is the loop with evaluation, logging and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import math
 import os
 import random
@@ -24,10 +26,11 @@ from r3rl.algos.advantages import (
     r3_generate_rewards,
     r3_refine_rewards,
 )
+from r3rl.algos.ema import EMA
 from r3rl.algos.flow_grpo import flow_grpo_loss
 from r3rl.algos.grpo import grpo_loss
 from r3rl.checkpoint import find_resume, load_checkpoint, save_checkpoint
-from r3rl.config import Config
+from r3rl.config import Config, adamw_kwargs
 from r3rl.data import load_prompts
 from r3rl.distributed import (
     Topology,
@@ -118,6 +121,7 @@ class Run:
     dist: Topology = field(default_factory=Topology)
     engines: dict = field(default_factory=dict)  # policy name -> DeepSpeed engine (when configured)
     hf_zero3: object = None  # keeps transformers' ZeRO-3 flag alive: generate() then syncs ranks
+    ema: dict[str, EMA] = field(default_factory=dict)  # policy name -> EMA of its trained weights (trainer.ema)
 
     def _mine(self, n: int) -> torch.Tensor | None:
         """Indices of a group of `n` this rank simulates (None: all of them, one process)."""
@@ -134,16 +138,27 @@ class Run:
         lat = {k: max(p[3].get(k, 0.0) for p in parts) for p in parts for k in p[3]}
         return Scored(total, comps, fails, lat)
 
+    def trained_params(self, name: str) -> list[torch.nn.Parameter]:
+        """What policy `name`'s optimiser updates (its LoRA adapters or every weight), in a fixed order."""
+        if name == "reflector":
+            return self.reflector.trainable_parameters()
+        return [p for p in getattr(self, name).model.transformer.parameters() if p.requires_grad]
+
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, step: int | None) -> EvalResult:
+        """Multi-round evaluation. With `trainer.ema` the trained policies' EMA weights stand in for
+        their live weights (flow_grpo evaluates its EMA too), which come back bit for bit after."""
         e = self.cfg.eval
         text = TextSettings(e.temperature, self.text.top_k, self.text.top_p, self.text.max_new_tokens)
         refiner = None if self.refiner is None else self.refiner.model
-        return evaluate_rounds(
-            self.reflector, self.generator.model, refiner, self.reward, self.eval_prompts * e.samples_per_prompt,
-            rounds=e.rounds if refiner is not None else 0, num_steps=e.num_steps, text=text,
-            batch_size=e.batch_size, seed=self.cfg.seed + 1,
-        )
+        with contextlib.ExitStack() as averaged:
+            for name, ema in self.ema.items():
+                averaged.enter_context(ema.applied(self.trained_params(name)))
+            return evaluate_rounds(
+                self.reflector, self.generator.model, refiner, self.reward, self.eval_prompts * e.samples_per_prompt,
+                rounds=e.rounds if refiner is not None else 0, num_steps=e.num_steps, text=text,
+                batch_size=e.batch_size, seed=self.cfg.seed + 1,
+            )
 
     # ----------------------------------------------------------------- stages
     @property
@@ -349,6 +364,9 @@ class Run:
             grad_norm += float(torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm))
             opt.step()
             opt.zero_grad(set_to_none=True)
+        for name, (_, params) in opts.items():  # after every optimiser step, DeepSpeed's included
+            if name in self.ema:
+                self.ema[name].update(params)
         return {"grad_norm": grad_norm}
 
     def _text_loss(self, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -552,7 +570,7 @@ def _diffusion_policy(cfg_section, path: Path, image_size: int, fg, *, max_index
     policy = Policy(model, settings, cfg_section.train)
     if cfg_section.train:
         params = [p for p in model.transformer.parameters() if p.requires_grad]
-        policy.opt = torch.optim.AdamW(params, lr=cfg_section.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        policy.opt = torch.optim.AdamW(params, **adamw_kwargs(cfg_section))
         if fg.beta > 0:
             policy.ref_transformer = BaseView(model.transformer) if lora else _frozen(model.transformer)
     place_flow_model(model, device, offload_frozen=cfg_section.offload)
@@ -589,7 +607,7 @@ def _reflector(cfg: Config, world: Path | None, for_training: bool, device: torc
     reflector.model.to(device)  # before the optimiser, whose state then lives on `device`
     if ref is not None:
         place_frozen(ref.model, device, offload_it=rc.offload)
-    opt = torch.optim.AdamW(reflector.trainable_parameters(), lr=rc.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(reflector.trainable_parameters(), **adamw_kwargs(rc))
     return reflector, ref, opt
 
 
@@ -604,6 +622,10 @@ def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: boo
     if cfg.rollout.credit == "tree" and cfg.rollout.scale_rewards == "batch":
         raise UserError("rollout.scale_rewards=batch is not defined for tree credit (its advantages are relative "
                         "to siblings, not groups); use 'group' or 'none'")
+    ds = cfg.distributed.deepspeed
+    if for_training and cfg.trainer.ema is not None and ds and zero_stage(json.loads(Path(ds).read_text())) == 3:
+        raise UserError("trainer.ema is not supported under ZeRO-3 (each rank holds only a shard of the weights to "
+                        "average); use launch/deepspeed/zero2.json or trainer.ema=null")
     generator_only = cfg.rollout.credit == "flow_grpo"
     if generator_only and for_training and not cfg.generator.train:
         raise UserError("rollout.credit=flow_grpo trains the generator alone: set generator.train=true")
@@ -636,6 +658,11 @@ def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: boo
     )
     if for_training and cfg.distributed.deepspeed:
         _attach_engines(run)
+    if cfg.trainer.ema is not None:  # from the weights training starts at (a resume then loads its own)
+        e = cfg.trainer.ema
+        trained = [name for name, on in (("reflector", opt is not None), ("generator", generator.train),
+                                         ("refiner", refiner is not None and refiner.train)) if on]
+        run.ema = {name: EMA(run.trained_params(name), decay=e.decay, every=e.every) for name in trained}
     return run
 
 
@@ -650,18 +677,18 @@ def _shapes_world(cfg: Config, topo: Topology) -> Path:
 
 
 def _attach_engines(run: Run) -> None:
-    """One DeepSpeed engine per trained policy (each its own config copy and learning rate);
-    at ZeRO-3, transformers' flag makes `generate` step every rank until all are done."""
+    """One DeepSpeed engine per trained policy (each its own config copy, learning rate and AdamW
+    settings); at ZeRO-3, transformers' flag makes `generate` step every rank until all are done."""
     cfg, tc = run.cfg, run.cfg.trainer
     configs = []
-    policies = [("reflector", run.reflector and run.reflector.model, cfg.reflector.lr, run.reflector_opt is not None)]
-    policies += [(name, pol.model.transformer, lr, pol.train)
-                 for name, pol, lr in (("generator", run.generator, cfg.generator.lr),
-                                       ("refiner", run.refiner, cfg.refiner.lr)) if pol is not None]
-    for name, module, lr, trained in policies:
+    policies = [("reflector", run.reflector and run.reflector.model, cfg.reflector, run.reflector_opt is not None)]
+    policies += [(name, pol.model.transformer, section, pol.train)
+                 for name, pol, section in (("generator", run.generator, cfg.generator),
+                                            ("refiner", run.refiner, cfg.refiner)) if pol is not None]
+    for name, module, section, trained in policies:
         if not trained:
             continue
-        ds = deepspeed_config(cfg.distributed.deepspeed, lr=lr, world=run.dist.world,
+        ds = deepspeed_config(cfg.distributed.deepspeed, adamw=adamw_kwargs(section), world=run.dist.world,
                               grad_accum=tc.grad_accum, max_grad_norm=tc.max_grad_norm)
         run.engines[name] = deepspeed_engine(module, ds)
         configs.append(ds)

@@ -48,7 +48,8 @@ def test_deepspeed_config_fills_auto_values_from_the_recipe(tmp_path: Path) -> N
     path.write_text(json.dumps({"train_batch_size": "auto", "gradient_clipping": 0.5,
                                 "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.1}},
                                 "zero_optimization": {"stage": 3}}))
-    cfg = deepspeed_config(path, lr=2e-4, world=4, grad_accum=3, max_grad_norm=1.0)
+    adamw = {"lr": 2e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0}
+    cfg = deepspeed_config(path, adamw=adamw, world=4, grad_accum=3, max_grad_norm=1.0)
     assert cfg["train_batch_size"] == 12 and cfg["train_micro_batch_size_per_gpu"] == 1
     assert cfg["gradient_accumulation_steps"] == 3 and cfg["gradient_clipping"] == 0.5  # explicit values stay
     assert cfg["optimizer"]["params"] == {"lr": 2e-4, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8,
