@@ -324,7 +324,7 @@ class Run:
             parts["reflector"] = self.cfg.trainer.text_loss_weight * l_text
             loss = loss + parts["reflector"]
             metrics.update(m)
-            opts["reflector"] = (self.reflector_opt, self.reflector.trainable_parameters())
+            opts["reflector"] = (self.reflector_opt, self.trained_params("reflector"))
         terms = [t for t in batch.image_terms if t.policy.train and t.policy.opt is not None]
         if terms:
             l_img, m, by_policy = self._image_loss(terms)
@@ -333,7 +333,7 @@ class Run:
             for name, p in (("generator", self.generator), ("refiner", self.refiner)):
                 if name in by_policy:
                     parts[name] = self.cfg.trainer.image_loss_weight * by_policy[name]
-                    opts[name] = (p.opt, [q for q in p.model.transformer.parameters() if q.requires_grad])
+                    opts[name] = (p.opt, self.trained_params(name))
         return metrics, loss, opts, parts
 
     def _optimizer_step(self, opts: dict[str, tuple], finite: bool) -> dict[str, float]:
