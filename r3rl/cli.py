@@ -110,6 +110,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         num_steps=args.num_steps,
         seed=args.seed,
         batch_size=args.batch_size,
+        ema=args.ema,
     )
     print(summarize(trace))
     print(f"wrote images and {TRACE} to {args.out}")
@@ -234,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     refine.add_argument(
         "--batch-size", type=int, metavar="B", help="prompts per batch (default: eval.batch_size)"
+    )
+    refine.add_argument(
+        "--ema", action="store_true",
+        help="use the averaged weights a trainer.ema run saved (the ones its eval scored)",
     )
     refine.set_defaults(func=_cmd_refine)
 

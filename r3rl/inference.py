@@ -72,9 +72,10 @@ def _weights(folder: Path, what: str) -> Path:
     return folder
 
 
-def load_trained(checkpoint: str | Path, *, eval_prompts: str | None = None) -> tuple[Run, Path]:
-    """The run's models (built from its `config.yaml`) with the checkpoint's weights; returns (run, checkpoint)."""
-    from r3rl.checkpoint import load_module
+def load_trained(checkpoint: str | Path, *, eval_prompts: str | None = None, ema: bool = False) -> tuple[Run, Path]:
+    """The run's models (built from its `config.yaml`) with the checkpoint's weights, or with `ema`
+    the averaged weights of the policies it trained (`trainer.ema`); returns (run, checkpoint)."""
+    from r3rl.checkpoint import EMA_DIR, load_module
     from r3rl.config import load_config
     from r3rl.trainer import build_run
 
@@ -83,10 +84,14 @@ def load_trained(checkpoint: str | Path, *, eval_prompts: str | None = None) -> 
     if not recipe.is_file():
         raise UserError(f"--checkpoint {checkpoint}: the run's recipe {recipe} is missing")
     cfg = load_config(recipe)
+    if ema and not (ckpt / EMA_DIR).is_dir():
+        raise UserError(f"--ema: checkpoint {ckpt} holds no averaged weights (its run had trainer.ema off)")
+    # the average where the run kept one (trained policies), else the live weights
+    source = lambda rel: ckpt / EMA_DIR / rel if ema and (ckpt / EMA_DIR / rel).is_dir() else ckpt / rel
     # a generator-only run (credit=flow_grpo) has no reflector
-    reflector_dir = None if cfg.rollout.credit == "flow_grpo" else _weights(ckpt / "reflector", "reflector")
+    reflector_dir = None if cfg.rollout.credit == "flow_grpo" else _weights(source("reflector"), "reflector")
     policies = {
-        name: _weights(ckpt / name / "transformer", name)
+        name: _weights(source(f"{name}/transformer"), name)
         for name in ("generator", "refiner")
         if (ckpt / name).exists()
     }
@@ -177,9 +182,11 @@ def refine(
     num_steps: int | None = None,
     seed: int | None = None,
     batch_size: int | None = None,
+    ema: bool = False,
     progress: bool = True,
 ) -> list[dict]:
-    """`r3rl refine`: generate, reflect and refine every prompt with a trained run; returns the trace.
+    """`r3rl refine`: generate, reflect and refine every prompt with a trained run (`ema`: its
+    averaged weights); returns the trace.
 
     Unset settings come from the run's recipe: `eval.rounds`, `eval.temperature`,
     `eval.num_steps`, `eval.batch_size`, and seed `seed + 1` (the seed its eval used).
@@ -207,7 +214,7 @@ def refine(
     if temperature is not None and not (temperature >= 0 and math.isfinite(temperature)):
         raise UserError(f"--temperature={temperature}: expected a number >= 0 (0 = greedy)")
     metas = load_prompts(prompts)
-    run, _ = load_trained(checkpoint, eval_prompts=str(prompts))
+    run, _ = load_trained(checkpoint, eval_prompts=str(prompts), ema=ema)
     cfg = run.cfg
     if run.refiner is None and rounds:
         raise UserError(f"--rounds {rounds}: this run trained a generator only (rollout.credit=flow_grpo); "

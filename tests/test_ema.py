@@ -147,6 +147,29 @@ def test_resume_with_ema_matches_the_uninterrupted_run(tiny_world, tmp_path) -> 
     assert (a / "reflector").is_dir() and (a / "refiner" / "transformer").is_dir()
 
 
+def test_refine_ema_loads_the_averages_of_the_trained_policies(tiny_world, tmp_path) -> None:
+    """`r3rl refine --ema` (`load_trained(ema=True)`) runs the averaged weights the run's eval scored;
+    without it the live ones; a run without `trainer.ema` has none to load (one line)."""
+    from r3rl.inference import load_trained
+    from r3rl.trainer import train
+
+    train(_config(tiny_world, tmp_path / "run", "trainer.max_steps=2", "trainer.eval_every=0",
+                  "trainer.log_images_every=0"))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-2"
+    files = [d / "generator" / "transformer" / "diffusion_pytorch_model.safetensors" for d in (ckpt / "ema", ckpt)]
+    average, live = (load_file(f) for f in files)
+    assert any(not torch.equal(average[k], live[k]) for k in live)  # so the two loads can be told apart
+    for ema, folder in ((True, ckpt / "ema"), (False, ckpt)):
+        run, _ = load_trained(tmp_path / "run", ema=ema)
+        saved = load_file(folder / "generator" / "transformer" / "diffusion_pytorch_model.safetensors")
+        state = run.generator.model.transformer.state_dict()
+        assert all(torch.equal(state[k], saved[k]) for k in saved), ema
+    train(_config(tiny_world, tmp_path / "plain", "trainer.max_steps=1", "trainer.eval_every=0", "trainer.ema=null"))
+    with pytest.raises(UserError, match="holds no averaged weights") as err:
+        load_trained(tmp_path / "plain", ema=True)
+    assert "\n" not in str(err.value)
+
+
 def test_ema_under_zero3_is_refused_before_any_model_loads(tiny_world, tmp_path, monkeypatch) -> None:
     from r3rl import trainer
 
