@@ -43,3 +43,31 @@ def test_checkpoint_round_trips_each_ranks_gpu_generator_state(tiny_world, tmp_p
     device_state["now"] = torch.zeros(8, dtype=torch.uint8)  # the generator moved on after the save
     load_checkpoint(run, path)
     assert torch.equal(device_state["now"], saved)
+
+
+def test_lora_on_a_bfloat16_transformer_trains_in_float32(tokenizer, one_thread):
+    """The adapter is float32 on a bfloat16 base: an AdamW step of 1e-4 moves every lora_A weight,
+    where the same step on bfloat16 copies of them is rounded away for most."""
+    transformer = build_tiny_sd3(tokenizer, 32, seed=0).transformer.to(torch.bfloat16)
+    add_lora(transformer, r=4, alpha=8)
+    lora = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    assert lora and all(".lora_" in n and p.dtype == torch.float32 for n, p in lora.items())
+    assert all(p.dtype == torch.bfloat16 for n, p in transformer.named_parameters() if n not in lora)
+
+    def moved_fraction(params: list[torch.nn.Parameter]) -> float:
+        before = [p.detach().clone() for p in params]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(p.dtype)
+        opt.step()
+        return float(torch.cat([(p.detach() != b).flatten() for p, b in zip(params, before)]).float().mean())
+
+    a = [p for n, p in lora.items() if ".lora_A." in n]
+    as_bf16 = [torch.nn.Parameter(p.detach().bfloat16()) for p in a]
+    assert moved_fraction(a) == 1.0 and moved_fraction(as_bf16) < 0.5
+    c = transformer.config
+    out = transformer(hidden_states=torch.randn(1, c.in_channels, 4, 4, dtype=torch.bfloat16), timestep=torch.ones(1),
+                      encoder_hidden_states=torch.randn(1, 8, c.joint_attention_dim, dtype=torch.bfloat16),
+                      pooled_projections=torch.randn(1, c.pooled_projection_dim, dtype=torch.bfloat16),
+                      return_dict=False)[0]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from r3rl.config import load_config
 from r3rl.models.registry import detect_family
@@ -50,17 +51,17 @@ def _sections(raw: dict) -> list[str]:
 
 
 def _overrides(recipe: Path, tiny: dict[str, Path], out: Path) -> list[str]:
-    """Same recipe, tiny sizes: each model path is replaced by the tiny checkpoint of its family."""
+    """Same recipe, tiny sizes: each model path is replaced by the tiny checkpoint of its family.
+    Dtypes (bfloat16) and gradient checkpointing stay as shipped: the CPU runs them too."""
     raw = yaml.safe_load(recipe.read_text())
     root = tiny["root"]
     swaps = []
     if "reflector" in raw:
-        swaps += [f"reflector.model={root / 'reflector'}", "reflector.dtype=float32", "reflector.max_new_tokens=8",
-                  "reflector.gradient_checkpointing=false"]
+        swaps += [f"reflector.model={root / 'reflector'}", "reflector.max_new_tokens=8"]
     for section in _sections(raw):
         family = _family_of(raw[section]["model"])
         swaps.append(f"{section}.model={root / family}")
-        swaps += [f"{section}.num_steps=2", f"{section}.dtype=float32"]
+        swaps.append(f"{section}.num_steps=2")
     return [
         *swaps, f"output_dir={out}", "world.image_size=32", f"data.train_prompts={root / 'train.jsonl'}",
         f"data.eval_prompts={root / 'eval.jsonl'}", "data.num_eval_prompts=2", "rollout.group_size=2",
@@ -110,6 +111,11 @@ def test_recipe_runs_one_step_on_tiny_models(recipe, tiny, tmp_path):
     ckpt = out / "checkpoints" / "step-1"
     assert (ckpt / "COMPLETE").exists()
     assert (ckpt / "reflector").exists() == ("reflector" in raw)  # a generator-only run has none
+    # the recipe's bfloat16 weights, with float32 LoRA adapters (bf16 would round their updates away)
+    saved = {f"{f}:{k}": t.dtype for f in ckpt.rglob("*.safetensors") for k, t in load_file(f).items()}
+    assert any(".lora_" in k for k in saved)
+    wrong = [k for k, dt in saved.items() if dt != (torch.float32 if ".lora_" in k else torch.bfloat16)]
+    assert not wrong, wrong[:3]
 
 
 def test_qwen_image_edit_refiner_learns_in_a_refine_step(tiny, tmp_path, monkeypatch):

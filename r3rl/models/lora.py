@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
@@ -27,7 +28,9 @@ def add_lora(transformer: torch.nn.Module, *, r: int, alpha: int, dropout: float
 
     Default targets are those of `DEFAULT_TARGETS` this transformer has (FLUX single blocks
     have no `to_out`, SD3's last block no added projections); `init_lora_weights="gaussian"`
-    keeps B = 0, so the adapted model starts equal to the base.
+    keeps B = 0, so the adapted model starts equal to the base. The adapter weights are float32
+    whatever the base's dtype (peft does the same for the reflector's): in bfloat16 an AdamW step
+    of 1e-4 is below half the spacing of weights around 0.1 and would be rounded away.
     """
     names = {n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0"
              for n, _ in transformer.named_modules()}
@@ -35,6 +38,7 @@ def add_lora(transformer: torch.nn.Module, *, r: int, alpha: int, dropout: float
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                                        init_lora_weights="gaussian"))
+    cast_training_params(transformer, dtype=torch.float32)
 
 
 def has_lora(transformer: torch.nn.Module) -> bool:
