@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import json
 import math
 import os
@@ -72,6 +73,8 @@ from r3rl.rollout import (
 from r3rl.sampling import SDEConfig, transition_logprob
 from r3rl.shapes.world import SHAPES_MODEL, ensure_world
 from r3rl.tree import Rows, grow_tree
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- loading
 
@@ -611,6 +614,22 @@ def _reflector(cfg: Config, world: Path | None, for_training: bool, device: torc
     return reflector, ref, opt
 
 
+POLICIES = ("reflector", "generator", "refiner")
+
+
+def _warn_low_precision_full_finetuning(cfg: Config, names: tuple[str, ...]) -> None:
+    """Plain AdamW on bfloat16/float16 weights rounds away steps below their resolution (lr 1e-4 moves
+    ~9% of bf16 weights near 0.2); LoRA adapters are float32 and ZeRO keeps float32 master weights."""
+    if cfg.distributed.deepspeed:
+        return
+    for name in names:
+        section = getattr(cfg, name)
+        if section.train and section.lora is None and section.dtype != "float32":
+            log.warning(f"{name}: full fine-tuning in {section.dtype} without distributed.deepspeed loses AdamW "
+                        f"steps below the weights' resolution; use {name}.lora (float32 adapters), "
+                        f"{name}.dtype=float32 or DeepSpeed ZeRO (float32 master weights)")
+
+
 def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: bool = True,
               topo: Topology | None = None) -> Run:
     """Load the policies (every rank loads the same weights) and, with `distributed.deepspeed`
@@ -629,6 +648,8 @@ def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: boo
     generator_only = cfg.rollout.credit == "flow_grpo"
     if generator_only and for_training and not cfg.generator.train:
         raise UserError("rollout.credit=flow_grpo trains the generator alone: set generator.train=true")
+    if for_training:
+        _warn_low_precision_full_finetuning(cfg, ("generator",) if generator_only else POLICIES)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

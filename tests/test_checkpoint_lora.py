@@ -71,3 +71,19 @@ def test_lora_on_a_bfloat16_transformer_trains_in_float32(tokenizer, one_thread)
                       pooled_projections=torch.randn(1, c.pooled_projection_dim, dtype=torch.bfloat16),
                       return_dict=False)[0]
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_full_fine_tuning_in_bfloat16_without_deepspeed_is_warned_about(caplog):
+    from r3rl.config import load_config
+    from r3rl.trainer import _warn_low_precision_full_finetuning
+
+    base = ["output_dir=unused", "generator.train=true", "refiner.train=true"]
+    cases = {("reflector.dtype=bfloat16",): ["reflector"],  # shapes recipe: no LoRA anywhere
+             ("reflector.dtype=bfloat16", "reflector.lora={r: 4, alpha: 8}", "generator.dtype=float16"): ["generator"],
+             ("reflector.dtype=bfloat16", "distributed.deepspeed=launch/deepspeed/zero2.json"): []}
+    for extra, warned in cases.items():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="r3rl.trainer"):
+            _warn_low_precision_full_finetuning(load_config("recipes/shapes_cpu.yaml", [*base, *extra]),
+                                                ("reflector", "generator", "refiner"))
+        assert [r.getMessage().split(":")[0] for r in caplog.records] == warned, extra
