@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from r3rl.algos.advantages import batch_std, group_advantages
 from r3rl.algos.grpo import grpo_loss, token_logprobs
-from r3rl.config import Config, adamw_kwargs
+from r3rl.config import Config, adamw_kwargs, warn_low_precision_full_finetuning
 from r3rl.errors import UserError
 from r3rl.models.placement import execution_device, place_frozen, resolve_device
 from r3rl.rewards import CombinedReward
@@ -224,6 +224,7 @@ def train_text(cfg: Config) -> None:
     quiet_libraries()
     if topology_from_env().distributed:  # each rank would train its own copy into one output_dir
         raise UserError("rollout.credit=text runs in one process only; start it without a launcher")
+    warn_low_precision_full_finetuning(cfg, ("reflector",))
     if cfg.resume is not None:
         raise UserError("resume is not supported with rollout.credit=text yet; start a new run (resume=null)")
     if cfg.trainer.ema is not None:

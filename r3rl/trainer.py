@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from r3rl.algos.ema import EMA
 from r3rl.algos.flow_grpo import flow_grpo_loss
 from r3rl.algos.grpo import grpo_loss
 from r3rl.checkpoint import find_resume, load_checkpoint, save_checkpoint
-from r3rl.config import Config, adamw_kwargs
+from r3rl.config import Config, adamw_kwargs, warn_low_precision_full_finetuning
 from r3rl.data import load_prompts
 from r3rl.distributed import (
     Topology,
@@ -73,8 +72,6 @@ from r3rl.rollout import (
 from r3rl.sampling import SDEConfig, transition_logprob
 from r3rl.shapes.world import SHAPES_MODEL, ensure_world
 from r3rl.tree import Rows, grow_tree
-
-log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- loading
 
@@ -617,19 +614,6 @@ def _reflector(cfg: Config, world: Path | None, for_training: bool, device: torc
 POLICIES = ("reflector", "generator", "refiner")
 
 
-def _warn_low_precision_full_finetuning(cfg: Config, names: tuple[str, ...]) -> None:
-    """Plain AdamW on bfloat16/float16 weights rounds away steps below their resolution (lr 1e-4 moves
-    ~9% of bf16 weights near 0.2); LoRA adapters are float32 and ZeRO keeps float32 master weights."""
-    if cfg.distributed.deepspeed:
-        return
-    for name in names:
-        section = getattr(cfg, name)
-        if section.train and section.lora is None and section.dtype != "float32":
-            log.warning(f"{name}: full fine-tuning in {section.dtype} without distributed.deepspeed loses AdamW "
-                        f"steps below the weights' resolution; use {name}.lora (float32 adapters), "
-                        f"{name}.dtype=float32 or DeepSpeed ZeRO (float32 master weights)")
-
-
 def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: bool = True,
               topo: Topology | None = None) -> Run:
     """Load the policies (every rank loads the same weights) and, with `distributed.deepspeed`
@@ -649,7 +633,7 @@ def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: boo
     if generator_only and for_training and not cfg.generator.train:
         raise UserError("rollout.credit=flow_grpo trains the generator alone: set generator.train=true")
     if for_training:
-        _warn_low_precision_full_finetuning(cfg, ("generator",) if generator_only else POLICIES)
+        warn_low_precision_full_finetuning(cfg, ("generator",) if generator_only else POLICIES)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -74,8 +74,7 @@ def test_lora_on_a_bfloat16_transformer_trains_in_float32(tokenizer, one_thread)
 
 
 def test_full_fine_tuning_in_bfloat16_without_deepspeed_is_warned_about(caplog):
-    from r3rl.config import load_config
-    from r3rl.trainer import _warn_low_precision_full_finetuning
+    from r3rl.config import load_config, warn_low_precision_full_finetuning
 
     base = ["output_dir=unused", "generator.train=true", "refiner.train=true"]
     cases = {("reflector.dtype=bfloat16",): ["reflector"],  # shapes recipe: no LoRA anywhere
@@ -83,7 +82,7 @@ def test_full_fine_tuning_in_bfloat16_without_deepspeed_is_warned_about(caplog):
              ("reflector.dtype=bfloat16", "distributed.deepspeed=launch/deepspeed/zero2.json"): []}
     for extra, warned in cases.items():
         caplog.clear()
-        with caplog.at_level("WARNING", logger="r3rl.trainer"):
-            _warn_low_precision_full_finetuning(load_config("recipes/shapes_cpu.yaml", [*base, *extra]),
+        with caplog.at_level("WARNING", logger="r3rl.config"):
+            warn_low_precision_full_finetuning(load_config("recipes/shapes_cpu.yaml", [*base, *extra]),
                                                 ("reflector", "generator", "refiner"))
         assert [r.getMessage().split(":")[0] for r in caplog.records] == warned, extra
