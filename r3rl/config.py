@@ -332,16 +332,16 @@ class RolloutConfig(_Section):
         "default), 'batch' (over every group of the optimiser step, on all ranks: TRL's 'batch', "
         "flow_grpo's global_std) or 'none' (R3). true/false mean group/none.",
     )
+    format_weight: float = Field(1.0, ge=0.0, description="Weight of the reflection format reward.")
+    perfect_stop_bonus: float = Field(
+        1.0, description="Improvement credited for stopping on an already perfect image."
+    )
 
     @field_validator("scale_rewards", mode="before")
     @classmethod
     def _scale_from_bool(cls, value: Any) -> Any:
         """Recipes written when this was a switch (true = the group's std) keep their meaning."""
         return {True: "group", False: "none"}.get(value, value) if isinstance(value, bool) else value
-    format_weight: float = Field(1.0, ge=0.0, description="Weight of the reflection format reward.")
-    perfect_stop_bonus: float = Field(
-        1.0, description="Improvement credited for stopping on an already perfect image."
-    )
 
 
 class EMAConfig(_Section):

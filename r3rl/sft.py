@@ -24,7 +24,7 @@ from PIL import Image
 from scipy import ndimage
 
 from r3rl.errors import UserError
-from r3rl.models.base import FlowModel, TextCond
+from r3rl.models.base import FlowModel, encode_condition
 from r3rl.models.placement import onload, place_flow_model, resolve_device
 from r3rl.modes.region import box_mask, crop, crop_window, split_box
 from r3rl.modes.region_refiner import RegionRefiner, record_box
@@ -128,13 +128,6 @@ def focus(model: RegionRefiner, example: Example) -> Example:
 # --------------------------------------------------------------------------- training
 
 
-def _condition(model, texts: list[str], inputs: list[Image.Image] | None) -> tuple[TextCond, torch.Tensor | None]:
-    """`encode_condition` without the per-string text cache, which one-off SFT texts would only fill."""
-    if inputs is not None and hasattr(model, "encode_edit"):  # the text encoder reads each input
-        return model.encode_edit(texts, inputs)
-    return model.encode_text(texts, cache=False), None if inputs is None else model.encode_images(inputs)
-
-
 def fit(
     model,
     examples: list[Example],
@@ -172,7 +165,8 @@ def fit(
         s = torch.rand(batch_size, generator=g).to(x0.device)
         xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps
         texts = [e.text if rng.random() >= cond_dropout else "" for e in batch]
-        cond, ref = _condition(model, texts, [e.input for e in batch] if batch[0].input is not None else None)
+        inputs = [e.input for e in batch] if batch[0].input is not None else None
+        cond, ref = encode_condition(model, texts, inputs, cache=False)  # as rollouts condition it
         weights = None
         if boundary_weight > 0 and any(e.mask is not None for e in batch):
             pix = [boundary_weights(e.mask, band_px, boundary_weight) if e.mask is not None else np.ones((1, 1))

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from r3rl.algos.advantages import batch_std, group_advantages
+from r3rl.algos.advantages import divide_by_batch_std, group_advantages
 from r3rl.algos.grpo import grpo_loss, token_logprobs
 from r3rl.config import Config, adamw_kwargs, warn_low_precision_full_finetuning
 from r3rl.errors import UserError
@@ -170,7 +170,7 @@ def grpo_step(
     adv, valid, zero, groups = group_advantages(rewards, torch.arange(len(prompts)).repeat_interleave(s.group),
                                                 scale_std=s.scale_rewards == "group")
     if s.scale_rewards == "batch":
-        adv = adv / (batch_std([rewards]) + 1e-4)
+        (adv,) = divide_by_batch_std([adv], [rewards])
     t2 = time.perf_counter()
     policy.model.train()
     logps, entropy = policy.logprobs(c, s)

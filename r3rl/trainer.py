@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from r3rl.algos.advantages import (
-    batch_std,
+    divide_by_batch_std,
     group_advantages,
     r3_generate_rewards,
     r3_refine_rewards,
@@ -280,9 +280,8 @@ class Run:
             idx = torch.tensor(edited_mine) + (0 if mine is None else int(mine[0]))
             batch.image_terms.append(ImageTerm(self.refiner, ro, i_adv[idx], i_valid[idx] & image_mask[idx],
                                                total=len(edited), pool=image_r))
-        elif ro is not None:  # a stand-in refinement: runs the same forwards as other ranks, weight 0
-            batch.image_terms.append(ImageTerm(self.refiner, ro, torch.zeros(1), torch.zeros(1, dtype=torch.bool),
-                                               total=len(edited), pool=image_r))  # every rank pools the group
+        elif ro is not None:  # every rank pools the group
+            batch.image_terms.append(ImageTerm.stand_in(self.refiner, ro, total=len(edited), pool=image_r))
         return batch
 
     def _tree_rollout(self, gen: torch.Generator, seed: int) -> Batch:
@@ -297,7 +296,7 @@ class Run:
 
         def image_term(policy: Policy, ro: DiffusionRollout, rows: Rows) -> ImageTerm:
             if not rows.nodes:
-                return ImageTerm(policy, ro, torch.zeros(1), torch.zeros(1, dtype=torch.bool), total=rows.total)
+                return ImageTerm.stand_in(policy, ro, total=rows.total)
             ids = torch.tensor(rows.nodes)
             return ImageTerm(policy, ro, tree.adv[ids], valid[ids], total=rows.total)
 
@@ -503,6 +502,13 @@ class ImageTerm:
     total: int | None = None  # samples of this term on all ranks (None: these ones)
     pool: torch.Tensor | None = None  # the whole group's rewards `adv` was centred on ('batch' scaling)
 
+    @classmethod
+    def stand_in(cls, policy: Policy, rollout: DiffusionRollout, *, total: int,
+                 pool: torch.Tensor | None = None) -> ImageTerm:
+        """A rank without a sample of its own in this term: it runs the same forwards as the other
+        ranks (ZeRO needs every rank in step) on one row at weight 0."""
+        return cls(policy, rollout, torch.zeros(1), torch.zeros(1, dtype=torch.bool), total=total, pool=pool)
+
     @property
     def size(self) -> int:
         return len(self.valid) if self.total is None else self.total
@@ -520,9 +526,9 @@ def scale_by_batch_std(batches: list[Batch]) -> None:
     step's groups' rewards, text and image apart (their rewards differ). Every rank pools the same
     whole groups (stand-in terms included), so every rank divides by the same number."""
     for terms in ([t for b in batches for t in b.text_terms], [t for b in batches for t in b.image_terms]):
-        std = batch_std([t.pool for t in terms if t.pool is not None])
-        for t in terms:
-            t.adv = t.adv / (std + 1e-4)  # the eps of group_advantages
+        scaled = divide_by_batch_std([t.adv for t in terms], [t.pool for t in terms if t.pool is not None])
+        for t, adv in zip(terms, scaled, strict=True):
+            t.adv = adv
 
 
 def _mean_rows(rows: list[dict]) -> dict:
@@ -577,7 +583,6 @@ def _diffusion_policy(cfg_section, path: Path, image_size: int, fg, *, max_index
     if policy.ref_transformer is not None and not lora:
         place_frozen(policy.ref_transformer, device, offload_it=cfg_section.offload)
     return policy
-
 
 
 def _prompts(path: str | None, split: str, n: int | None) -> list[dict]:
@@ -743,9 +748,7 @@ def train(cfg: Config) -> None:
     """`r3rl train`: pretrain (shapes world, cached), then RL with evaluation and checkpoints."""
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, torch.get_num_threads())))
     topo = topology_from_env()
-    if cfg.rollout.group_size % topo.world:  # before the process group and any model load
-        raise UserError(f"rollout.group_size={cfg.rollout.group_size} must be divisible by the number of "
-                        f"processes ({topo.world}): each rank simulates an equal share of every group")
+    shard(cfg.rollout.group_size, topo)  # refuses a group the ranks cannot split, before any model loads
     if cfg.distributed.deepspeed and not topo.distributed:  # DeepSpeed wants a launcher's setup even for one
         for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
                            ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):

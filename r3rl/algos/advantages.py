@@ -56,6 +56,14 @@ def batch_std(groups: Sequence[torch.Tensor]) -> float:
     return float(r.std()) if r.numel() > 1 else 0.0
 
 
+def divide_by_batch_std(advantages: Sequence[torch.Tensor], groups: Sequence[torch.Tensor], *,
+                        eps: float = 1e-4) -> list[torch.Tensor]:
+    """`scale_rewards: batch`: each group-centred advantage tensor over `batch_std(groups) + eps`
+    (the eps of `group_advantages`), `groups` being the rewards of every group of the batch."""
+    std = batch_std(groups)
+    return [a / (std + eps) for a in advantages]
+
+
 def r3_generate_rewards(
     image_reward: torch.Tensor, format_reward: torch.Tensor, format_weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,7 +107,7 @@ class FlowModel(Protocol):
         """The σ grid (num_steps + 1, ending at 0) of the checkpoint's scheduler at the adapter's size."""
         ...
 
-    def encode_text(self, texts: list[str]) -> TextCond: ...
+    def encode_text(self, texts: list[str], *, cache: bool = True) -> TextCond: ...
 
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor: ...
 
@@ -120,20 +120,21 @@ class FlowModel(Protocol):
     ) -> torch.Tensor: ...
 
 
-def encode_condition(model: FlowModel, texts: list[str],
-                     images: list[Image.Image] | None) -> tuple[TextCond, torch.Tensor | None]:
+def encode_condition(model: FlowModel, texts: list[str], images: list[Image.Image] | None, *,
+                     cache: bool = True) -> tuple[TextCond, torch.Tensor | None]:
     """A batch's text conditioning and the reference latents of the images it edits (None: text-to-image).
 
     By default the text and the images are encoded apart (FLUX.1-Kontext). A family whose text
     encoder reads each image with its instruction (Qwen-Image-Edit) has `encode_edit(texts, images)`
-    returning both, which is then used instead.
+    returning both, which is then used instead. `cache=False` skips the per-string text cache
+    (one-off texts, e.g. SFT's, would only fill it).
     """
     if images is None:
-        return model.encode_text(texts), None
+        return model.encode_text(texts, cache=cache), None
     encode_edit = getattr(model, "encode_edit", None)
     if encode_edit is not None:
         return encode_edit(texts, images)
-    return model.encode_text(texts), model.encode_images(images)
+    return model.encode_text(texts, cache=cache), model.encode_images(images)
 
 
 def scheduler_shift(config: Mapping | None, image_seq_len: int) -> float:
