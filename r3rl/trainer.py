@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,28 +175,20 @@ class Run:
         return "refine"
 
     def train_step(self, step: int) -> dict[str, float]:
-        """`trainer.grad_accum` rollouts, then their losses (backpropagated one by one) and one
-        optimiser step. The rollouts all come first (the weights do not change in between) so that
-        `scale_rewards: batch` sees every group of the step."""
+        """`trainer.grad_accum` rollouts, each backpropagated after the last (so only one is held),
+        then one optimiser step. `scale_rewards: batch` needs every group of the step first: then
+        all the rollouts are made (and held) before their losses; the weights do not change in
+        between, so the numbers are the same either way."""
         stage = self.stage_for(step)
         n = self.cfg.trainer.grad_accum
-        rows, opts, finite, batches = [], {}, True, []
+        rows, opts, finite, t_roll = [], {}, True, 0.0
         t0 = time.perf_counter()
-        for micro in range(n):
-            seed = self.cfg.seed * 100003 + step + micro * 7919
-            gen = torch.Generator().manual_seed(seed)
-            if stage == "generate":
-                batches.append(self._generate_rollout(gen, train=True))
-            elif stage == "refine":
-                if self.generator.train is False or len(self.buffer) == 0:
-                    self._generate_rollout(gen, train=False)  # keep the buffer fed with fresh images
-                batches.append(self._refine_rollout(gen, seed))
-            else:
-                batches.append(self._tree_rollout(gen, seed))
+        rollouts = self._rollouts(stage, step, n)
         if self.cfg.rollout.scale_rewards == "batch":
-            scale_by_batch_std(batches)
-        t1 = time.perf_counter()
-        for batch in batches:
+            rollouts = list(rollouts)
+            scale_by_batch_std([batch for batch, _ in rollouts])
+        for batch, seconds in rollouts:
+            t_roll += seconds
             metrics, loss, micro_opts, parts = self._loss(batch)
             if any_rank(not torch.isfinite(loss), self.dist):
                 finite = False
@@ -209,9 +202,26 @@ class Run:
             rows.append({**metrics, **batch.metrics})
         out = _mean_rows(rows)
         out.update(self._optimizer_step(opts, finite))
-        t_roll, t_train = t1 - t0, time.perf_counter() - t1
+        t_train = time.perf_counter() - t0 - t_roll
         out.update({"stage": stage, "time/rollout_s": t_roll, "time/train_s": t_train, "time/step_s": t_roll + t_train})
         return mean_metrics(out, self.dist)
+
+    def _rollouts(self, stage: str, step: int, n: int) -> Iterator[tuple[Batch, float]]:
+        """The step's `n` rollouts of `stage`, made one at a time as they are asked for, with the
+        seconds each took."""
+        for micro in range(n):
+            t0 = time.perf_counter()
+            seed = self.cfg.seed * 100003 + step + micro * 7919
+            gen = torch.Generator().manual_seed(seed)
+            if stage == "generate":
+                batch = self._generate_rollout(gen, train=True)
+            elif stage == "refine":
+                if self.generator.train is False or len(self.buffer) == 0:
+                    self._generate_rollout(gen, train=False)  # keep the buffer fed with fresh images
+                batch = self._refine_rollout(gen, seed)
+            else:
+                batch = self._tree_rollout(gen, seed)
+            yield batch, time.perf_counter() - t0
 
     # ----------------------------------------------------------------- rollouts
     def _generate_rollout(self, gen: torch.Generator, *, train: bool) -> Batch:

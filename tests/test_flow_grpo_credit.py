@@ -135,3 +135,19 @@ def test_scale_rewards_takes_the_old_switch_and_refuses_batch_with_tree_credit(r
         load_config(recipe, ["rollout.scale_rewards=global"])
     with pytest.raises(UserError, match="scale_rewards=batch is not defined for tree credit"):
         build_run(load_config(recipe, ["rollout.credit=tree", "rollout.scale_rewards=batch"]))
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_a_step_holds_one_rollout_at_a_time_unless_batch_scaling_needs_all(recipe, tmp_path, scale):
+    """Memory: each rollout is backpropagated before the next is made; `batch` scaling alone makes
+    (and holds) all of the step's rollouts before the first loss."""
+    from r3rl.trainer import build_run
+
+    run = build_run(load_config(recipe, [f"output_dir={tmp_path}", f"rollout.scale_rewards={scale}",
+                                         "trainer.grad_accum=3"]))
+    made, seen = [], []
+    rollout, loss = run._generate_rollout, run._loss
+    run._generate_rollout = lambda *a, **kw: (made.append(1), rollout(*a, **kw))[1]
+    run._loss = lambda batch: (seen.append(len(made)), loss(batch))[1]
+    run.train_step(1)
+    assert seen == ([1, 2, 3] if scale == "group" else [3, 3, 3])
