@@ -188,3 +188,13 @@ def test_ema_with_text_credit_is_refused(tmp_path) -> None:
         f"data.train_prompts={tmp_path / 'p.jsonl'}", f"output_dir={tmp_path / 'run'}", "trainer.ema={}"])
     with pytest.raises(UserError, match=r"trainer.ema is not supported with rollout.credit=text"):
         train_text(cfg)
+
+
+def test_resuming_with_ema_from_a_checkpoint_without_one_is_one_line(tiny_world, tmp_path) -> None:
+    from r3rl.trainer import train
+
+    out = tmp_path / "run"
+    train(_config(tiny_world, out, "trainer.max_steps=1", "trainer.eval_every=0", "trainer.ema=null"))
+    with pytest.raises(UserError, match=r"holds no EMA of the \w+ \(saved without trainer.ema\)") as err:
+        train(_config(tiny_world, out, "trainer.max_steps=2", "trainer.eval_every=0", "resume=auto"))
+    assert "\n" not in str(err.value) and "trainer.ema=null" in str(err.value)
