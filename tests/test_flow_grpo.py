@@ -70,10 +70,12 @@ def test_per_sample_tensor_sigmas():
     assert logp[1].item() == pytest.approx(lp2, abs=1e-6)
 
 
-def test_sigma_one_is_capped():
-    # σ=1: σ_t = 0.7·sqrt(1/(1-0.95)) = 0.7·sqrt(20); std = σ_t·sqrt(0.1)
+def test_sigma_one_takes_the_next_sigma():
+    # σ=1: flow_grpo takes the grid's next σ: σ_t = 0.7·sqrt(1/(1-0.9)); std = σ_t·sqrt(0.1) (R3's cap: sigma_cap)
     std = sde_noise_std(torch.tensor([1.0]), torch.tensor([0.9]), 0.7)
-    assert std.item() == pytest.approx(0.7 * math.sqrt(20) * math.sqrt(0.1), rel=1e-6)
+    assert std.item() == pytest.approx(0.7 * math.sqrt(10) * math.sqrt(0.1), rel=1e-6)
+    capped = sde_noise_std(torch.tensor([1.0]), torch.tensor([0.9]), 0.7, sigma_cap=0.95)
+    assert capped.item() == pytest.approx(0.7 * math.sqrt(20) * math.sqrt(0.1), rel=1e-6)
     _, logp, mean, _ = sde_step_with_logprob(torch.ones(1, 2), torch.ones(1, 2), 1.0, 0.9)
     assert torch.isfinite(logp).all() and torch.isfinite(mean).all()
 

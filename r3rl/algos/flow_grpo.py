@@ -13,6 +13,7 @@ scaled by the number of latent elements.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +24,7 @@ Sigma = float | torch.Tensor
 SDE_TYPES = ("sde", "cps")
 REDUCTIONS = ("mean", "sum")
 STRATEGIES = ("all", "subset", "one", "window")
+KL_FORMS = ("flow_grpo", "r3", "exact")
 
 
 def sigma_schedule(num_steps: int, shift: float = 1.0, terminal: float | None = None) -> torch.Tensor:
@@ -71,13 +73,28 @@ def _randn(shape: torch.Size, generator: Generator, device: torch.device) -> tor
 
 
 def sde_noise_level(
-    sigma: torch.Tensor, noise_level: float, sigma_cap: float = 0.95
+    sigma: torch.Tensor,
+    noise_level: float,
+    sigma_cap: float | None = None,
+    sigma_next: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """FlowGRPO's diffusion coefficient `σ_t = a·sqrt(σ / (1 − min(σ, cap)))`.
+    """FlowGRPO's diffusion coefficient `σ_t = a·sqrt(σ / (1 − σ'))` (flow_grpo's `std_dev_t`).
 
-    The cap keeps σ=1 (the first step of a 1→0 schedule) finite, as R3 does.
+    `σ' = σ` below 1. At σ = 1 the formula is infinite; flow_grpo (`sd3_sde_with_logprob`) then
+    takes the scheduler's `sigmas[1]`, the σ after the first step, which is this step's `sigma_next`
+    (the default, `sigma_cap=None`; σ = 1 without `sigma_next` is an error). `sigma_cap` instead
+    caps σ' at that value on every step, R3's `eta_mode='monotonic'` (`sqrt(t / (1 − min(t, 0.95)))`):
+    it also lowers the noise of every step with 1 > σ > cap.
     """
-    return noise_level * torch.sqrt(sigma / (1.0 - sigma.clamp(max=sigma_cap)))
+    if sigma_cap is not None:
+        return noise_level * torch.sqrt(sigma / (1.0 - sigma.clamp(max=sigma_cap)))
+    at_one = sigma >= 1.0
+    if sigma_next is None:
+        if bool(at_one.any()):
+            raise ValueError("the noise level at sigma = 1 needs sigma_next (flow_grpo's sigmas[1]) or a sigma_cap")
+        return noise_level * torch.sqrt(sigma / (1.0 - sigma))
+    sigma_next = torch.as_tensor(sigma_next, dtype=sigma.dtype, device=sigma.device)
+    return noise_level * torch.sqrt(sigma / (1.0 - torch.where(at_one, sigma_next, sigma)))
 
 
 def sde_noise_std(
@@ -85,7 +102,7 @@ def sde_noise_std(
     sigma_next: Sigma,
     noise_level: float = 0.7,
     sde_type: str = "sde",
-    sigma_cap: float = 0.95,
+    sigma_cap: float | None = None,
 ) -> torch.Tensor:
     """Standard deviation of one transition x → x_next, in the broadcast shape of the sigmas.
 
@@ -94,7 +111,7 @@ def sde_noise_std(
     sigma = torch.as_tensor(sigma, dtype=torch.float32)
     sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=sigma.device)
     if sde_type == "sde":
-        return sde_noise_level(sigma, noise_level, sigma_cap) * torch.sqrt(sigma - sigma_next)
+        return sde_noise_level(sigma, noise_level, sigma_cap, sigma_next) * torch.sqrt(sigma - sigma_next)
     if sde_type == "cps":
         return sigma_next * math.sin(noise_level * math.pi / 2)
     raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
@@ -108,12 +125,12 @@ def _transition_mean(
     std: torch.Tensor,
     noise_level: float,
     sde_type: str,
-    sigma_cap: float,
+    sigma_cap: float | None,
 ) -> torch.Tensor:
     """Mean of x_next given x and v (float32; sigmas and std broadcast per sample)."""
     if sde_type == "sde":
         dt = sigma_next - sigma
-        sigma_t_sq = sde_noise_level(sigma, noise_level, sigma_cap) ** 2
+        sigma_t_sq = sde_noise_level(sigma, noise_level, sigma_cap, sigma_next) ** 2
         return (
             x * (1 + sigma_t_sq / (2 * sigma) * dt)
             + v * (1 + sigma_t_sq * (1 - sigma) / (2 * sigma)) * dt
@@ -135,7 +152,7 @@ def sde_step_with_logprob(
     generator: Generator = None,
     sde_type: str = "sde",
     logprob_reduction: str = "mean",
-    sigma_cap: float = 0.95,
+    sigma_cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One stochastic denoising step and the log-probability of its result.
 
@@ -153,7 +170,8 @@ def sde_step_with_logprob(
             ours raised to the power 2·std² (clip ranges tuned for FlowGRPO's cps don't transfer).
             cps has std = 0 at σ_next = 0, so its last step is deterministic and must not be trained.
         logprob_reduction: "mean" or "sum" over the non-batch dims.
-        sigma_cap: σ is capped at this in the noise level's denominator (guards σ = 1).
+        sigma_cap: None (flow_grpo): σ as it is in the noise level, and at σ = 1 the next σ on the
+            grid (flow_grpo's `scheduler.sigmas[1]`); a float caps σ at it on every step (R3: 0.95).
 
     Returns:
         prev_sample (float32), log_prob (B,), prev_mean (float32, shape of sample), std (B,):
@@ -180,6 +198,56 @@ def ode_step(
     return x + velocity.float() * (_per_sample(sigma_next, x) - _per_sample(sigma, x))
 
 
+def kl_std(std: Sigma, sigma: Sigma, sigma_next: Sigma, sde_type: str = "sde") -> torch.Tensor:
+    """flow_grpo's `std_dev_t`, the scale its KL divides by, from a transition's std (B,):
+    the noise level σ_t = std / sqrt(σ − σ_next) for sde, the transition std itself for cps."""
+    std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+    if sde_type == "cps":
+        return std
+    if sde_type != "sde":
+        raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
+    dt = torch.as_tensor(sigma, dtype=torch.float32, device=std.device) - torch.as_tensor(
+        sigma_next, dtype=torch.float32, device=std.device)
+    return std / torch.sqrt(dt.reshape(-1))
+
+
+def image_kl(
+    prev_mean: torch.Tensor,
+    ref_prev_mean: torch.Tensor,
+    std: Sigma,
+    *,
+    sigma: Sigma | None = None,
+    sigma_next: Sigma | None = None,
+    sde_type: str = "sde",
+    kl_form: str = "flow_grpo",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The KL term β multiplies, per sample (B,), in the scale of the reference `kl_form` names,
+    so a β copied from it means the same here:
+
+    - "flow_grpo" (`train_sd3.py`): `reduce(‖μ − μ_ref‖²) / (2·std_dev_t²)`, std_dev_t = σ_t for sde
+      (not the transition std σ_t·sqrt(−dt): the exact Gaussian KL times −dt), the std for cps;
+      needs `sigma` and `sigma_next` for sde.
+    - "r3" (R3's `GaussianDistribution.kl_divergence`): `reduce(‖μ − μ_ref‖² / std²)`, the transition
+      std and no 1/2 (twice the exact KL).
+    - "exact": the exact KL between the two transition Gaussians, `reduce(‖μ − μ_ref‖²) / (2·std²)`.
+
+    `reduction` ("mean", as both references, or "sum") runs over the non-batch dims.
+    """
+    sq = (prev_mean.float() - ref_prev_mean.float().detach()) ** 2
+    if kl_form == "flow_grpo" and sde_type == "sde":
+        if sigma is None or sigma_next is None:
+            raise ValueError("flow_grpo's KL on sde steps needs sigma and sigma_next (it divides by sigma_t^2)")
+        scale = kl_std(std, sigma, sigma_next, sde_type)
+        return _reduce(sq, reduction) / (2 * scale.to(sq.device) ** 2)
+    var = _per_sample(std, sq) ** 2
+    if kl_form in ("flow_grpo", "exact"):  # cps: flow_grpo's std_dev_t is the transition std
+        return _reduce(sq / (2 * var), reduction)
+    if kl_form == "r3":
+        return _reduce(sq / var, reduction)
+    raise ValueError(f"kl_form must be one of {KL_FORMS}, got {kl_form!r}")
+
+
 def flow_grpo_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -192,18 +260,22 @@ def flow_grpo_loss(
     std: torch.Tensor | None = None,
     beta: float = 0.0,
     reduction: str = "mean",
+    sigma: Sigma | None = None,
+    sigma_next: Sigma | None = None,
+    sde_type: str = "sde",
+    kl_form: str = "flow_grpo",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clipped policy loss of one trained denoising step, plus β·KL to the reference policy.
 
-    All tensors have batch size B; log-probs and advantages are (B,). The KL is the exact KL
-    between the two transition Gaussians, which share `std` (from `sde_step_with_logprob`):
-    `‖μ − μ_ref‖² / (2·std²)`, reduced over non-batch dims like the log-prob (`reduction`).
-    Scale relative to other codebases: FlowGRPO's sde divides by σ_t² instead of std² = σ_t²·(−dt),
-    so its β equals ours times 1/(−dt) (β_FlowGRPO 0.04 with 10 steps ≈ β 0.004 here);
-    R3 divides by std² without the 2, so β_R3 0.001 = β 0.002 here.
+    All tensors have batch size B; log-probs and advantages are (B,). `std` is the transition std
+    `sde_step_with_logprob` returns, `sigma`/`sigma_next` the step's (B,) or float sigmas. The KL is
+    `image_kl` in the scale of `kl_form`, so β means what it means there: flow_grpo's β 0.04 is
+    β 0.04 with "flow_grpo" (the default), R3's kl_weight_image 0.001 is β 0.001 with "r3".
+    Without `sigma`/`sigma_next` (callers from before they were passed) the sde KL falls back to
+    "exact", which is flow_grpo's times 1/(−dt), with a warning.
 
     Metrics: clip_ratio (fraction with |ratio − 1| > clip_range), approx_kl
-    (0.5·mean((logp − logp_old)²)), ratio_mean, and kl (mean transition KL) when means are given.
+    (0.5·mean((logp − logp_old)²)), ratio_mean, and kl (mean of the KL term) when means are given.
     """
     log_prob, old_log_prob = log_prob.float(), old_log_prob.float().detach()
     adv = advantages.float().detach().clamp(-adv_clip_max, adv_clip_max)
@@ -217,10 +289,13 @@ def flow_grpo_loss(
             "ratio_mean": ratio.mean().item(),
         }
     if prev_mean is not None and ref_prev_mean is not None and std is not None:
-        var = _per_sample(std, prev_mean).float() ** 2
-        kl = _reduce(
-            (prev_mean.float() - ref_prev_mean.float().detach()) ** 2 / (2 * var), reduction
-        ).mean()
+        form = kl_form
+        if form == "flow_grpo" and sde_type == "sde" and (sigma is None or sigma_next is None):
+            warnings.warn("flow_grpo_loss without sigma/sigma_next: the image KL is the exact transition KL, "
+                          "not flow_grpo's (pass the step's sigmas)", stacklevel=2)
+            form = "exact"
+        kl = image_kl(prev_mean, ref_prev_mean, std, sigma=sigma, sigma_next=sigma_next, sde_type=sde_type,
+                      kl_form=form, reduction=reduction).mean()
         loss = loss + beta * kl
         metrics["kl"] = kl.item()
     elif beta != 0.0:
