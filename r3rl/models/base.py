@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
@@ -137,6 +138,13 @@ def encode_condition(model: FlowModel, texts: list[str], images: list[Image.Imag
     return model.encode_text(texts, cache=cache), model.encode_images(images)
 
 
+def _pipeline_mu(config: Mapping, image_seq_len: int) -> float:
+    """The pipelines' `calculate_shift`: mu linear in the image sequence length (dynamic shifting)."""
+    lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    b_lo, b_hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    return b_lo + (image_seq_len - lo) * (b_hi - b_lo) / (hi - lo)
+
+
 def scheduler_shift(config: Mapping | None, image_seq_len: int) -> float:
     """The time shift of a FlowMatchEulerDiscreteScheduler config at this image size.
 
@@ -148,16 +156,33 @@ def scheduler_shift(config: Mapping | None, image_seq_len: int) -> float:
         return 1.0
     if not config.get("use_dynamic_shifting", False):
         return float(config.get("shift", 1.0))
-    lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    b_lo, b_hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    return math.exp(b_lo + (image_seq_len - lo) * (b_hi - b_lo) / (hi - lo))
+    return math.exp(_pipeline_mu(config, image_seq_len))
 
 
-def scheduler_sigmas(config: Mapping | None, image_seq_len: int, num_steps: int) -> torch.Tensor:
-    """The σ grid a FlowMatchEulerDiscreteScheduler config gives `num_steps` at this size: its time
-    shift and, where set, its `shift_terminal` (None: uniform, unshifted)."""
-    terminal = (config or {}).get("shift_terminal")
-    return sigma_schedule(num_steps, scheduler_shift(config, image_seq_len), terminal or None)
+# How each family's diffusers pipeline calls its scheduler's `set_timesteps` by default:
+# "sd3" (StableDiffusion3Pipeline): no sigmas, so the scheduler spaces its timesteps linearly from its
+# trained sigma_max to sigma_min and shifts them (SD3.5 at 10 steps: 1, .960, .913, ..., .278, .0089, 0);
+# "flux" (FLUX, FLUX-Kontext, Qwen-Image, Qwen-Image-Edit): sigmas = linspace(1, 1/n, n) and the
+# resolution's mu (FLUX-style: 1, .964, ..., .25, 0).
+SIGMA_GRIDS = ("sd3", "flux")
+
+
+def scheduler_sigmas(config: Mapping | None, image_seq_len: int, num_steps: int, grid: str = "flux") -> torch.Tensor:
+    """The σ grid (num_steps + 1, ending at 0) the family's pipeline samples on at this size: the
+    checkpoint's FlowMatchEulerDiscreteScheduler after `set_timesteps` called as the pipeline calls it
+    (`grid`, see SIGMA_GRIDS), so its shift, `shift_terminal`, time-shift type and sigma conversions all
+    apply. Without a scheduler config (the shapes world's tiny models): uniform and unshifted."""
+    if grid not in SIGMA_GRIDS:
+        raise ValueError(f"grid must be one of {SIGMA_GRIDS}, got {grid!r}")
+    if config is None:
+        return sigma_schedule(num_steps)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(config))
+    mu = _pipeline_mu(scheduler.config, image_seq_len) if scheduler.config.use_dynamic_shifting else None
+    if grid == "sd3":
+        scheduler.set_timesteps(num_steps, mu=mu)
+    else:
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    return scheduler.sigmas.detach().float().cpu()
 
 
 def saved_scheduler_config(path: str | Path) -> dict | None:
@@ -173,6 +198,7 @@ class PipelineModel:
     and save in the pipeline's own layout, and tell the transformer from the frozen rest."""
 
     PIPELINE: type  # the family's diffusers pipeline class
+    SIGMA_GRID = "flux"  # how the pipeline sets its scheduler's timesteps (SIGMA_GRIDS)
     pipe: object
     transformer: torch.nn.Module
 
@@ -200,5 +226,5 @@ class PipelineModel:
         return [m for n, m in self.pipe.components.items() if n != "transformer" and isinstance(m, torch.nn.Module)]
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
-        """The pipeline scheduler's σ grid for the adapter's (2x2-patched) latent grid."""
-        return scheduler_sigmas(self.pipe.scheduler.config, (self.latent_hw // 2) ** 2, num_steps)
+        """The σ grid the family's pipeline samples on, for the adapter's (2x2-patched) latent grid."""
+        return scheduler_sigmas(self.pipe.scheduler.config, (self.latent_hw // 2) ** 2, num_steps, self.SIGMA_GRID)

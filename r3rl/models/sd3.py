@@ -27,6 +27,7 @@ class SD3Model(PipelineModel):
     """SD3 components; `true_cfg_scale` is the pipeline's `guidance_scale` (1 = no CFG)."""
 
     PIPELINE = StableDiffusion3Pipeline
+    SIGMA_GRID = "sd3"  # the pipeline passes no sigmas: 1, .960, .913, ..., .0089, 0 at 10 steps (shift 3)
 
     def __init__(self, pipe: StableDiffusion3Pipeline, *, image_size: int, true_cfg_scale: float = 1.0,
                  negative_prompt: str = "", max_text_len: int = 256, guidance_scale: float = 1.0) -> None:
