@@ -1,6 +1,6 @@
 """vlm_judge: score images with a vision-language model served behind an OpenAI-compatible API.
 
-Serve the judge with `vllm serve` (see launch/vllm_judge.sh) and point a recipe at it:
+Serve the judge with vLLM (see launch/vllm/) and point a recipe at it:
 
     rewards:
       - name: vlm_judge
@@ -14,7 +14,19 @@ Modes:
   the text (0 or 1).
 - `score`: pointwise quality in the style of UnifiedReward: one score in
   [min_score, max_score] read after "Final Score:", scaled to [0, 1].
-- `json`: the same score as a JSON object validated against a schema (vLLM can enforce it).
+- `json`: the same score as a JSON object `{"score": N, "reason": "..."}`.
+
+Guided decoding (`guided`: `auto` (default) | true | false). A judge that writes free text can
+ramble past `max_tokens` or forget the score; with vLLM's structured outputs every answer has
+the asked-for shape and fits the token budget: `yes_no` may only answer yes or no (P(yes) is then
+the first token's probability mass on the spellings of "yes"), `score` writes at most
+`max_tokens` minus the tail's length of printable ASCII and then `Final Score: N` with N one of
+the allowed values, `json` writes exactly `{"score": N, "reason": "..."}` with the reason's
+length bounded the same way (ASCII without quotes or backslashes: one character is at least one
+token, so the bound in characters is a bound in tokens). `auto` uses it when the server's
+`GET /models` says vLLM (`owned_by: vllm`); other servers get plain requests (json mode then
+sends the standard `response_format` JSON schema, with `score` bounded to the scale and the
+reason's `maxLength` to the budget).
 
 A sample whose answers cannot be had or read scores `None`; `stats` counts why.
 """
@@ -60,11 +72,32 @@ JSON_PROMPT = (
 )
 
 
+# The guided reason's characters: printable ASCII without quote or backslash (no JSON escapes),
+# so each character is at least one token and a length in characters bounds the tokens.
+REASON_CHARS = r"[a-zA-Z0-9 ,.;:!?()'/+*=<>-]"
+FREE_CHARS = r"[ -~\n]"  # score mode's free-text explanation: printable ASCII and newlines
+YES_NO_CHOICES = ["yes", "no", "Yes", "No"]
+MAX_ENUMERATED = 101  # integer scales up to this many values are spelled out as alternatives
+
+
 class Rating(BaseModel):
-    """The JSON answer of `json` mode."""
+    """The JSON answer of `json` mode, as read (the schema sent is tighter: `VLMJudge.schema`)."""
 
     score: float
-    reason: str = Field("", max_length=2000)
+    reason: str = Field("", max_length=4000)
+
+
+def _scale(low: float, high: float) -> tuple[str, int]:
+    """A regex for a number on [low, high] and the longest text it matches.
+
+    Integer scales (1-5, 1-10, 0-100) list every allowed value; other scales (0-1) take a decimal
+    with up to 3 digits after the point, whose range is checked after reading."""
+    if low.is_integer() and high.is_integer() and 2 <= high - low < MAX_ENUMERATED:
+        values = [str(v) for v in range(int(low), int(high) + 1)]
+        values.sort(key=len, reverse=True)  # longest first: "10" before "1"
+        return "(" + "|".join(values) + ")", max(map(len, values))
+    digits = len(str(int(max(abs(low), abs(high)))))
+    return rf"-?[0-9]{{1,{digits}}}(\.[0-9]{{1,3}})?", 1 + digits + 4
 
 
 class VLMJudge:
@@ -87,6 +120,7 @@ class VLMJudge:
         image_format: str = "png",
         backoff_s: float = 0.5,
         backoff_max_s: float = 8.0,
+        guided: bool | str = "auto",
     ) -> None:
         if mode not in MODES:
             raise UserError(
@@ -103,16 +137,64 @@ class VLMJudge:
             backoff_s=backoff_s,
             backoff_max_s=backoff_max_s,
         )
+        if guided not in (True, False, "auto"):
+            raise UserError(f"vlm_judge guided={guided!r} is invalid: expected auto, true or false")
         self.client = ChatClient(pool, model, temperature=temperature)
         self.mode = mode
         self.low, self.high = float(min_score), float(max_score)
         self.max_tokens = max_tokens or DEFAULT_MAX_TOKENS[mode]
         self.top_logprobs = top_logprobs
         self.image_format = image_format
+        self.guided = guided
+        self._vllm: bool | None = None  # what `guided: auto` found the server to be
+        self._number, number_len = _scale(self.low, self.high)
+        # the longest fixed text around the free part of a score / json answer, plus one token
+        # for the end of the turn: what is left of max_tokens bounds the explanation
+        tail = {"yes_no": 0, "score": len("\nFinal Score: "), "json": len('{"score": , "reason": ""}')}
+        self.reason_chars = self.max_tokens - tail[mode] - number_len - 1
+        if mode != "yes_no" and self.reason_chars < 0:
+            raise UserError(
+                f"vlm_judge max_tokens={self.max_tokens} is too small for mode={mode}: the answer's "
+                f"fixed part alone takes {self.max_tokens - self.reason_chars} tokens"
+            )
 
     @property
     def stats(self) -> JudgeStats:
         return self.client.pool.stats
+
+    async def _use_guided(self) -> bool:
+        """Whether to send vLLM's structured outputs: `guided`, or for `auto` whether the server
+        is vLLM (asked once; until a server answers, plain requests)."""
+        if self.guided != "auto":
+            return bool(self.guided)
+        if self._vllm is None:
+            owner = await self.client.pool.served_by()
+            if owner is not None:
+                self._vllm = owner == "vllm"
+        return bool(self._vllm)
+
+    def structured(self, guided: bool) -> dict | None:
+        """vLLM's `structured_outputs` for this mode (None without guided decoding)."""
+        if not guided:
+            return None
+        if self.mode == "yes_no":
+            return {"choice": YES_NO_CHOICES}
+        if self.mode == "score":
+            return {"regex": f"{FREE_CHARS}{{0,{self.reason_chars}}}\\n[Ff]inal [Ss]core: {self._number}"}
+        return {"regex": rf'\{{"score": {self._number}, "reason": "{REASON_CHARS}{{0,{self.reason_chars}}}"\}}'}
+
+    def schema(self) -> dict:
+        """The JSON schema of `json` mode's answer as sent in `response_format` (servers without
+        guided decoding): the score bounded to the scale, the reason to what fits max_tokens."""
+        return {
+            "type": "object",
+            "properties": {
+                "score": {"type": "number", "minimum": self.low, "maximum": self.high},
+                "reason": {"type": "string", "maxLength": self.reason_chars},
+            },
+            "required": ["score", "reason"],
+            "additionalProperties": False,
+        }
 
     def _urls(self, images: Sequence[Image.Image]) -> list[str]:
         return [image_data_url(im, self.image_format) for im in images]
@@ -123,14 +205,20 @@ class VLMJudge:
         questions = [geneval_questions(m) for m in metadata]
         flat = [(i, q) for i, qs in enumerate(questions) for q in qs]
         urls = self._urls(images)
+        guided = await self._use_guided()
         answers = await self.client.ask_many(
             [[user_message(YES_NO_PROMPT.format(question=q.text), [urls[i]])] for i, q in flat],
             max_tokens=self.max_tokens,
             top_logprobs=self.top_logprobs,
+            structured=self.structured(guided),
         )
         per_sample: list[list[float | None]] = [[] for _ in images]
         for (i, q), answer in zip(flat, answers):
-            p = None if answer is None else yes_score(answer.text, answer.top_logprobs)
+            p = (
+                None
+                if answer is None
+                else yes_score(answer.text, answer.top_logprobs, constrained=guided)
+            )
             if answer is not None and p is None:
                 self.stats.unparseable += 1
             per_sample[i].append(None if p is None else (p if q.expect_yes else 1.0 - p))
@@ -143,9 +231,10 @@ class VLMJudge:
         self, prompts: Sequence[str], images: Sequence[Image.Image]
     ) -> list[float | None]:
         template = SCORE_PROMPT if self.mode == "score" else JSON_PROMPT
+        guided = await self._use_guided()
         response_format = None
-        if self.mode == "json":
-            schema = {"name": "rating", "schema": Rating.model_json_schema(), "strict": True}
+        if self.mode == "json" and not guided:
+            schema = {"name": "rating", "schema": self.schema(), "strict": True}
             response_format = {"type": "json_schema", "json_schema": schema}
         low, high = _num(self.low), _num(self.high)
         answers = await self.client.ask_many(
@@ -155,6 +244,7 @@ class VLMJudge:
             ],
             max_tokens=self.max_tokens,
             response_format=response_format,
+            structured=self.structured(guided),
         )
         scores: list[float | None] = []
         for answer in answers:

@@ -168,3 +168,88 @@ def wait_healthy(proc: subprocess.Popen, base: str, *, timeout_s: float, what: s
             proc.kill()
             raise RuntimeError(f"{what} did not start: {log()}")
         time.sleep(0.2)
+
+
+# ---- a real vLLM server (tests/test_vllm_*.py) ------------------------------------------------
+# vLLM lives in its own env, .venv-vllm (scripts/setup_vllm.sh; scripts/test.sh makes it). Tests
+# that need it FAIL when it is missing, so CI cannot pass without them; set R3RL_SKIP_VLLM=1 to
+# skip them locally instead (test.sh then does not build the env either).
+VLLM_SKIP_ENV = "R3RL_SKIP_VLLM"
+
+
+def vllm_env_or_fail() -> None:
+    """Skip if the user opted out, fail with the fix if the vLLM env is not built."""
+    if os.environ.get(VLLM_SKIP_ENV) == "1":
+        pytest.skip(f"{VLLM_SKIP_ENV}=1: tests against a real vLLM server skipped")
+    custom = os.environ.get("R3RL_VLLM_VENV")
+    marker = Path(custom) / "bin" / "python" if custom else REPO / ".venv-vllm" / ".r3rl-vllm-stamp"
+    if not marker.exists():
+        pytest.fail(f"no vLLM env ({marker} missing): run scripts/setup_vllm.sh, or set "
+                    f"{VLLM_SKIP_ENV}=1 to skip the tests against a real vLLM server", pytrace=False)
+
+
+def build_tiny_vllm_vlm(path: Path, corpus: list[str], *, image_size: int = 32, seed: int = 0) -> None:
+    """A random-weight Idefics3 (SmolVLM's class) that vLLM's CPU build serves, saved with its
+    processor and a tokenizer trained on `corpus`. Built like r3rl.models.tiny_vlm's idefics3
+    family, but with head_dim 32 and a 32-wide vision head: vLLM's CPU attention refuses
+    head_dim 16; Idefics3 needs no torchvision in vLLM (Qwen-VL families do)."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from r3rl.models.tokenizer import SMOLVLM, train_chat_tokenizer
+
+    tokenizer = train_chat_tokenizer(corpus, style=SMOLVLM)
+    patches, scale = 8, 4  # 8x8 patches, pixel shuffle by 4: 4 image tokens
+    text = {"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "max_position_embeddings": 4096, "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": image_size, "patch_size": image_size // patches}
+    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=scale,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    images = Idefics3ImageProcessorPil(size={"longest_edge": image_size},
+                                       max_image_size={"longest_edge": image_size}, do_image_splitting=False)
+    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer,
+                                  chat_template=tokenizer.chat_template, image_seq_len=(patches // scale) ** 2)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def start_vllm(model: Path, name: str, log: Path):
+    """A started `VLLMServer` for a tiny model: one OpenMP thread, not pinned (shared cores)."""
+    from r3rl.judges.vllm_server import VLLMServer
+
+    return VLLMServer(model, served_model_name=name, max_model_len=2048, threads=1,
+                      log_path=log).start(timeout_s=300)
+
+
+@pytest.fixture(scope="session")
+def vllm_judge_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny VLM the judge tests serve; its tokenizer knows the judge's prompts."""
+    vllm_env_or_fail()
+    from rewards.vlm_judge import JSON_PROMPT, SCORE_PROMPT, YES_NO_PROMPT
+
+    corpus = [YES_NO_PROMPT.format(question="is there a red circle in the image? are there 2 squares?"),
+              SCORE_PROMPT.format(prompt="a photo of two red circles", low=1, high=10),
+              JSON_PROMPT.format(prompt="a photo of a blue square left of a triangle", low=1, high=10),
+              "yes no final score: 0 1 2 3 4 5 6 7 8 9 10", '{"score": 7, "reason": "a clear image."}']
+    path = tmp_path_factory.mktemp("vllm") / "tiny-idefics3"
+    build_tiny_vllm_vlm(path, corpus)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_judge_server(vllm_judge_model: Path):
+    """A vLLM server on 127.0.0.1 serving the tiny VLM as "tiny-judge" for the whole session."""
+    server = start_vllm(vllm_judge_model, "tiny-judge", vllm_judge_model.parent / "server-a.log")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -3,6 +3,8 @@
 Images travel inline as base64 data URLs, so the judge needs no access to our files. Only
 the standard chat-completions fields are sent: servers that do not know `logprobs` ignore
 it (the scoring then falls back to the text), and strict servers reject unknown fields.
+The one exception, vLLM's `structured_outputs` (guided decoding), is sent only to servers
+that `HttpPool.served_by` found to be vLLM.
 """
 
 from __future__ import annotations
@@ -89,8 +91,14 @@ class ChatClient:
         max_tokens: int,
         top_logprobs: int = 0,
         response_format: dict | None = None,
+        structured: dict | None = None,
     ) -> list[ChatAnswer | None]:
-        """Send each conversation; an answer that is not a chat completion counts as unparseable."""
+        """Send each conversation; an answer that is not a chat completion counts as unparseable.
+
+        `structured` is vLLM's `structured_outputs` ({"choice": [...]}, {"regex": ...},
+        {"json": schema}): guided decoding, so the answer always has the asked-for shape. Only
+        vLLM knows the field (others reject or ignore it): send it only to vLLM servers.
+        """
         base: dict[str, Any] = {
             "model": self.model,
             "max_tokens": max_tokens,
@@ -100,6 +108,8 @@ class ChatClient:
             base |= {"logprobs": True, "top_logprobs": top_logprobs}
         if response_format is not None:
             base["response_format"] = response_format
+        if structured is not None:
+            base["structured_outputs"] = structured
         bodies = await self.pool.post_many(
             "/chat/completions", [{**base, "messages": m} for m in conversations]
         )

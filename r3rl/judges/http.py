@@ -199,6 +199,23 @@ class HttpPool:
             )
         return [answer for answer, _ in outcomes]
 
+    async def served_by(self) -> str | None:
+        """`owned_by` of the first model listed by `GET /models` (vLLM says "vllm"), from the first
+        endpoint that answers; None if none does. One bounded attempt per endpoint, not retried
+        and not counted in `stats`: a probe for what the server can do, not a judge request."""
+        async with httpx.AsyncClient(timeout=min(self.timeout_s, 10.0)) as client:
+            for url in self.urls:
+                try:
+                    resp = await client.get(url + "/models", headers=self.headers)
+                except httpx.TransportError:
+                    continue
+                try:
+                    data = resp.json()["data"]
+                    return str(data[0].get("owned_by", "")) if resp.status_code == 200 else ""
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                    return ""
+        return None
+
     async def post_scores(self, path: str, payloads: Sequence[Any], sizes: Sequence[int]) -> list[float | None]:
         """POST batches answered with `{"scores": [...]}` (a reward server, a GenEval detector): one
         score or None per sample, in order; an answer that is not n scores counts as unparseable."""

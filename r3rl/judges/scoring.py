@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -32,17 +32,34 @@ def _token_word(token: str) -> str:
     return words[0] if len(words) == 1 else ""
 
 
-def yes_probability(positions: Sequence[TopLogprobs] | None) -> float | None:
+def _starts(word: str) -> Callable[[str], bool]:
+    """Whether a token is a non-empty prefix of `word` ('y', 'Ye', 'yes' for "yes")."""
+    return lambda token: bool(token.strip()) and word.startswith(token.strip().lower())
+
+
+def yes_probability(
+    positions: Sequence[TopLogprobs] | None, *, constrained: bool = False
+) -> float | None:
     """P(yes) / (P(yes) + P(no)) at the first generated position that offers either word.
 
-    Renormalising over the two answers ignores the mass on formatting tokens; `None` when
-    the server sent no log-probs or no position considered yes or no.
+    Free text: whole-word tokens only ('Yes', ' no'); renormalising over the two answers ignores
+    the mass on formatting tokens. `constrained`: the server's guided decoding allowed only the
+    answers yes/no, so the first position's distribution is over their spellings and every
+    allowed token is a prefix of one ('y' + 'es' is a path to "yes" too): each prefix counts
+    for its word. `None` when the server sent no log-probs or no position considered yes or no.
     """
+    if constrained:
+        is_yes, is_no = _starts("yes"), _starts("no")
+    else:
+        is_yes = lambda tok: _token_word(tok) == "yes"
+        is_no = lambda tok: _token_word(tok) == "no"
     for alternatives in positions or ():
-        p_yes = sum(math.exp(lp) for tok, lp in alternatives if _token_word(tok) == "yes")
-        p_no = sum(math.exp(lp) for tok, lp in alternatives if _token_word(tok) == "no")
+        p_yes = sum(math.exp(lp) for tok, lp in alternatives if is_yes(tok))
+        p_no = sum(math.exp(lp) for tok, lp in alternatives if is_no(tok))
         if p_yes + p_no > 0:
             return p_yes / (p_yes + p_no)
+        if constrained:
+            return None  # the first position decides; a later one is no answer to the question
     return None
 
 
@@ -55,9 +72,11 @@ def yes_no_from_text(text: str) -> float | None:
     return (1.0 if said == {"yes"} else 0.0) if len(said) == 1 else None
 
 
-def yes_score(text: str, positions: Sequence[TopLogprobs] | None) -> float | None:
+def yes_score(
+    text: str, positions: Sequence[TopLogprobs] | None, *, constrained: bool = False
+) -> float | None:
     """Log-probs when the server returned them (a graded score), the text otherwise (0 or 1)."""
-    p = yes_probability(positions)
+    p = yes_probability(positions, constrained=constrained)
     return p if p is not None else yes_no_from_text(text)
 
 
