@@ -22,11 +22,19 @@ POSITION_THRESHOLD = 0.1  # GenEval's default
 MIN_CHROMA = 35.0  # above the background's: grey/white/black pixels are never objects
 MIN_AREA_FRAC = 0.003  # smaller blobs are noise specks
 MIN_PIXELS = 6
+MIN_SHAPE_PIXELS = 16  # a smaller blob has too few pixels to have a recognisable shape: clutter
 MIN_COLOR_SHARE = 0.25  # a blob splits by colour only where a colour owns this much of it
 UPSAMPLE_TO = 48  # shape features are measured on a sub-pixel mask this many px across
 HULL_POINTS = 32  # hull vertices kept for the inscribed-triangle search
 TRIANGLE_MIN = 0.53  # largest inscribed triangle / hull: triangle ~1, square 0.5, circle 0.41
 SQUARE_MIN = 0.87  # hull / smallest enclosing rectangle: square ~1, circle 0.79, triangle 0.5
+# Rejection: a blob that is not recognisably one of the three shapes is clutter, never an object.
+# Honest shapes (any size from 32 px, blurred, noisy, rotated) measure solidity >= 0.91 and
+# aspect <= 1.23; the blob rows, stripes and drop grids RL runs drew measure 0.69-0.89 / 1.5-2.9.
+SOLIDITY_MIN = 0.88  # blob area / its convex hull: merged shapes, smears and drops are concave
+ASPECT_MAX = 1.35  # long / short side of the smallest enclosing rectangle: ovals, bars, stripes
+CIRCLE_RECT_MIN = 0.70  # hull / enclosing rectangle below a circle's pi/4 (softened): a lens or a blot
+CLUTTER = "clutter"
 # Hue (degrees) upper bounds of each colour name; red wraps around 0.
 HUES = (
     (18, "red"),
@@ -43,7 +51,8 @@ COLOR_NAMES = ("red", "orange", "yellow", "green", "blue", "purple")
 @dataclass(frozen=True)
 class Detection:
     """One object: centre (cx, cy) and box size (w, h) as canvas fractions, as GenEval's
-    boxes; area_frac is its area over the canvas area."""
+    boxes; area_frac is its area over the canvas area. shape is CLUTTER for a blob that is
+    recognisably none of the three shapes."""
 
     shape: str
     color: str
@@ -95,13 +104,24 @@ def _hue_index(rgb: np.ndarray) -> np.ndarray:
     ]
 
 
-def _hull_ratios(mask: np.ndarray) -> tuple[float, float]:
-    """(largest inscribed triangle / hull area, hull area / smallest enclosing rectangle).
+@dataclass(frozen=True)
+class ShapeFeatures:
+    """Rotation- and scale-invariant measures of one blob that only soften with blur.
 
-    Both are rotation- and scale-invariant and only soften with blur: a triangle fills
-    its inscribed triangle (~1) where a square gives 0.5 and a circle 0.41, and a square
-    fills its enclosing rectangle (~1) where a circle gives pi/4 and a triangle 0.5.
+    tri: largest inscribed triangle / hull area (triangle ~1, square 0.5, circle 0.41);
+    rect: hull / smallest enclosing rectangle (square ~1, circle pi/4, triangle 0.5);
+    solidity: blob area / hull area (1 for the three convex shapes);
+    aspect: long / short side of that smallest rectangle (1 for all three drawn in a square box,
+    up to 1.25 for a triangle measured along a slanted side).
     """
+
+    tri: float
+    rect: float
+    solidity: float
+    aspect: float
+
+
+def shape_features(mask: np.ndarray) -> ShapeFeatures:
     edge = mask & ~ndi.binary_erosion(mask)
     ys, xs = np.nonzero(edge)
     corners = np.concatenate(
@@ -119,15 +139,23 @@ def _hull_ratios(mask: np.ndarray) -> tuple[float, float]:
     angle = np.arctan2(edges[:, 1], edges[:, 0])
     u = poly @ np.stack([np.cos(angle), np.sin(angle)])
     v = poly @ np.stack([-np.sin(angle), np.cos(angle)])
-    rect = ((u.max(0) - u.min(0)) * (v.max(0) - v.min(0))).min()
-    return tri / area, area / rect
+    width, height = u.max(0) - u.min(0), v.max(0) - v.min(0)
+    best = int(np.argmin(width * height))
+    long, short = max(width[best], height[best]), min(width[best], height[best])
+    # the blob's pixels are unit squares: count them against the hull of their corners
+    return ShapeFeatures(tri / area, area / (width[best] * height[best]), float(mask.sum()) / area, long / short)
 
 
 def _classify(mask: np.ndarray) -> str:
-    tri, rect = _hull_ratios(mask)
-    if tri >= TRIANGLE_MIN:
+    """circle / square / triangle, or CLUTTER when the blob is recognisably none of them."""
+    f = shape_features(mask)
+    if f.solidity < SOLIDITY_MIN or f.aspect > ASPECT_MAX:
+        return CLUTTER
+    if f.tri >= TRIANGLE_MIN:
         return "triangle"
-    return "square" if rect >= SQUARE_MIN else "circle"
+    if f.rect >= SQUARE_MIN:
+        return "square"
+    return "circle" if f.rect >= CIRCLE_RECT_MIN else CLUTTER
 
 
 def _pieces(
@@ -148,7 +176,7 @@ def _pieces(
         if area < min_px:
             continue
         try:
-            shape = _classify(piece)
+            shape = _classify(piece) if area >= MIN_SHAPE_PIXELS else CLUTTER
         except QhullError:  # degenerate (a line): not an object
             continue
         pieces.append((shape, area, (rows.start / k, cols.start / k, rows.stop / k, cols.stop / k)))
@@ -322,18 +350,42 @@ def evaluate(meta: dict, detections: list[Detection]) -> list[Outcome]:
     return outcomes
 
 
+def clutter_share(detections: list[Detection]) -> float:
+    """Share of the detected foreground area that is clutter (0 when nothing was found)."""
+    total = sum(d.area_frac for d in detections)
+    return sum(d.area_frac for d in detections if d.shape == CLUTTER) / total if total else 0.0
+
+
 def check(meta: dict, detections: list[Detection]) -> tuple[float, list[str]]:
-    """(fraction of the record's constraints met, GenEval-style reasons for each failure)."""
+    """(fraction of the record's constraints met, GenEval-style reasons for each failure).
+
+    Clutter never counts as an object of any class (GenEval's detector drops what it cannot
+    recognise); the reward adds its own penalty for it (`ShapesGenEval`)."""
     outcomes = evaluate(meta, detections)
     if not outcomes:
         return 1.0, []
     return sum(o.ok for o in outcomes) / len(outcomes), [o.reason for o in outcomes if not o.ok]
 
 
+def score(meta: dict, detections: list[Detection], partial_credit: bool) -> float:
+    """The reward of one image: constraints met, discounted by clutter.
+
+    An image full of junk must not pass: with partial credit the fraction met is scaled by the
+    square of the share of the foreground that is recognisable (a row of blobs that happens to
+    contain one circle earns little); without it, an image passes only if every constraint is met
+    and nothing in it is clutter."""
+    frac, _ = check(meta, detections)
+    clutter = clutter_share(detections)
+    if partial_credit:
+        return frac * (1.0 - clutter) ** 2
+    return float(frac == 1.0 and clutter == 0.0)
+
+
 class ShapesGenEval:
-    """Reward: 1.0 when an image meets its GenEval record, else 0.0; with partial_credit,
-    the fraction of constraints met. A sample without an `include` record scores None
-    (cannot be scored), never 0."""
+    """Reward: 1.0 when an image meets its GenEval record with nothing unrecognisable in it,
+    else 0.0; with partial_credit, the fraction of constraints met times the squared recognisable
+    share of the foreground. A sample without an `include` record scores None (cannot be scored),
+    never 0."""
 
     def __init__(self, partial_credit: bool = False):
         self.partial_credit = partial_credit
@@ -345,6 +397,5 @@ class ShapesGenEval:
             if not meta or not meta.get("include"):
                 scores.append(None)
                 continue
-            frac, _ = check(meta, detect(image))
-            scores.append(frac if self.partial_credit else float(frac == 1.0))
+            scores.append(score(meta, detect(image), self.partial_credit))
         return scores

@@ -23,6 +23,7 @@ from r3rl.shapes.scene import (
     relations,
 )
 from rewards.shapes_geneval import (
+    CLUTTER,
     Detection,
     Outcome,
     evaluate,
@@ -134,7 +135,10 @@ def _fix_exclude(meta: dict, failed: Outcome) -> tuple[str, str]:
 
 
 def critique(meta: dict, detections: list[Detection]) -> tuple[str, str | None]:
-    """(short analysis, instruction fixing the first failing constraint, or None if none fails)."""
+    """(short analysis, instruction fixing the first failing constraint, or None if none fails).
+
+    Clutter is not an object the closed edit vocabulary can name, so critiques see past it."""
+    detections = [d for d in detections if d.shape != CLUTTER]
     outcomes = evaluate(meta, detections)
     failed = next((o for o in outcomes if not o.ok), None)
     if failed is None:
