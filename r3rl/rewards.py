@@ -4,8 +4,14 @@ A reward is `fn(prompts, images, metadata, **kwargs) -> list[float | None]`, syn
 `None` means "could not score" (masked downstream, never counted as 0). Names resolve from the
 entry-point group `r3rl.rewards` (our own built-ins in `rewards/` are registered there by
 r3rl's pyproject, exactly as a third-party package would register its own), or from
-`path/to/file.py:function`. Text rewards written for TRL, `fn(prompts, completions, **kwargs)`,
-are recognised by their `completions` parameter and fed the reflection texts.
+`path/to/file.py:function`.
+
+Text rewards written for TRL (`trl.rewards.think_format_reward`, `get_soft_overlong_punishment`, ...)
+are recognised by a `completions` or `completion_ids` parameter and called as TRL's GRPOTrainer
+calls them: keyword arguments only, `prompts`, `completions`, `completion_ids` and every metadata
+column (each a list over samples), with completions as the caller gives them (for a chat model,
+TRL's conversational form: `chat_prompts` / `chat_completions`). They shape the reflector's tokens
+only: `CombinedReward.__call__` (the image score) never runs them, `CombinedReward.score_text` does.
 """
 
 from __future__ import annotations
@@ -147,33 +153,59 @@ def _to_score(value: Any, name: str) -> float | None:
     raise UserError(f"reward '{name}' returned {value!r}; expected a number or None per sample")
 
 
+TEXT_PARAMS = ("completions", "completion_ids")  # what marks a TRL-style text reward
+# dataset columns TRL does not pass as keyword columns (they are passed under their own names)
+_NOT_COLUMNS = ("prompt", "completion", "completion_ids")
+
+
+def chat_prompts(texts: Sequence[str]) -> list[list[dict[str, str]]]:
+    """Prompts in TRL's conversational form, one user message each (what GRPOTrainer passes a
+    reward for a chat model's dataset)."""
+    return [[{"role": "user", "content": t}] for t in texts]
+
+
+def chat_completions(texts: Sequence[str]) -> list[list[dict[str, str]]]:
+    """Completions as TRL's GRPOTrainer passes a chat model's: `[{"role": "assistant", "content": text}]`."""
+    return [[{"role": "assistant", "content": t}] for t in texts]
+
+
+def metadata_columns(metadata: Sequence[dict]) -> dict[str, list[Any]]:
+    """TRL's reward keyword columns: every key of the first record but prompt/completion/completion_ids,
+    as a list over the samples (missing keys are None)."""
+    if not metadata:
+        return {}
+    return {k: [m.get(k) for m in metadata] for k in metadata[0] if k not in _NOT_COLUMNS}
+
+
 class RewardFn:
     """A loaded reward with one sync signature: `(prompts, images, metadata, **kwargs)`.
 
     It awaits async rewards, passes each reward only the keyword arguments it accepts,
     checks that there is one score per prompt, and converts numpy/torch numbers to float.
+    A text reward (`is_text`: it takes `completions` or `completion_ids`) is called as TRL calls
+    it: `fn(prompts=..., completions=..., completion_ids=..., **metadata columns, **kwargs)`.
     """
 
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         self.name = name
         self._fn = fn
         params = inspect.signature(fn).parameters
-        self.is_text = "completions" in params  # TRL-style fn(prompts, completions, **kwargs)
+        self.is_text = any(p in params for p in TEXT_PARAMS)
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self._accepts: Callable[[str], bool] = (
             (lambda key: True) if takes_any else params.__contains__
         )
 
     def __call__(
-        self, prompts: Sequence[str], images: Sequence[Any], metadata: Sequence[dict], **kwargs: Any
+        self, prompts: Sequence[Any], images: Sequence[Any], metadata: Sequence[dict], **kwargs: Any
     ) -> list[float | None]:
         if self.is_text:
-            if "completions" not in kwargs:
+            if not any(kwargs.get(p) is not None for p in TEXT_PARAMS):
                 raise UserError(
-                    f"reward '{self.name}' scores text (it takes 'completions') "
+                    f"reward '{self.name}' scores text (it takes 'completions' or 'completion_ids') "
                     "but no completions were passed"
                 )
-            named = {"prompts": list(prompts), **kwargs}
+            named = {**metadata_columns(metadata), **kwargs, "prompts": list(prompts)}
             result = self._fn(**{k: v for k, v in named.items() if self._accepts(k)})
         else:
             extra = {k: v for k, v in kwargs.items() if self._accepts(k)}
@@ -229,14 +261,31 @@ class CombinedReward:
     Components run in threads because the slow ones are HTTP judges that wait on the network.
     A sample's total is `None` when any component could not score it: a partial sum would
     silently change the reward's scale for that sample.
+
+    Image rewards and text rewards (`RewardFn.is_text`) are two sums: calling the reward scores
+    images with the image rewards alone (a text reward never enters an image score, and scoring
+    images never needs completions); `score_text` scores completions with the text rewards alone.
     """
 
     def __init__(self, specs: Sequence[RewardSpecLike]) -> None:
         if not specs:
             raise UserError("no rewards given; a recipe needs at least one entry in 'rewards'")
-        self.keys = _component_keys([s.name for s in specs])
+        self.keys = _component_keys([s.name for s in specs])  # all rewards, in recipe order
         self.weights = [float(s.weight) for s in specs]
         self.fns = [load_reward(s.name, **s.args) for s in specs]
+        self._image = [i for i, f in enumerate(self.fns) if not f.is_text]
+        self._text = [i for i, f in enumerate(self.fns) if f.is_text]
+
+    @property
+    def has_text(self) -> bool:
+        return bool(self._text)
+
+    @property
+    def has_image(self) -> bool:
+        return bool(self._image)
+
+    def _part(self, idx: list[int]) -> tuple[list[RewardFn], list[str], list[float]]:
+        return [self.fns[i] for i in idx], [self.keys[i] for i in idx], [self.weights[i] for i in idx]
 
     def _timed(
         self, fn: RewardFn, args: tuple, kwargs: dict[str, Any]
@@ -245,25 +294,49 @@ class CombinedReward:
         scores = fn(*args, **kwargs)
         return scores, time.perf_counter() - start
 
-    def __call__(
-        self, prompts: Sequence[str], images: Sequence[Any], metadata: Sequence[dict], **kwargs: Any
-    ) -> RewardResult:
-        args = (prompts, images, metadata)
-        with ThreadPoolExecutor(max_workers=len(self.fns)) as pool:
-            futures = [pool.submit(self._timed, fn, args, kwargs) for fn in self.fns]
+    def _combine(self, fns: list[RewardFn], keys: list[str], weights: list[float], n: int, args: tuple,
+                 kwargs: dict[str, Any]) -> RewardResult:
+        if not fns:
+            return RewardResult(total=[0.0] * n, components={}, failures={}, latency_s={})
+        with ThreadPoolExecutor(max_workers=len(fns)) as pool:
+            futures = [pool.submit(self._timed, fn, args, kwargs) for fn in fns]
             outcomes = [f.result() for f in futures]
-        components = {key: scores for key, (scores, _) in zip(self.keys, outcomes)}
+        components = {key: scores for key, (scores, _) in zip(keys, outcomes)}
         total: list[float | None] = []
-        for i in range(len(prompts)):
+        for i in range(n):
             column = [scores[i] for scores, _ in outcomes]
             total.append(
                 None
                 if any(s is None for s in column)
-                else sum(w * s for w, s in zip(self.weights, column))
+                else sum(w * s for w, s in zip(weights, column))
             )
         return RewardResult(
             total=total,
             components=components,
             failures={k: sum(s is None for s in v) for k, v in components.items()},
-            latency_s={key: seconds for key, (_, seconds) in zip(self.keys, outcomes)},
+            latency_s={key: seconds for key, (_, seconds) in zip(keys, outcomes)},
         )
+
+    def __call__(
+        self, prompts: Sequence[str], images: Sequence[Any], metadata: Sequence[dict], **kwargs: Any
+    ) -> RewardResult:
+        """The image score: the weighted sum of the image rewards (text rewards are not run; a
+        recipe with text rewards only has no image score: an error)."""
+        if not self._image:
+            raise UserError("the recipe's rewards are all text rewards (they take 'completions'); "
+                            "scoring images needs at least one image reward")
+        extra = {k: v for k, v in kwargs.items() if k not in TEXT_PARAMS}
+        return self._combine(*self._part(self._image), len(prompts), (prompts, images, metadata), extra)
+
+    def score_text(self, prompts: Sequence[Any], completions: Sequence[Any], metadata: Sequence[dict], *,
+                   completion_ids: Sequence[Sequence[int]] | None = None, images: Sequence[Any] | None = None,
+                   **kwargs: Any) -> RewardResult:
+        """The text score of completions: the weighted sum of the text rewards alone (total 0.0 per
+        sample when there are none), each called as TRL calls it (see `RewardFn`). `prompts` and
+        `completions` go through as given: for a chat model pass `chat_prompts` / `chat_completions`."""
+        n = len(completions)
+        kwargs = {**kwargs, "completions": list(completions)}
+        if completion_ids is not None:
+            kwargs["completion_ids"] = [list(ids) for ids in completion_ids]
+        images = [None] * n if images is None else images
+        return self._combine(*self._part(self._text), n, (prompts, images, metadata), kwargs)

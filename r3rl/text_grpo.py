@@ -25,7 +25,7 @@ from r3rl.algos.grpo import grpo_loss, token_logprobs
 from r3rl.config import Config, adamw_kwargs, warn_low_precision_full_finetuning
 from r3rl.errors import UserError
 from r3rl.models.placement import execution_device, place_frozen, resolve_device
-from r3rl.rewards import CombinedReward
+from r3rl.rewards import CombinedReward, chat_completions, chat_prompts
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,10 @@ def grpo_step(
     t1 = time.perf_counter()
     flat = [p for p in prompts for _ in range(s.group)]
     metas = [m for m in (metadata or [{"prompt": p} for p in prompts]) for _ in range(s.group)]
-    res = reward(flat, [None] * len(flat), metas, completions=c.texts)
+    # as TRL's GRPOTrainer calls rewards for a chat model: conversational prompts and completions,
+    # the completion token ids up to and including EOS, the prompt records' other columns as kwargs
+    ids = [row[m].tolist() for row, m in zip(c.completion_ids.cpu(), c.completion_mask.cpu())]
+    res = reward.score_text(chat_prompts(flat), chat_completions(c.texts), metas, completion_ids=ids)
     rewards = torch.tensor([math.nan if r is None else float(r) for r in res.total])
     adv, valid, zero, groups = group_advantages(rewards, torch.arange(len(prompts)).repeat_interleave(s.group),
                                                 scale_std=s.scale_rewards == "group")
@@ -255,6 +258,10 @@ def train_text(cfg: Config) -> None:
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], **adamw_kwargs(rc))
     records = load_prompts(cfg.data.train_prompts)
     reward = CombinedReward(cfg.rewards)
+    if reward.has_image or not reward.has_text:
+        names = [k for k, f in zip(reward.keys, reward.fns) if not f.is_text]
+        raise UserError(f"rollout.credit=text scores completions only, with text rewards (they take 'completions' "
+                        f"or 'completion_ids'); these score images: {', '.join(names) or '(no text reward given)'}")
     rng = random.Random(cfg.seed)
     out, tc = Path(cfg.output_dir), cfg.trainer
     with RunLogger(out, total_steps=tc.max_steps, start_step=1) as logger:

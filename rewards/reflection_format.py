@@ -18,6 +18,8 @@ from r3rl.models.reflector import parse_reflection
 def reflection_format(
     prompts: Sequence[str], completions: Sequence[str | None], **kwargs
 ) -> list[float | None]:
-    """Score each reflection; `completions` are the reflections (TRL's name), None where a
-    sample has none to score."""
-    return [float(parse_reflection(t)[1]) if isinstance(t, str) else None for t in completions]
+    """Score each reflection; `completions` are the reflections (TRL's name), as text or as TRL
+    passes a chat model's (`[{"role": "assistant", "content": text}]`), None where a sample has
+    none to score."""
+    texts = [t[-1]["content"] if isinstance(t, list) and t else t for t in completions]
+    return [float(parse_reflection(t)[1]) if isinstance(t, str) else None for t in texts]

@@ -206,5 +206,8 @@ def test_combined_reward_passes_completions_to_text_rewards(tmp_path: Path) -> N
     combined = CombinedReward(
         [RewardSpec(name=f"{module}:fmt"), RewardSpec(name=f"{module_c}:c", weight=0.25)]
     )
-    result = combined(PROMPTS, IMAGES, METADATA, completions=["<think></think>x", "x", "</think>"])
-    assert result.total == [2.0, 1.0, 2.0]  # fmt + 0.25*4
+    completions = ["<think></think>x", "x", "</think>"]
+    # a text reward never enters the image score (issue 17 item 5) ...
+    assert combined(PROMPTS, IMAGES, METADATA, completions=completions).total == [1.0, 1.0, 1.0]  # 0.25*4
+    # ... it scores the completions
+    assert combined.score_text(PROMPTS, completions, METADATA).total == [1.0, 0.0, 1.0]

@@ -76,7 +76,8 @@ def test_cli_trains_a_text_policy(tiny_lm, tmp_path, offload):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("the red circle", "the blue star")))
     reward = tmp_path / "count_e.py"
-    reward.write_text("def count_e(prompts, completions, **kw):\n    return [c.count('e') for c in completions]\n")
+    # a chat policy's completions reach rewards as TRL passes them: [{"role": "assistant", "content": ...}]
+    reward.write_text("def count_e(prompts, completions, **kw):\n    return [c[0]['content'].count('e') for c in completions]\n")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "r3rl.cli", "train", "recipes/grpo_text.yaml", f"reflector.model={tiny_lm}",
            f"data.train_prompts={prompts}", f"output_dir={out}", "trainer.max_steps=3", "trainer.save_every=2",
