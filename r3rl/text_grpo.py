@@ -139,9 +139,15 @@ class CausalLMPolicy:
         last = out.last_hidden_state[:, -1:].repeat_interleave(group, 0)
         return self.model.get_output_embeddings()(torch.cat([last, h], 1))
 
-    def logprobs(self, c: Completions, s: TextGRPOSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    def logprobs(self, c: Completions, s: TextGRPOSettings, *, with_unfiltered: bool = False):
+        """(logps, entropy) of the sampled distribution (temperature, top-k, top-p); with
+        `with_unfiltered` also the unfiltered log-softmax (temperature only) of the same logits, the
+        one the KL to the reference compares (TRL's)."""
         logits = self.completion_logits(c, s.group, shared_prefix=s.shared_prefix)
-        return token_logprobs(logits, c.completion_ids, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+        out = token_logprobs(logits, c.completion_ids, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+        if not with_unfiltered:
+            return out
+        return (*out, token_logprobs(logits, c.completion_ids, temperature=s.temperature, top_k=0, top_p=1.0)[0])
 
     def reference_logprobs(self, c: Completions, s: TextGRPOSettings, ref: CausalLMPolicy | None) -> torch.Tensor:
         """Unfiltered (top-k/top-p off) log-probs of the frozen reference: the LoRA-disabled base
@@ -152,6 +158,25 @@ class CausalLMPolicy:
                 return ref.logprobs(c, unfiltered)[0]
             with self.model.disable_adapter():
                 return self.logprobs(c, unfiltered)[0]
+
+
+def grpo_loss_unfiltered_kl(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+    kl_logps: torch.Tensor, ref_logps: torch.Tensor | None, beta: float, **kw,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`grpo_loss` whose ratio reads `logps` (the sampled, top-k/top-p-filtered distribution) and whose
+    β·k3 KL reads `kl_logps` (the unfiltered log-softmax of the same logits) against the unfiltered
+    reference, as TRL does: a filtered policy against an unfiltered reference has KL > 0 at equal
+    weights. The KL term is grpo_loss's own with zero advantages (its policy term is then 0), so it is
+    aggregated by the same `loss_type`; `kw` are grpo_loss's other settings."""
+    loss, m = grpo_loss(logps, old_logps, advantages, mask, beta=0.0, **kw)
+    if ref_logps is None:
+        if beta != 0.0:
+            raise ValueError("beta != 0 needs ref_logps")
+        return loss, m
+    kl_loss, km = grpo_loss(kl_logps, kl_logps.detach(), torch.zeros_like(advantages), mask, ref_logps=ref_logps,
+                            beta=beta, **kw)
+    return loss + kl_loss, {**m, "kl": km["kl"]}
 
 
 def grpo_step(
@@ -176,12 +201,12 @@ def grpo_step(
         (adv,) = divide_by_batch_std([adv], [rewards])
     t2 = time.perf_counter()
     policy.model.train()
-    logps, entropy = policy.logprobs(c, s)
+    logps, entropy, kl_logps = policy.logprobs(c, s, with_unfiltered=True)
     ref_logps = policy.reference_logprobs(c, s, ref) if s.beta > 0 else None
     mask = c.completion_mask & valid[:, None].to(logps.device)  # rewards live on the CPU
-    loss, m = grpo_loss(logps, c.old_logps, adv.to(logps.device), mask, ref_logps=ref_logps, epsilon_low=s.epsilon_low,
-                        epsilon_high=s.epsilon_high, beta=s.beta, loss_type=s.loss_type,
-                        max_completion_length=s.max_new_tokens)
+    loss, m = grpo_loss_unfiltered_kl(logps, c.old_logps, adv.to(logps.device), mask, kl_logps=kl_logps,
+                                      ref_logps=ref_logps, epsilon_low=s.epsilon_low, epsilon_high=s.epsilon_high,
+                                      beta=s.beta, loss_type=s.loss_type, max_completion_length=s.max_new_tokens)
     loss.backward()
     params = [p for p in policy.model.parameters() if p.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))

@@ -425,11 +425,14 @@ class HFReflector:
         top_p: float,
         with_grad: bool = True,
         disable_adapter: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with_unfiltered: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """(logps, mask, entropy), each (B, T), of `completions` under the sampling distribution.
 
         Padding positions hold 0 (not -inf), so masked sums stay finite. `disable_adapter`
         scores with the LoRA-free base: the reference policy of a LoRA run at no extra memory.
+        `with_unfiltered` appends the unfiltered log-softmax (temperature only, no top-k/top-p) of
+        the same logits: what the KL to the (unfiltered) reference compares, as TRL does.
         """
         with torch.enable_grad() if with_grad else torch.no_grad():
             logits, ids, mask = self.completion_logits(
@@ -439,7 +442,11 @@ class HFReflector:
             logps, entropy = token_logprobs(
                 logits, ids, temperature=temperature, top_k=top_k, top_p=top_p
             )
-            return logps.masked_fill(~mask, 0.0), mask, entropy.masked_fill(~mask, 0.0)
+            out = (logps.masked_fill(~mask, 0.0), mask, entropy.masked_fill(~mask, 0.0))
+            if with_unfiltered:
+                full, _ = token_logprobs(logits, ids, temperature=temperature, top_k=0, top_p=1.0)
+                out = (*out, full.masked_fill(~mask, 0.0))
+            return out
 
 
 def sft_loss(
