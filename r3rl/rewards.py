@@ -189,6 +189,10 @@ class RewardFn:
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         self.name = name
         self._fn = fn
+        # the (lowest, highest) score the reward can give, from a `score_range` attribute of the
+        # function, class or instance; (0, 1), GenEval's and R3's, when it declares none
+        declared = getattr(fn, "score_range", None) or getattr(getattr(fn, "func", None), "score_range", None)
+        self.score_range: tuple[float, float] = tuple(float(v) for v in (declared or (0.0, 1.0)))
         params = inspect.signature(fn).parameters
         self.is_text = any(p in params for p in TEXT_PARAMS)
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -283,6 +287,21 @@ class CombinedReward:
     @property
     def has_image(self) -> bool:
         return bool(self._image)
+
+    @property
+    def max_total(self) -> float:
+        """The highest image score the weighted sum can reach: each image reward at the end of its
+        `score_range` its weight favours (1.0 for one [0, 1] reward of weight 1)."""
+        return sum(w * (f.score_range[1] if w >= 0 else f.score_range[0])
+                   for f, w in zip(self.fns, self.weights) if not f.is_text)
+
+    def is_perfect(self, score: float | None) -> bool:
+        """Whether an image score is the best the combined image reward can give (R3: `reward == 1`),
+        up to float rounding of the weighted sum."""
+        if score is None or score != score:
+            return False
+        top = self.max_total
+        return score >= top - 1e-6 * max(1.0, abs(top))
 
     def _part(self, idx: list[int]) -> tuple[list[RewardFn], list[str], list[float]]:
         return [self.fns[i] for i in idx], [self.keys[i] for i in idx], [self.weights[i] for i in idx]
