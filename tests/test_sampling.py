@@ -43,12 +43,12 @@ def one_step_mask(steps: list[int], num_steps: int = 4) -> torch.Tensor:
 
 
 def hand_transition(v, x, s: float, s_next: float, a: float, kind: str):
-    """Mean and std of x_next (design.md §4), written out independently; σ capped at 0.95 in
-    the noise level's denominator, as R3 does, so σ = 1 stays finite."""
+    """Mean and std of x_next (design.md §4), written out independently; at σ = 1 the noise
+    level's denominator takes the next σ (flow_grpo's scheduler.sigmas[1]), so it stays finite."""
     v, x = v.double(), x.double()
     if kind == "sde":
         dt = s_next - s
-        sig_t = a * math.sqrt(s / (1 - min(s, 0.95)))
+        sig_t = a * math.sqrt(s / (1 - (s_next if s == 1 else s)))
         mean = x * (1 + sig_t**2 / (2 * s) * dt) + v * (1 + sig_t**2 * (1 - s) / (2 * s)) * dt
         std = sig_t * math.sqrt(-dt)
     else:  # cps: re-noise the predicted x0 to σ_next with fresh noise of std σ_next·sin(aπ/2)
