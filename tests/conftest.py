@@ -222,12 +222,12 @@ def build_tiny_vllm_vlm(path: Path, corpus: list[str], *, image_size: int = 32, 
     processor.save_pretrained(path)
 
 
-def start_vllm(model: Path, name: str, log: Path):
+def start_vllm(model: Path, name: str, log: Path, **kwargs):
     """A started `VLLMServer` for a tiny model: one OpenMP thread, not pinned (shared cores)."""
     from r3rl.judges.vllm_server import VLLMServer
 
     return VLLMServer(model, served_model_name=name, max_model_len=2048, threads=1,
-                      log_path=log).start(timeout_s=300)
+                      log_path=log, **kwargs).start(timeout_s=240)  # under pytest-timeout's 300 s
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,11 @@
 #   MAX_SEQS  concurrent sequences (GPU 64, CPU 16)
 #   API_KEY   if set, clients must send it as a bearer token
 #   VLLM_VENV the vLLM env (default .venv-vllm at the repo root)
+#   ROLLOUT=1 a reflector rollout server (r3rl.models.vllm_rollout): log-probs of the sampled
+#             distribution (--logprobs-mode processed_logprobs) and vLLM's dev-mode routes
+#             (VLLM_SERVER_DEV_MODE=1: /collective_rpc reloads the trainer's weights, cache
+#             resets). Dev mode lets any client run worker methods: keep HOST on a private
+#             network and set API_KEY.
 # GPU only:  TP tensor-parallel GPUs (1), GPU_MEM memory fraction (0.90), DTYPE (auto)
 # CPU only:  KV_GIB KV-cache size in GiB (4), THREADS OpenMP threads (default: vLLM binds one
 #            per physical core; with THREADS set, that many threads, not pinned, for shared
@@ -26,7 +31,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 model="${1:-}"
 if [[ -z "$model" ]]; then
-    echo "usage: $0 MODEL [vLLM args...]   (env: NAME HOST PORT MAX_LEN MAX_SEQS API_KEY TP GPU_MEM KV_GIB THREADS VLLM_VENV)" >&2
+    echo "usage: $0 MODEL [vLLM args...]   (env: NAME HOST PORT MAX_LEN MAX_SEQS API_KEY ROLLOUT TP GPU_MEM KV_GIB THREADS VLLM_VENV)" >&2
     exit 2
 fi
 shift
@@ -54,6 +59,10 @@ else
     if [[ -n "${THREADS:-}" ]]; then
         export VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS="$THREADS"
     fi
+fi
+if [[ "${ROLLOUT:-}" == 1 ]]; then
+    args+=(--logprobs-mode processed_logprobs)
+    export VLLM_SERVER_DEV_MODE=1
 fi
 if [[ -n "${API_KEY:-}" ]]; then
     args+=(--api-key "$API_KEY")

@@ -78,6 +78,7 @@ class VLLMServer:
         threads: int | None = None,
         kv_cache_gib: int = 1,
         gpu: bool | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.python = vllm_python(venv)
         self.model = str(model)
@@ -94,7 +95,7 @@ class VLLMServer:
         if not self.gpu:
             self.args += ["--dtype", "float32", "--enforce-eager"]
         self.args += list(extra_args)
-        self.env = dict(os.environ)
+        self.env = dict(os.environ) | (env or {})
         if not self.gpu:
             self.env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
             if threads is not None:

@@ -1,0 +1,279 @@
+"""Reflector rollouts on a vLLM server: sampling, weight sync, truncated importance sampling.
+
+The trainer keeps its `HFReflector` (the policy it differentiates); a vLLM server holding the
+same checkpoint samples the reflections. Three pieces:
+
+- `VLLMRollout.reflect` has `HFReflector.reflect`'s signature and result: one request per distinct
+  (prompt, image) with `n` samples (a group shares one image in R3's refine step), the same user
+  turn (image + REFLECTION_PROMPT) through the server's chat template, the same stop and banned
+  tokens, token ids back (`return_tokens_as_token_ids`) and the sampled tokens' log-probs.
+  Those are log-probs of the distribution sampled (temperature, top-k, top-p applied) only when
+  the server runs with `--logprobs-mode processed_logprobs`; `launch/vllm/serve.sh` with
+  `ROLLOUT=1` and `rollout_server_args()` set it.
+- `VLLMRollout.sync` puts the trainer's weights on the server: they are saved as a checkpoint
+  folder (LoRA merged into the base weights) and the server's workers reload it in place
+  (`POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": DIR}}`, served
+  with `VLLM_SERVER_DEV_MODE=1`), then the server's prefix, multimodal and encoder caches are
+  reset (without the encoder reset the next image request crashes the engine: "Encoder cache
+  miss"; without the prefix reset it reuses keys and values of the old weights). This works on
+  the CPU build and on GPUs alike; vLLM's RL weight-transfer API (`/update_weights` with the nccl
+  or ipc engines) is CUDA-only, and runtime LoRA loading covers LoRA policies only. The sync is
+  verified: the server samples a probe sequence and its log-probs must equal the trainer's
+  within `verify_tol` (a stale or half-loaded server fails loudly, never samples silently).
+  `reflect` syncs first whenever the trainer's parameters changed since the last sync
+  (their in-place version counters moved, i.e. an optimiser step ran).
+- `truncated_importance_weights`: TRL's `vllm_importance_sampling_correction`: per token,
+  `min(exp(logp_trainer - logp_vllm), cap)` multiplies the policy loss, so tokens the server
+  over-sampled relative to the trainer's own distribution weigh less; with the mismatch metrics
+  `rollout/logprob_diff_mean`, `rollout/is_ratio_mean`, `rollout/is_ratio_max`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from peft import PeftModel
+from PIL import Image
+
+from r3rl.errors import UserError
+from r3rl.judges.chat import image_data_url
+from r3rl.models.reflector import REFLECTION_PROMPT, HFReflector, Reflection
+
+PROBE_PROMPT = "a red circle"
+
+
+def rollout_server_args() -> tuple[list[str], dict[str, str]]:
+    """vLLM arguments and environment a rollout server needs: log-probs of the sampled
+    distribution, and the dev-mode `/collective_rpc` and cache-reset routes for weight sync."""
+    return ["--logprobs-mode", "processed_logprobs"], {"VLLM_SERVER_DEV_MODE": "1"}
+
+
+class RolloutError(UserError):
+    """The rollout server cannot be reached, answered something unusable, or did not take the
+    weights: one line saying which and what to check."""
+
+
+def truncated_importance_weights(
+    trainer_logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor, cap: float = 2.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-token weights `min(exp(trainer - rollout), cap)` (0 on padding) and the mismatch metrics.
+
+    `trainer_logps` are the trainer's log-probs of the sampled tokens under the weights that
+    sampled them (the PPO `old` log-probs), `rollout_logps` what vLLM reported for the same
+    tokens. The metrics are over the valid tokens: mean |difference|, mean and max of the ratio
+    before truncation (so a max above `cap` shows truncation at work).
+    """
+    if cap < 1.0:
+        raise ValueError(f"the importance-sampling cap must be >= 1, got {cap}")
+    mask = mask.bool()
+    diff = (trainer_logps - rollout_logps).detach().float()
+    ratio = torch.exp(diff).masked_fill(~mask, 0.0)
+    weights = ratio.clamp(max=cap).masked_fill(~mask, 0.0)
+    n = int(mask.sum())
+    metrics = {
+        "rollout/logprob_diff_mean": float(diff.abs()[mask].mean()) if n else 0.0,
+        "rollout/is_ratio_mean": float(ratio[mask].mean()) if n else 1.0,
+        "rollout/is_ratio_max": float(ratio[mask].max()) if n else 1.0,
+    }
+    return weights, metrics
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple[int, ...]:
+    """In-place version counters of the trainable (else all) parameters: they move on every
+    optimiser step, so a changed fingerprint means the server's weights are stale."""
+    params = [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
+    return tuple(p._version for p in params)
+
+
+class VLLMRollout:
+    """Sample reflections from a vLLM server that holds `reflector`'s checkpoint, synced to it."""
+
+    def __init__(
+        self,
+        reflector: HFReflector,
+        base_url: str,
+        model: str,
+        *,
+        sync_dir: str | Path | None = None,
+        timeout_s: float = 120.0,
+        verify_tol: float = 1e-3,
+        api_key_env: str | None = None,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise UserError(f"rollout base_url {base_url!r} is not an http:// or https:// URL")
+        self.reflector = reflector
+        self.base = base_url.rstrip("/")  # the OpenAI base, .../v1
+        self.root = self.base.removesuffix("/v1")
+        self.model = model
+        self.timeout_s = float(timeout_s)
+        self.verify_tol = float(verify_tol)
+        self.headers = {"Content-Type": "application/json"}
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise UserError(f"environment variable {api_key_env} (the API key) is not set")
+            self.headers["Authorization"] = f"Bearer {key}"
+        # the server reads the weights from here: a folder it can see (same node or shared FS)
+        self.sync_dir = Path(sync_dir) if sync_dir else Path(tempfile.mkdtemp(prefix="r3rl-sync-"))
+        self.version = 0  # syncs done; the server holds the trainer's weights as of `_synced`
+        self._synced: tuple[int, ...] | None = None
+        self.last_sync: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ HTTP
+    def _post(self, path: str, body: dict | None, *, root: bool = False) -> Any:
+        url = (self.root if root else self.base) + path
+        try:
+            resp = httpx.post(url, json=body, headers=self.headers, timeout=self.timeout_s)
+        except httpx.TransportError as e:
+            raise RolloutError(f"rollout server {url} unreachable ({type(e).__name__}): is it running?") from None
+        if resp.status_code != 200:
+            raise RolloutError(f"rollout server {url} answered HTTP {resp.status_code}: {resp.text[:200]}")
+        try:
+            return resp.json() if resp.content else None  # the cache resets answer an empty body
+        except ValueError:
+            raise RolloutError(f"rollout server {url} answered something that is not JSON") from None
+
+    async def _chat(self, client: httpx.AsyncClient, body: dict) -> dict:
+        url = self.base + "/chat/completions"
+        try:
+            resp = await client.post(url, json=body, headers=self.headers)
+        except httpx.TransportError as e:
+            raise RolloutError(f"rollout server {url} unreachable ({type(e).__name__}): is it running?") from None
+        if resp.status_code != 200:
+            raise RolloutError(f"rollout server {url} answered HTTP {resp.status_code}: {resp.text[:200]}")
+        return resp.json()
+
+    # ------------------------------------------------------------------ sampling
+    def _body(self, prompt: str, image: Image.Image, n: int, temperature: float, top_k: int,
+              top_p: float, max_new_tokens: int, seed: int | None) -> dict:  # fmt: skip
+        r = self.reflector
+        text = REFLECTION_PROMPT.format(prompt=prompt)
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_data_url(image, "png")}},
+                {"type": "text", "text": text}]}],
+            "n": n, "max_tokens": max_new_tokens,
+            "temperature": temperature, "top_k": top_k if top_k > 0 else -1, "top_p": top_p,
+            "logprobs": True, "top_logprobs": 0, "return_tokens_as_token_ids": True,
+            "stop_token_ids": r.stop_ids, "skip_special_tokens": False,
+            # generate's suppress_tokens: placeholders never appear in a completion
+            "logit_bias": {str(i): -100 for i in r.banned_ids},
+            # what HFReflector pins neutral, whatever the checkpoint's generation_config says
+            "repetition_penalty": 1.0, "min_p": 0.0,
+        }  # fmt: skip
+        if seed is not None:
+            body["seed"] = int(seed)
+        return body
+
+    def _parse(self, answer: dict, n: int) -> list[tuple[list[int], list[float]]]:
+        try:
+            out = []
+            for choice in sorted(answer["choices"], key=lambda c: c["index"]):
+                content = choice["logprobs"]["content"]
+                ids = [int(p["token"].removeprefix("token_id:")) for p in content]
+                out.append((ids, [float(p["logprob"]) for p in content]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise RolloutError(f"rollout server answer without token ids and log-probs ({e!r}); "
+                               "serve it with launch/vllm/serve.sh ROLLOUT=1") from None  # fmt: skip
+        if len(out) != n:
+            raise RolloutError(f"rollout server returned {len(out)} samples, {n} asked")
+        return out
+
+    def reflect(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Image.Image],
+        *,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int | None = None,
+    ) -> list[Reflection]:
+        """`HFReflector.reflect` on the server (syncing first if the weights moved). Each group of
+        identical (prompt, image) pairs is one request with `n` samples."""
+        if self._synced != _fingerprint(self.reflector.model):
+            self.sync()
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, (p, im) in enumerate(zip(prompts, images)):
+            groups.setdefault((p, id(im)), []).append(i)
+        bodies = [
+            self._body(prompts[idx[0]], images[idx[0]], len(idx), temperature, top_k, top_p,
+                       max_new_tokens, None if seed is None else seed + k)
+            for k, idx in enumerate(groups.values())
+        ]  # fmt: skip
+
+        async def run() -> list[dict]:
+            async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+                return await asyncio.gather(*(self._chat(client, b) for b in bodies))
+
+        answers = asyncio.run(run())
+        out: list[Reflection | None] = [None] * len(prompts)
+        for idx, answer in zip(groups.values(), answers):
+            for i, (ids, logps) in zip(idx, self._parse(answer, len(idx))):
+                out[i] = self.reflector._reflection(ids, logps)
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ weight sync
+    def _save(self) -> None:
+        """The trainer's weights as a checkpoint folder in the base model's names (LoRA merged)."""
+        model = self.reflector.model
+        if self.sync_dir.exists():
+            shutil.rmtree(self.sync_dir)
+        if isinstance(model, PeftModel):
+            model.merge_adapter()
+            try:
+                base = model.get_base_model()
+                state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items()
+                         if "lora_" not in k}  # fmt: skip
+                base.save_pretrained(self.sync_dir, state_dict=state)
+            finally:
+                model.unmerge_adapter()
+        else:
+            model.save_pretrained(self.sync_dir)
+
+    def sync(self) -> dict[str, float]:
+        """Put the trainer's current weights on the server and verify them; metrics of the sync."""
+        start = time.perf_counter()
+        self._save()
+        self._post("/collective_rpc", {"method": "reload_weights",
+                                       "kwargs": {"weights_path": str(self.sync_dir)}}, root=True)  # fmt: skip
+        for path in ("/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache"):
+            self._post(path, None, root=True)
+        self._synced = _fingerprint(self.reflector.model)
+        self.version += 1
+        diff = self.check()
+        if diff > self.verify_tol:
+            raise RolloutError(
+                f"weight sync {self.version} did not take: the server's log-probs differ from the "
+                f"trainer's by {diff:.2e} (> {self.verify_tol:g}); is the server serving the same "
+                "checkpoint family, and can it read the sync folder?"
+            )
+        self.last_sync = {"rollout/sync_s": time.perf_counter() - start,
+                          "rollout/sync_max_diff": diff, "rollout/weight_version": float(self.version)}  # fmt: skip
+        return self.last_sync
+
+    def check(self, n: int = 2, max_new_tokens: int = 8) -> float:
+        """Largest |server - trainer| log-prob over a probe: the server samples `n` sequences
+        (seeded, temperature 1, no filters), the trainer scores the same tokens."""
+        image = Image.new("RGB", (32, 32), (200, 30, 30))
+        body = self._body(PROBE_PROMPT, image, n, 1.0, 0, 1.0, max_new_tokens, 0)
+        pairs = self._parse(self._post("/chat/completions", body), n)
+        logps, mask, _ = self.reflector.completion_logprobs(
+            [PROBE_PROMPT] * n, [image] * n, [ids for ids, _ in pairs],
+            temperature=1.0, top_k=0, top_p=1.0, with_grad=False,
+        )  # fmt: skip
+        served = torch.zeros_like(logps)
+        for i, (_, lp) in enumerate(pairs):
+            served[i, : len(lp)] = torch.tensor(lp)
+        return float((logps.float().cpu() - served.cpu()).abs()[mask.cpu()].max())
