@@ -206,3 +206,14 @@ def test_a_server_killed_mid_run_gives_none_masked_counted_and_the_run_goes_on(
     assert valid.tolist() == [True, True, False, False]
     assert adv[2:].tolist() == [0.0, 0.0]
     assert adv[:2].sum().item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_constrained_p_yes_counts_every_spelling_by_hand() -> None:
+    """Under a yes/no choice the first token may be 'y' (then 'es'): its mass is yes's too.
+    Free text counts whole words only ('n' could start "nothing")."""
+    from r3rl.judges import yes_probability
+
+    first = [("yes", math.log(0.3)), ("y", math.log(0.1)), ("No", math.log(0.2)), ("n", math.log(0.4))]
+    assert yes_probability([first], constrained=True) == pytest.approx(0.4)
+    assert yes_probability([first]) == pytest.approx(0.3 / 0.5)
+    assert yes_probability([[("the", 0.0)], first], constrained=True) is None  # first position decides

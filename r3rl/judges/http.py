@@ -201,17 +201,22 @@ class HttpPool:
 
     async def served_by(self) -> str | None:
         """`owned_by` of the first model listed by `GET /models` (vLLM says "vllm"), from the first
-        endpoint that answers; None if none does. One bounded attempt per endpoint, not retried
-        and not counted in `stats`: a probe for what the server can do, not a judge request."""
+        endpoint that answers it; "" from a server without that route (not vLLM, which always has
+        it); None when no endpoint could say (down, starting, refusing the key): ask again later.
+        One bounded attempt per endpoint, not retried and not counted in `stats`: a probe for what
+        the server can do, not a judge request."""
         async with httpx.AsyncClient(timeout=min(self.timeout_s, 10.0)) as client:
             for url in self.urls:
                 try:
                     resp = await client.get(url + "/models", headers=self.headers)
                 except httpx.TransportError:
                     continue
+                if resp.status_code in (404, 405):
+                    return ""
+                if resp.status_code != 200:
+                    continue
                 try:
-                    data = resp.json()["data"]
-                    return str(data[0].get("owned_by", "")) if resp.status_code == 200 else ""
+                    return str(resp.json()["data"][0].get("owned_by", ""))
                 except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                     return ""
         return None
