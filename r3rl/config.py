@@ -387,6 +387,11 @@ class EvalConfig(_Section):
     samples_per_prompt: int = Field(
         1, gt=0, description="Images per held-out prompt (different seeds); more samples, less noisy means."
     )
+    gold: Literal["auto", "shapes", "none"] = Field(
+        "auto",
+        description="Eval-only gold scorer logged as eval/gold/* (never a training reward): 'shapes' is "
+        "the shapes world's stricter, independent judge; 'auto' uses it when the generator is shapes:tiny.",
+    )
 
 
 class JudgeConfig(_Section):

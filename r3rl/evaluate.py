@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from r3rl.modes import regions
 from r3rl.modes.metrics import background_scores
 from r3rl.rewards import CombinedReward
 from r3rl.rollout import (
+    PERFECT,
     SamplerSettings,
     TextSettings,
     nanmean,
@@ -30,6 +32,20 @@ from r3rl.rollout import (
     score,
 )
 from r3rl.sampling import SDEConfig
+from r3rl.shapes.gold import gold_scores
+from r3rl.shapes.world import SHAPES_MODEL
+
+# (metadata, images) -> (passed, has clutter) per image: an eval-only judge (r3rl.shapes.gold)
+GoldScorer = Callable[[list[dict], list[Image.Image]], tuple[list[bool], list[bool]]]
+
+
+def gold_scorer(cfg: Config) -> GoldScorer | None:
+    """The recipe's gold judge (`eval.gold`), or None. It is looked up here, never among the
+    rewards, so no recipe can train on it."""
+    choice = cfg.eval.gold
+    if choice == "auto":
+        choice = "shapes" if cfg.generator.model == SHAPES_MODEL else "none"
+    return gold_scores if choice == "shapes" else None
 
 
 @dataclass
@@ -55,10 +71,12 @@ def evaluate_rounds(
     text: TextSettings,
     batch_size: int,
     seed: int,
+    gold: GoldScorer | None = None,
 ) -> EvalResult:
     """Round 0 = the generator's image; round k = after k reflect/refine rounds (stopped samples
     keep their image). `final` is the score after the last round each sample reached. With
-    `rounds=0` (a generator-only run) the reflector and refiner may be None."""
+    `rounds=0` (a generator-only run) the reflector and refiner may be None. `gold`, when given,
+    adds the `eval/gold/*` figures (see `gold_metrics`)."""
     settings = SamplerSettings(num_steps=num_steps, sde=SDEConfig())
     n = len(metas)
     scores = torch.full((rounds + 1, n), math.nan)
@@ -122,7 +140,61 @@ def evaluate_rounds(
         by_tag[m.get("tag", "untagged")].append(float(scores[rounds, i]))
     for tag, vals in sorted(by_tag.items()):
         metrics[f"eval/tag/{tag}"] = nanmean(torch.tensor(vals))
+    metrics.update(verdict_metrics(reflections, scores >= PERFECT))
+    if gold is not None:
+        metrics.update(gold_metrics(gold, metas, images, reflections))
     return EvalResult(metrics, images, captions, scores, reflections)
+
+
+def verdict_metrics(
+    reflections: list[list[Reflection | None]], correct: torch.Tensor, prefix: str = "eval/"
+) -> dict[str, float]:
+    """How well the reflector knows when to stop (R3's image-text alignment, in miniature).
+
+    Every reflection of round k judged the image of round k-1; its verdict is "stop" (no
+    further edit needed) or an edit. `correct[k, i]` says whether that image met its prompt.
+    verdict_acc: share of verdicts that agree (stop on a correct image, edit on a wrong one);
+    stop_precision: share of stops made on correct images; stop_recall: share of correct
+    images on which the reflector stopped. NaN where nothing qualifies."""
+    stop, truth = [], []
+    for k in range(1, len(reflections)):
+        for i, r in enumerate(reflections[k]):
+            if r is not None:
+                stop.append(r.instruction is None)
+                truth.append(bool(correct[k - 1, i]))
+    s, t = torch.tensor(stop, dtype=torch.bool), torch.tensor(truth, dtype=torch.bool)
+    return {
+        f"{prefix}verdict_acc": _share(s == t),
+        f"{prefix}stop_precision": _share(t[s]),
+        f"{prefix}stop_recall": _share(s[t]),
+    }
+
+
+def _share(x: torch.Tensor) -> float:
+    return float(x.float().mean()) if x.numel() else math.nan
+
+
+def gold_metrics(
+    gold: GoldScorer,
+    metas: list[dict],
+    images: list[list[Image.Image]],
+    reflections: list[list[Reflection | None]],
+) -> dict[str, float]:
+    """`eval/gold/round{k}_acc` (share of images the gold judge passes), `_clutter` (share with
+    anything unrecognisable in them), the same for `final`, and the reflector's verdicts judged
+    against gold (`eval/gold/verdict_acc`, `stop_precision`, `stop_recall`)."""
+    out: dict[str, float] = {}
+    passed = []
+    for k, round_images in enumerate(images):
+        ok, clutter = gold(metas, round_images)
+        passed.append(ok)
+        out[f"eval/gold/round{k}_acc"] = float(np.mean(ok))
+        out[f"eval/gold/round{k}_clutter"] = float(np.mean(clutter))
+    last = len(images) - 1
+    out["eval/gold/final_acc"] = out[f"eval/gold/round{last}_acc"]
+    out["eval/gold/final_clutter"] = out[f"eval/gold/round{last}_clutter"]
+    out.update(verdict_metrics(reflections, torch.tensor(passed), prefix="eval/gold/"))
+    return out
 
 
 def evaluate(cfg: Config, prompts_path: str | None = None) -> dict[str, float]:
@@ -138,3 +210,66 @@ def evaluate(cfg: Config, prompts_path: str | None = None) -> dict[str, float]:
     result = run.evaluate(step=None)
     write_eval_outputs(result, Path(cfg.output_dir) / "eval")
     return result.metrics
+
+
+# ---------------------------------------------------------------- reports of a training run
+HACKING_DELTA = 0.02  # a rise of the trained reward and a fall of gold both larger than this
+
+
+def hacking_warning(first: dict[str, float], now: dict[str, float], step: int) -> str | None:
+    """The reward-hacking signal: the trained reward rose since step 0 while gold fell."""
+    key, gold = "eval/final_mean", "eval/gold/final_acc"
+    if gold not in first or gold not in now:
+        return None
+    d_reward, d_gold = now[key] - first[key], now[gold] - first[gold]
+    if d_reward > HACKING_DELTA and d_gold < -HACKING_DELTA:
+        return (
+            f"warning: possible reward hacking at step {step}: the trained reward ({key}) rose "
+            f"{first[key]:.3f} -> {now[key]:.3f} while gold ({gold}) fell {first[gold]:.3f} -> "
+            f"{now[gold]:.3f} (clutter {first.get('eval/gold/final_clutter', math.nan):.2f} -> "
+            f"{now.get('eval/gold/final_clutter', math.nan):.2f}); look at the image grids before "
+            "trusting the reward"
+        )
+    return None
+
+
+def write_step_grids(result: EvalResult, out: Path, step: int) -> Path:
+    """`out/grids/step-N/round{k}.png` + metrics.json: the evaluation images of one step."""
+    from r3rl.inference import write_eval_outputs
+
+    path = out / "grids" / f"step-{step}"
+    write_eval_outputs(result, path)
+    return path
+
+
+def comparison_grid(first: EvalResult, last: EvalResult, step: int, n: int = 8) -> Image.Image:
+    """One row per held-out sample: its rounds at step 0, then its rounds at `step`, each
+    captioned with the prompt, the reflection that led to it and its reward."""
+    from r3rl.logger import image_grid
+
+    rounds = len(first.images)
+    images, captions = [], []
+    for i in range(min(n, len(first.images[0]))):
+        for tag, res in (("step 0", first), (f"step {step}", last)):
+            for k in range(rounds):
+                images.append(res.images[k][i])
+                score = "n/a" if res.scores is None else f"{float(res.scores[k, i]):.2f}"
+                captions.append(f"{tag} r{k} [{score}] {res.captions[k][i]}")
+    return image_grid(images, captions, ncols=2 * rounds, max_caption_lines=7)
+
+
+def summary_lines(first: dict[str, float], last: dict[str, float], step: int) -> list[str]:
+    """The end-of-training table: trained reward and gold per round at step 0 and at the end."""
+    rows = [("trained reward, final round", "eval/final_mean")]
+    rows += [(f"gold acc, round {k}", f"eval/gold/round{k}_acc") for k in range(16)]
+    rows += [
+        ("gold acc, final round", "eval/gold/final_acc"),
+        ("gold clutter rate, final", "eval/gold/final_clutter"),
+        ("verdict acc vs gold", "eval/gold/verdict_acc"),
+    ]
+    lines = [f"{'':32s}{'step 0':>10s}{f'step {step}':>12s}"]
+    for label, key in rows:
+        if key in first or key in last:
+            a, b = first.get(key, math.nan), last.get(key, math.nan)
+            lines.append(f"{label:32s}{a:10.3f}{b:12.3f}")
+    return lines

@@ -206,7 +206,7 @@ class RunLogger:
     def info(self, message: str) -> None:
         """Print a message above the progress bar (checkpoint saved, how to resume, ...)."""
         if self.enabled:
-            self._progress.console.print(message)
+            self._progress.console.print(message, soft_wrap=True)  # paths stay copyable
 
     def save_config(self, cfg: Config) -> Path:
         """Write the fully resolved recipe to `config.yaml`, so a run can be repeated from its outputs."""

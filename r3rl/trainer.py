@@ -48,7 +48,15 @@ from r3rl.distributed import (
     zero_stage,
 )
 from r3rl.errors import UserError
-from r3rl.evaluate import EvalResult, evaluate_rounds
+from r3rl.evaluate import (
+    EvalResult,
+    comparison_grid,
+    evaluate_rounds,
+    gold_scorer,
+    hacking_warning,
+    summary_lines,
+    write_step_grids,
+)
 from r3rl.logger import RunLogger, quiet_libraries
 from r3rl.models.flux import FluxModel
 from r3rl.models.lora import BaseView, add_lora
@@ -158,7 +166,7 @@ class Run:
             return evaluate_rounds(
                 self.reflector, self.generator.model, refiner, self.reward, self.eval_prompts * e.samples_per_prompt,
                 rounds=e.rounds if refiner is not None else 0, num_steps=e.num_steps, text=text,
-                batch_size=e.batch_size, seed=self.cfg.seed + 1,
+                batch_size=e.batch_size, seed=self.cfg.seed + 1, gold=gold_scorer(self.cfg),
             )
 
     # ----------------------------------------------------------------- stages
@@ -795,17 +803,22 @@ def _train(cfg: Config, topo: Topology) -> None:
         logger.save_config(cfg)
         if resume is not None:
             logger.info(f"resumed from {resume} at step {start}")
+        first = latest = None  # step 0's evaluation and the latest one
         if start == 0:
-            result = run.evaluate(0)
-            logger.log(0, {"step": 0, **result.metrics})
-            _log_eval_images(logger, 0, result)
+            first = latest = run.evaluate(0)
+            logger.log(0, {"step": 0, **first.metrics})
+            _log_eval_images(logger, 0, first)
+            if topo.is_main:
+                write_step_grids(first, out, 0)
         for step in range(start + 1, tc.max_steps + 1):
             row = run.train_step(step)
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
-                result = run.evaluate(step)
-                row.update(result.metrics)
+                latest = run.evaluate(step)
+                row.update(latest.metrics)
                 if tc.log_images_every:
-                    _log_eval_images(logger, step, result)
+                    _log_eval_images(logger, step, latest)
+                if first is not None and (warning := hacking_warning(first.metrics, latest.metrics, step)):
+                    logger.info(warning)
             logger.log(step, row)
             failure_rate = row.get("judge/failures", 0) / max(1, cfg.rollout.group_size)
             last = step == tc.max_steps
@@ -820,3 +833,32 @@ def _train(cfg: Config, topo: Topology) -> None:
                 path = save_checkpoint(run, out, step, keep_last=tc.keep_last)
                 raise UserError(f"reward failures {failure_rate:.0%} exceed judge.max_failure_rate="
                                 f"{cfg.judge.max_failure_rate} at step {step}; checkpoint saved to {path}")
+        if topo.is_main:
+            _report(logger, out, first, latest, tc.max_steps)
+
+
+def _logged_row(path: Path, step: int) -> dict | None:
+    """The row of `step` in a run's metrics.jsonl, if it is there."""
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("step") == step:
+                return row
+    return None
+
+
+def _report(logger: RunLogger, out: Path, first: EvalResult | None, last: EvalResult | None, step: int) -> None:
+    """The end of a run: grids of step 0 vs the end, the summary table, where everything is."""
+    logger.info(f"finished {step} steps; checkpoints in {out / 'checkpoints'}")
+    if last is not None and last is not first:
+        grids = write_step_grids(last, out, step)
+        logger.info(f"evaluation grids per round: {grids}")
+    if first is not None and last is not None and last is not first:
+        path = out / "grids" / "step0_vs_final.png"
+        comparison_grid(first, last, step).save(path)
+        logger.info(f"step 0 vs step {step}, every round: {path} (look at it before trusting a number)")
+    step0 = first.metrics if first is not None else _logged_row(out / "metrics.jsonl", 0)  # resumed: from the log
+    if step0 and last is not None and last is not first:
+        for line in summary_lines(step0, last.metrics, step):
+            logger.info(line)
+    logger.info(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")

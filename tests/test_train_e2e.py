@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_world_yaml
+from PIL import Image
 
 from r3rl.config import load_config
 
@@ -59,6 +60,23 @@ def test_train_cli_writes_metrics_checkpoints_and_config(recipe: Path, tmp_path:
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert (out / "checkpoints" / "step-4" / "COMPLETE").exists()
     assert (out / "config.yaml").exists() and list((out / "tensorboard").iterdir())
+    # the gold judge (eval-only) sits beside the trained reward at step 0 and every evaluation
+    for row in (rows[0], rows[2], rows[4]):
+        for k in range(3):
+            assert 0.0 <= row[f"eval/gold/round{k}_acc"] <= 1.0
+            assert 0.0 <= row[f"eval/gold/round{k}_clutter"] <= 1.0
+        assert row["eval/gold/final_acc"] == row["eval/gold/round2_acc"]
+        assert {"eval/verdict_acc", "eval/stop_precision", "eval/stop_recall", "eval/gold/verdict_acc"} <= set(row)
+    # pictures as evidence: step 0 and the end, per round, and the two side by side
+    for step in (0, 4):
+        assert sorted(p.name for p in (out / "grids" / f"step-{step}").glob("round*.png")) == [
+            "round0.png", "round1.png", "round2.png"]
+    grid = Image.open(out / "grids" / "step0_vs_final.png")
+    assert grid.width > grid.height / 4  # 6 columns: rounds 0-2 at step 0, then at step 4
+    # the closing summary: gold and trained reward at step 0 and at the end, where things are
+    for text in ("trained reward, final round", "gold acc, round 0", "gold acc, final round",
+                 "step0_vs_final.png", "tensorboard --logdir", str(out / "checkpoints")):
+        assert text in proc.stderr, text
 
 
 @pytest.mark.parametrize("reflector,refiner", [(True, False), (False, True), (True, True)])
