@@ -283,7 +283,10 @@ class FlowGRPOConfig(_Section):
     )
     adv_clip_max: float = Field(5.0, gt=0.0, description="Advantages are clipped to +-this.")
     beta: float = Field(
-        0.04, ge=0.0, description="Weight of the KL to the reference on transition means."
+        0.04,
+        ge=0.0,
+        description="Weight of the KL to the reference on transition means, in flow_grpo's scale "
+        "(||mu - mu_ref||^2 / (2 sigma_t^2)), so flow_grpo's train.beta copies across as it is.",
     )
     sde_type: Literal["sde", "cps"] = Field(
         "sde", description="Flow-SDE sampler or coefficients-preserving sampling."

@@ -467,6 +467,8 @@ class Run:
                     adv_clip_max=fg.adv_clip_max, prev_mean=mean if ref_mean is not None else None,
                     ref_prev_mean=ref_mean, std=std if ref_mean is not None else None,
                     beta=fg.beta if ref_mean is not None else 0.0, reduction=fg.logprob_reduction,
+                    sigma=traj.sigmas[:, k].to(logp.device), sigma_next=traj.sigmas_next[:, k].to(logp.device),
+                    sde_type=pol.settings.sde.sde_type,
                 )
                 part = loss * scale / k_steps
                 total = total + part
