@@ -201,25 +201,35 @@ class HttpPool:
 
     async def served_by(self) -> str | None:
         """`owned_by` of the first model listed by `GET /models` (vLLM says "vllm"), from the first
-        endpoint that answers it; "" from a server without that route (not vLLM, which always has
-        it); None when no endpoint could say (down, starting, refusing the key): ask again later.
-        One bounded attempt per endpoint, not retried and not counted in `stats`: a probe for what
-        the server can do, not a judge request."""
-        async with httpx.AsyncClient(timeout=min(self.timeout_s, 10.0)) as client:
-            for url in self.urls:
-                try:
-                    resp = await client.get(url + "/models", headers=self.headers)
-                except httpx.TransportError:
-                    continue
-                if resp.status_code in (404, 405):
-                    return ""
-                if resp.status_code != 200:
-                    continue
-                try:
-                    return str(resp.json()["data"][0].get("owned_by", ""))
-                except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                    return ""
-        return None
+        endpoint (in order) that answers it; "" from a server without that route (not vLLM, which
+        always has it); None when no endpoint could say (down, starting, refusing the key): ask
+        again later. All endpoints are asked at once with one attempt of at most
+        min(timeout_s, 5) s, not retried and not counted in `stats`: a probe for what the server
+        can do, not a judge request."""
+
+        async def ask(client: httpx.AsyncClient, url: str) -> str | None:
+            try:
+                resp = await client.get(url + "/models", headers=self.headers)
+            except httpx.TransportError:
+                return None
+            if resp.status_code in (404, 405):
+                return ""
+            if resp.status_code != 200:
+                return None
+            try:
+                return str(resp.json()["data"][0].get("owned_by", ""))
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                return ""
+
+        limit = min(self.timeout_s, 5.0)
+        async with httpx.AsyncClient(timeout=limit) as client:
+            try:
+                owners = await asyncio.wait_for(
+                    asyncio.gather(*(ask(client, u) for u in self.urls)), limit + 1.0
+                )
+            except asyncio.TimeoutError:
+                return None
+        return next((o for o in owners if o is not None), None)
 
     async def post_scores(self, path: str, payloads: Sequence[Any], sizes: Sequence[int]) -> list[float | None]:
         """POST batches answered with `{"scores": [...]}` (a reward server, a GenEval detector): one
