@@ -23,7 +23,6 @@ from r3rl.modes import regions
 from r3rl.modes.metrics import background_scores
 from r3rl.rewards import CombinedReward
 from r3rl.rollout import (
-    PERFECT,
     SamplerSettings,
     TextSettings,
     nanmean,
@@ -140,7 +139,8 @@ def evaluate_rounds(
         by_tag[m.get("tag", "untagged")].append(float(scores[rounds, i]))
     for tag, vals in sorted(by_tag.items()):
         metrics[f"eval/tag/{tag}"] = nanmean(torch.tensor(vals))
-    metrics.update(verdict_metrics(reflections, scores >= PERFECT))
+    perfect = torch.tensor([[reward.is_perfect(float(x)) for x in row] for row in scores])
+    metrics.update(verdict_metrics(reflections, perfect))
     if gold is not None:
         metrics.update(gold_metrics(gold, metas, images, reflections))
     return EvalResult(metrics, images, captions, scores, reflections)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +23,6 @@ from r3rl.models.reflector import HFReflector, Reflection
 from r3rl.modes import refiner_texts, regions
 from r3rl.rewards import CombinedReward
 from r3rl.sampling import SDEConfig, Trajectory, sample
-
-PERFECT = 1.0 - 1e-6
 
 
 @dataclass(frozen=True)
@@ -139,9 +138,10 @@ class ImageBuffer:
         if len(self.items) > self.capacity:
             self.items.pop(0)
 
-    def draw(self, rng: random.Random, perfect_prob: float) -> BufferItem:
-        perfect = [i for i, it in enumerate(self.items) if it.reward >= PERFECT]
-        flawed = [i for i, it in enumerate(self.items) if it.reward < PERFECT]
+    def draw(self, rng: random.Random, perfect_prob: float, is_perfect: Callable[[float], bool]) -> BufferItem:
+        """Pop one input: a perfect one (by the combined reward's own top score) with `perfect_prob`."""
+        perfect = [i for i, it in enumerate(self.items) if is_perfect(it.reward)]
+        flawed = [i for i, it in enumerate(self.items) if not is_perfect(it.reward)]
         pool = perfect if (perfect and (not flawed or rng.random() < perfect_prob)) else flawed
         return self.items.pop(rng.choice(pool))
 

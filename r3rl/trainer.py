@@ -66,7 +66,6 @@ from r3rl.models.registry import load_flow_model
 from r3rl.modes import refiner_folder, wrap_refiner
 from r3rl.rewards import CombinedReward
 from r3rl.rollout import (
-    PERFECT,
     BufferItem,
     DiffusionRollout,
     ImageBuffer,
@@ -255,7 +254,7 @@ class Run:
     def _refine_rollout(self, gen: torch.Generator, seed: int) -> Batch:
         ro_cfg = self.cfg.rollout
         g = ro_cfg.group_size
-        item = self.buffer.draw(self.rng, ro_cfg.perfect_prob)
+        item = self.buffer.draw(self.rng, ro_cfg.perfect_prob, self.reward.is_perfect)
         mine = self._mine(g)  # the same input image on every rank; each reflects on its shard
         n = g if mine is None else len(mine)
         metas, inputs = [item.meta] * n, [item.image] * n
@@ -271,7 +270,7 @@ class Run:
         stopped = torch.tensor([r.instruction is None for r in refl])
         fmt = torch.tensor([float(r.format_ok) for r in refl])
         text_r, image_r, image_mask = r3_refine_rewards(
-            s.total, r_in, stopped, fmt, input_perfect=item.reward >= PERFECT,
+            s.total, r_in, stopped, fmt, input_perfect=self.reward.is_perfect(item.reward),
             format_weight=ro_cfg.format_weight, perfect_stop_bonus=ro_cfg.perfect_stop_bonus,
         )
         ids = torch.zeros(g)
