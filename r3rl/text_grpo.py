@@ -160,25 +160,6 @@ class CausalLMPolicy:
                 return self.logprobs(c, unfiltered)[0]
 
 
-def grpo_loss_unfiltered_kl(
-    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-    kl_logps: torch.Tensor, ref_logps: torch.Tensor | None, beta: float, **kw,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """`grpo_loss` whose ratio reads `logps` (the sampled, top-k/top-p-filtered distribution) and whose
-    β·k3 KL reads `kl_logps` (the unfiltered log-softmax of the same logits) against the unfiltered
-    reference, as TRL does: a filtered policy against an unfiltered reference has KL > 0 at equal
-    weights. The KL term is grpo_loss's own with zero advantages (its policy term is then 0), so it is
-    aggregated by the same `loss_type`; `kw` are grpo_loss's other settings."""
-    loss, m = grpo_loss(logps, old_logps, advantages, mask, beta=0.0, **kw)
-    if ref_logps is None:
-        if beta != 0.0:
-            raise ValueError("beta != 0 needs ref_logps")
-        return loss, m
-    kl_loss, km = grpo_loss(kl_logps, kl_logps.detach(), torch.zeros_like(advantages), mask, ref_logps=ref_logps,
-                            beta=beta, **kw)
-    return loss + kl_loss, {**m, "kl": km["kl"]}
-
-
 def grpo_step(
     policy: CausalLMPolicy, opt: torch.optim.Optimizer, prompts: list[str], reward: CombinedReward,
     s: TextGRPOSettings, *, metadata: list[dict] | None = None, ref: CausalLMPolicy | None = None,
@@ -204,7 +185,7 @@ def grpo_step(
     logps, entropy, kl_logps = policy.logprobs(c, s, with_unfiltered=True)
     ref_logps = policy.reference_logprobs(c, s, ref) if s.beta > 0 else None
     mask = c.completion_mask & valid[:, None].to(logps.device)  # rewards live on the CPU
-    loss, m = grpo_loss_unfiltered_kl(logps, c.old_logps, adv.to(logps.device), mask, kl_logps=kl_logps,
+    loss, m = grpo_loss(logps, c.old_logps, adv.to(logps.device), mask, kl_logps=kl_logps,
                                       ref_logps=ref_logps, epsilon_low=s.epsilon_low, epsilon_high=s.epsilon_high,
                                       beta=s.beta, loss_type=s.loss_type, max_completion_length=s.max_new_tokens)
     loss.backward()

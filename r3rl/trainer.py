@@ -400,7 +400,9 @@ class Run:
         prompts, images, comp, refl = sel(prompts), sel(images), sel(comp), sel(refl)
         adv, valid = adv[keep], valid[keep]
         kw = {"temperature": self.text.temperature, "top_k": self.text.top_k, "top_p": self.text.top_p}
-        logps, mask, entropy = self.reflector.completion_logprobs(prompts, images, comp, **kw)
+        # the ratio reads the sampled (filtered) distribution, the KL its unfiltered log-softmax
+        logps, mask, entropy, kl_logps = self.reflector.completion_logprobs(prompts, images, comp, **kw,
+                                                                            with_unfiltered=True)
         old = torch.zeros_like(logps)
         for i, r in enumerate(refl):
             old[i, : len(r.logprobs)] = torch.tensor(r.logprobs)
@@ -413,7 +415,8 @@ class Run:
             else:
                 ref, _, _ = self.reflector.completion_logprobs(prompts, images, comp, disable_adapter=True, **ref_kw)
         mask = mask & valid[:, None].to(mask.device)  # rewards and advantages live on the CPU
-        loss, m = grpo_loss(logps, old, torch.nan_to_num(adv).to(logps.device), mask, ref_logps=ref, epsilon_low=rc.epsilon_low,
+        loss, m = grpo_loss(logps, old, torch.nan_to_num(adv).to(logps.device), mask, ref_logps=ref, kl_logps=kl_logps,
+                            epsilon_low=rc.epsilon_low,
                             epsilon_high=rc.epsilon_high, beta=rc.beta, loss_type=rc.loss_type,
                             max_completion_length=rc.max_new_tokens)
         # this rank's share of the rows (grpo, dr_grpo: their normalisers count rows) or, for dapo, of

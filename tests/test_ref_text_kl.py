@@ -18,7 +18,8 @@ from r3rl.algos.grpo import grpo_loss, token_logprobs
 from r3rl.config import RewardSpec
 from r3rl.models.tokenizer import train_chat_tokenizer
 from r3rl.rewards import CombinedReward
-from r3rl.text_grpo import CausalLMPolicy, TextGRPOSettings, grpo_loss_unfiltered_kl, grpo_step
+from r3rl.algos.grpo import grpo_loss
+from r3rl.text_grpo import CausalLMPolicy, TextGRPOSettings, grpo_step
 
 
 def trl_logps(logits, ids, temperature):
@@ -50,7 +51,7 @@ def test_kl_term_is_trls_and_zero_at_equal_weights(loss_type):
     kw = {"epsilon_low": 0.2, "epsilon_high": 0.28, "loss_type": loss_type}
     # equal weights: TRL's KL is 0; the old comparison (filtered policy vs unfiltered reference) was not
     ref = trl_logps(logits, ids, temperature)
-    _, m = grpo_loss_unfiltered_kl(filtered, filtered.detach(), adv, mask, kl_logps=unfiltered, ref_logps=ref,
+    _, m = grpo_loss(filtered, filtered.detach(), adv, mask, kl_logps=unfiltered, ref_logps=ref,
                                    beta=0.04, **kw)
     assert m["kl"] == pytest.approx(0.0, abs=1e-7)
     _, old = grpo_loss(filtered, filtered.detach(), adv, mask, ref_logps=ref, beta=0.04, **kw)
@@ -58,7 +59,7 @@ def test_kl_term_is_trls_and_zero_at_equal_weights(loss_type):
     # a different reference: TRL's per-token k3, masked mean; the loss adds beta x TRL's KL aggregated by loss_type
     ref_logits = logits + 0.5 * torch.randn(logits.shape, generator=g)
     ref = trl_logps(ref_logits, ids, temperature)
-    loss, m = grpo_loss_unfiltered_kl(filtered, filtered.detach(), adv, mask, kl_logps=unfiltered, ref_logps=ref,
+    loss, m = grpo_loss(filtered, filtered.detach(), adv, mask, kl_logps=unfiltered, ref_logps=ref,
                                       beta=0.04, **kw)
     per_token_kl = trl_kl(trl_logps(logits, ids, temperature), ref)
     assert m["kl"] == pytest.approx(float(per_token_kl[mask].mean()), rel=1e-5)

@@ -70,6 +70,7 @@ def grpo_loss(
     mask: torch.Tensor,
     *,
     ref_logps: torch.Tensor | None = None,
+    kl_logps: torch.Tensor | None = None,
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.28,
     beta: float = 0.0,
@@ -80,6 +81,10 @@ def grpo_loss(
 
     Args:
         logps, old_logps, ref_logps: (B, T) log-probs of the completion tokens.
+        kl_logps: (B, T) the policy's log-probs the KL reads, when they differ from `logps`: the
+            ratio must use the distribution sampled (top-k/top-p filtered), the KL the unfiltered
+            log-softmax of the same logits against the unfiltered reference, as TRL does (a
+            filtered policy against an unfiltered reference has KL > 0 at equal weights).
         advantages: (B,) per sequence, or (B, T) per token.
         mask: (B, T), true on completion tokens; values elsewhere are ignored (may be inf/NaN).
         loss_type: "grpo" (mean over each sequence's tokens, then over sequences), "dr_grpo"
@@ -102,7 +107,8 @@ def grpo_loss(
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     kl = None
     if ref_logps is not None:
-        kl = k3_kl(lp, torch.where(mask, ref_logps.float().detach(), zero))
+        kl_lp = lp if kl_logps is None else torch.where(mask, kl_logps.float(), zero)
+        kl = k3_kl(kl_lp, torch.where(mask, ref_logps.float().detach(), zero))
         per_token = per_token + beta * kl
     elif beta != 0.0:
         raise ValueError("beta != 0 needs ref_logps")
