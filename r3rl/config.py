@@ -361,6 +361,12 @@ class TrainerConfig(_Section):
     """The training loop: length, checkpoints, loss weights and safety limits."""
 
     max_steps: int = Field(100, gt=0, description="Optimiser steps to train.")
+    max_minutes: float | None = Field(
+        None,
+        gt=0.0,
+        description="Also stop (evaluate, save) once training steps have taken this many minutes, "
+        "evaluation excluded: compares methods at equal compute (null = max_steps only).",
+    )
     eval_every: int = Field(20, ge=0, description="Evaluate every N steps (0 = only at step 0).")
     save_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")

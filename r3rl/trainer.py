@@ -814,9 +814,13 @@ def _train(cfg: Config, topo: Topology) -> None:
             _log_eval_images(logger, 0, first)
             if topo.is_main:
                 write_step_grids(first, out, 0)
+        budget_s, trained_s = 60 * (tc.max_minutes or math.inf), 0.0
+        step = start
         for step in range(start + 1, tc.max_steps + 1):
             row = run.train_step(step)
-            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
+            trained_s += row["time/step_s"]  # the ranks' mean: every rank stops at the same step
+            last = step == tc.max_steps or trained_s >= budget_s
+            if tc.eval_every and (step % tc.eval_every == 0 or last):
                 latest = run.evaluate(step)
                 row.update(latest.metrics)
                 if tc.log_images_every:
@@ -825,7 +829,6 @@ def _train(cfg: Config, topo: Topology) -> None:
                     logger.info(warning)
             logger.log(step, row)
             failure_rate = row.get("judge/failures", 0) / max(1, cfg.rollout.group_size)
-            last = step == tc.max_steps
             stopping = any_rank(stop.flag, topo)  # every rank saves and stops at the same step
             if (tc.save_every and step % tc.save_every == 0) or last or stopping:
                 path = save_checkpoint(run, out, step, keep_last=tc.keep_last)
@@ -837,8 +840,10 @@ def _train(cfg: Config, topo: Topology) -> None:
                 path = save_checkpoint(run, out, step, keep_last=tc.keep_last)
                 raise UserError(f"reward failures {failure_rate:.0%} exceed judge.max_failure_rate="
                                 f"{cfg.judge.max_failure_rate} at step {step}; checkpoint saved to {path}")
+            if last:
+                break
         if topo.is_main:
-            _report(logger, out, first, latest, tc.max_steps)
+            _report(logger, out, first, latest, step)
 
 
 def _logged_row(path: Path, step: int) -> dict | None:

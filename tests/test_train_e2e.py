@@ -153,3 +153,17 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(recipe: Path, tmp_pat
     step = _rows(out)[-1]["step"]
     assert step < 500 and (out / "checkpoints" / f"step-{step}" / "COMPLETE").exists()
     assert "resume=auto" in err
+
+
+def test_max_minutes_stops_evaluates_and_saves_at_the_step_the_budget_runs_out(recipe: Path, tmp_path: Path) -> None:
+    from r3rl.trainer import train
+
+    # a budget far below one step's time: the first step exhausts it
+    cfg = load_config(recipe, [f"output_dir={tmp_path}", "trainer.max_steps=50", "trainer.max_minutes=0.0001",
+                               "trainer.eval_every=20"])
+    train(cfg)
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert "eval/final_mean" in rows[1] and "eval/gold/final_acc" in rows[1]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-1"]
+    assert (tmp_path / "grids" / "step0_vs_final.png").exists()
