@@ -55,6 +55,11 @@ class WorldConfig(_Section):
     """The embedded shapes world: image size and the short pretraining of its tiny models."""
 
     image_size: int = Field(32, gt=0, description="Side of the square images in pixels.")
+    seed: int | None = Field(
+        None,
+        description="Seed of the world's pretraining (null = the run's seed): fix it to compare RL "
+        "seeds, or methods, on one pretrained world.",
+    )
     cache_dir: str | None = Field(
         None, description="Where pretrained tiny models are cached (null = default cache)."
     )

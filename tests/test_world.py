@@ -23,6 +23,10 @@ def test_world_is_cached_by_config_and_loads_through_the_real_classes(tmp_path: 
     assert ensure_world(cfg, seed=0, log=logs.append) == paths  # second call: cache hit, no pretraining
     assert (paths.root / "COMPLETE").stat().st_mtime_ns == stamp
     assert sum("pretraining the shapes world" in m for m in logs) == 1
+    # world.seed pins the pretraining: a run of another seed reuses this world
+    pinned = cfg.model_copy(update={"seed": 0})
+    assert ensure_world(pinned, seed=7, log=logs.append) == paths
+    assert sum("pretraining the shapes world" in m for m in logs) == 1
     # the saved models are ordinary transformers / diffusers checkpoints
     reflector = HFReflector.from_pretrained(paths.reflector)
     flux = FluxModel.from_pretrained(paths.flux, image_size=cfg.image_size)

@@ -62,12 +62,14 @@ def cache_root(cfg: WorldConfig) -> Path:
 
 
 def world_key(cfg: WorldConfig, seed: int) -> str:
-    fields = cfg.model_dump(exclude={"cache_dir"}) | {"seed": seed, "version": WORLD_VERSION}
+    fields = cfg.model_dump(exclude={"cache_dir", "seed"}) | {"seed": seed, "version": WORLD_VERSION}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def ensure_world(cfg: WorldConfig, seed: int = 0, *, log=print) -> WorldPaths:
-    """Return the cached pretrained world for this config, pretraining it first if needed."""
+    """Return the cached pretrained world for this config, pretraining it first if needed.
+    `seed` is the run's; `cfg.seed`, when set, takes its place."""
+    seed = seed if cfg.seed is None else cfg.seed
     root = cache_root(cfg) / f"shapes-{world_key(cfg, seed)}"
     paths = WorldPaths(root)
     if (root / "COMPLETE").exists():
