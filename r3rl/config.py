@@ -47,6 +47,16 @@ class DataConfig(_Section):
     num_eval_prompts: int | None = Field(
         48, gt=0, description="Evaluate on the first N eval prompts (null = all)."
     )
+    prompt_field: str = Field(
+        "prompt", min_length=1,
+        description="Key of each prompt record that holds the prompt, copied into 'prompt' when another "
+        "(R3's TIIF files have none: short_description, as R3 trains, or long_description).",
+    )
+    tag_field: str = Field(
+        "tag", min_length=1,
+        description="Key of each prompt record that holds its category for per-tag eval figures, copied "
+        "into 'tag' when another (R3's TIIF files: type).",
+    )
 
     _check_files = field_validator("train_prompts", "eval_prompts")(_existing_file)
 

@@ -5,6 +5,17 @@ Each line is an object with a string `prompt` and optional GenEval metadata:
 `[relation, index of the include it is relative to]`) and `exclude` (objects with `class`
 and `count`: fewer than `count` such objects may appear). Other top-level keys (ids, notes)
 are kept. A bad line fails at load time with `file:line`, before any model is built.
+
+R3's own files load as they are (sen-ye/R3 `data/rl_test`, `data/rl_train`):
+- GenEval++ (`test_geneval++.jsonl`): includes may carry `region` (where in the image the
+  objects lie: left, right, above, below) and `size` (larger, smaller), which R3's judge
+  writes into its checklist;
+- TIIF (`test_TIIF.jsonl`, `train_TIIF.jsonl`): no `prompt`, but `type` (the category),
+  `short_description`, `long_description`, and `yn_question_list` with the expected
+  `yn_answer_list` (yes/no, any case). The prompt is the field named by `prompt_field`
+  (`data.prompt_field`; R3's TIIFDataset uses `short_description`), copied into `prompt` as
+  R3 does; `tag_field` (`data.tag_field`; R3 uses `type` for TIIF) is copied into `tag`, the key
+  evaluation groups its per-category figures by.
 """
 
 from __future__ import annotations
@@ -16,7 +27,9 @@ from typing import Any
 from r3rl.errors import UserError
 
 RELATIONS = ("left of", "right of", "above", "below")
-_INCLUDE_KEYS = {"class", "count", "color", "position"}
+_INCLUDE_KEYS = {"class", "count", "color", "position", "region", "size"}
+REGIONS = ("left", "right", "above", "below")  # GenEval++'s `region`: a part of the image
+SIZES = ("larger", "smaller")  # GenEval++'s `size`: relative to the record's other objects
 _EXCLUDE_KEYS = {"class", "count"}
 
 
@@ -45,6 +58,11 @@ def _check_include(items: Any) -> None:
         _check_object(item, where, _INCLUDE_KEYS)
         if "color" in item and not isinstance(item["color"], str):
             raise ValueError(f"{where}.color must be a string, got {item['color']!r}")
+        for key, allowed in (("region", REGIONS), ("size", SIZES)):
+            if key in item and item[key] not in allowed:
+                raise ValueError(
+                    f"{where}.{key} must be one of {', '.join(allowed)}; got {item[key]!r}"
+                )
         if "position" in item:
             position = item["position"]
             ok = (
@@ -62,16 +80,43 @@ def _check_include(items: Any) -> None:
                 )
 
 
-def _check_record(record: Any) -> None:
+def _check_questions(record: dict) -> None:
+    """TIIF's yes/no questions and the answers a faithful image earns, one per question."""
+    questions, answers = record.get("yn_question_list"), record.get("yn_answer_list")
+    if questions is None and answers is None:
+        return
+    for key, value in (("yn_question_list", questions), ("yn_answer_list", answers)):
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"'{key}' must be a non-empty list of strings, got {value!r}")
+    if len(questions) != len(answers):
+        raise ValueError(
+            f"'yn_question_list' has {len(questions)} questions but 'yn_answer_list' {len(answers)} answers"
+        )
+    for i, a in enumerate(answers):
+        if a.strip().lower() not in ("yes", "no"):
+            raise ValueError(f"yn_answer_list[{i}] must be yes or no, got {a!r}")
+
+
+def _check_record(record: Any, prompt_field: str = "prompt", tag_field: str = "tag") -> None:
     """One prompt record; raises ValueError saying what is wrong."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    if "prompt" not in record:
-        raise ValueError("missing required key 'prompt'")
-    if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-        raise ValueError(f"'prompt' must be a non-empty string, got {record['prompt']!r}")
-    if "tag" in record and not isinstance(record["tag"], str):
-        raise ValueError(f"'tag' must be a string, got {record['tag']!r}")
+    if prompt_field not in record:
+        hint = ""
+        if prompt_field == "prompt":
+            texts = [k for k, v in record.items() if isinstance(v, str) and k != tag_field]
+            texts.sort(key=lambda k: not any(w in k for w in ("prompt", "caption", "description", "text")))
+            hint = (
+                f"; this record has {', '.join(sorted(record))}: name the prompt's key with "
+                f"data.prompt_field (e.g. data.prompt_field={texts[0] if texts else 'KEY'})"
+            )
+        raise ValueError(f"missing required key '{prompt_field}'{hint}")
+    value = record[prompt_field]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"'{prompt_field}' must be a non-empty string, got {value!r}")
+    if tag_field in record and not isinstance(record[tag_field], str):
+        raise ValueError(f"'{tag_field}' must be a string, got {record[tag_field]!r}")
+    _check_questions(record)
     if "include" in record:
         _check_include(record["include"])
     if "exclude" in record:
@@ -81,8 +126,12 @@ def _check_record(record: Any) -> None:
             _check_object(item, f"exclude[{i}]", _EXCLUDE_KEYS)
 
 
-def load_prompts(path: str | Path) -> list[dict]:
-    """Read a prompt file; blank lines are skipped, and any bad line raises `UserError` with file:line."""
+def load_prompts(path: str | Path, prompt_field: str = "prompt", tag_field: str = "tag") -> list[dict]:
+    """Read a prompt file; blank lines are skipped, and any bad line raises `UserError` with file:line.
+
+    `prompt_field` names the key holding the prompt and `tag_field` the one holding the category;
+    other names are copied into `prompt` / `tag` (overwriting them), as R3's TIIFDataset does, so
+    the rest of r3rl reads `prompt` and `tag`, and the original keys stay for the judges."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompt file not found: {path}")
@@ -98,9 +147,13 @@ def load_prompts(path: str | Path) -> list[dict]:
                     f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"
                 ) from None
             try:
-                _check_record(record)
+                _check_record(record, prompt_field, tag_field)
             except ValueError as e:
                 raise UserError(f"{path}:{lineno}: {e}") from None
+            if prompt_field != "prompt":
+                record["prompt"] = record[prompt_field]
+            if tag_field != "tag" and tag_field in record:
+                record["tag"] = record[tag_field]
             records.append(record)
     if not records:
         raise UserError(f"{path}: no prompts in file")
