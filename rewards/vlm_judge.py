@@ -15,6 +15,15 @@ Modes:
 - `score`: pointwise quality in the style of UnifiedReward: one score in
   [min_score, max_score] read after "Final Score:", scaled to [0, 1].
 - `json`: the same score as a JSON object `{"score": N, "reason": "..."}`.
+- R3's judges (sen-ye/R3 `train/reward_func.py`), whose requests are R3's byte for byte
+  (`r3rl.judges.r3`): `r3_geneval_plus` (GenEval++ training: a strict JSON verdict
+  `{"correct": 1|0}` on R3's checklist of the record's include/exclude, region and size),
+  `r3_geneval_plus_eval` (its evaluation prompt), `r3_vqa` (TIIF training: the record's
+  `yn_question_list` answered as JSON, scored against `yn_answer_list`) and `r3_tiif` (TIIF
+  evaluation: one yes/no line per question; `exact_case: true` keeps R3's case-sensitive compare,
+  under which an expected "Yes" never matches). They send R3's sampling settings (temperature 0,
+  top_p 0.9, max_tokens 4096, a JPEG image), never log-probs or guided decoding; an answer R3
+  would score 0 for want of a reading is `None` here.
 
 Guided decoding (`guided`: `auto` (default) | true | false). A judge that writes free text can
 ramble past `max_tokens` or forget the score; with vLLM's structured outputs every answer has
@@ -40,6 +49,7 @@ from pydantic import BaseModel, Field
 
 from r3rl.errors import UserError
 from r3rl.judges import (
+    R3_MODES,
     ChatClient,
     HttpPool,
     JudgeStats,
@@ -47,12 +57,15 @@ from r3rl.judges import (
     image_data_url,
     parse_json,
     parse_score,
+    r3_messages,
+    r3_texts,
+    read_r3,
     user_message,
     yes_score,
 )
 
-MODES = ("yes_no", "score", "json")
-DEFAULT_MAX_TOKENS = {"yes_no": 4, "score": 256, "json": 256}
+MODES = ("yes_no", "score", "json", *R3_MODES)
+DEFAULT_MAX_TOKENS = {"yes_no": 4, "score": 256, "json": 256} | {m: 4096 for m in R3_MODES}
 
 YES_NO_PROMPT = "{question} Answer with yes or no."
 SCORE_PROMPT = (
@@ -117,7 +130,9 @@ class VLMJudge:
         max_tokens: int | None = None,
         temperature: float = 0.0,
         top_logprobs: int = 20,
-        image_format: str = "png",
+        image_format: str | None = None,
+        top_p: float | None = None,
+        exact_case: bool = False,
         backoff_s: float = 0.5,
         backoff_max_s: float = 8.0,
         guided: bool | str = "auto",
@@ -139,20 +154,23 @@ class VLMJudge:
         )
         if guided not in (True, False, "auto"):
             raise UserError(f"vlm_judge guided={guided!r} is invalid: expected auto, true or false")
-        self.client = ChatClient(pool, model, temperature=temperature)
+        r3 = mode in R3_MODES
+        self.client = ChatClient(pool, model, temperature=temperature,
+                                 top_p=top_p if top_p is not None or not r3 else 0.9)
         self.mode = mode
         self.low, self.high = float(min_score), float(max_score)
         self.max_tokens = max_tokens or DEFAULT_MAX_TOKENS[mode]
         self.top_logprobs = top_logprobs
-        self.image_format = image_format
+        self.image_format = image_format or ("jpeg" if r3 else "png")  # R3 sends JPEG
+        self.exact_case = exact_case
         self.guided = guided
         self._vllm: bool | None = None  # what `guided: auto` found the server to be
         self._number, number_len = _scale(self.low, self.high)
         # the longest fixed text around the free part of a score / json answer, plus one token
         # for the end of the turn: what is left of max_tokens bounds the explanation
         tail = {"yes_no": 0, "score": len("\nFinal Score: "), "json": len('{"score": , "reason": ""}')}
-        self.reason_chars = self.max_tokens - tail[mode] - number_len - 1
-        if mode != "yes_no" and self.reason_chars < 0:
+        self.reason_chars = self.max_tokens - tail.get(mode, 0) - number_len - 1
+        if mode in ("score", "json") and self.reason_chars < 0:
             raise UserError(
                 f"vlm_judge max_tokens={self.max_tokens} is too small for mode={mode}: the answer's "
                 f"fixed part alone takes {self.max_tokens - self.reason_chars} tokens"
@@ -262,9 +280,34 @@ class VLMJudge:
             return None
         return (rating.score - self.low) / (self.high - self.low)
 
+    def r3_conversations(
+        self, prompts: Sequence[str], images: Sequence[Image.Image], metadata: Sequence[dict]
+    ) -> list[list[dict]]:
+        """The messages of R3's request for each sample (R3 modes)."""
+        return [
+            r3_messages(*r3_texts(self.mode, p, {"prompt": p, **(m or {})}), url)
+            for p, m, url in zip(prompts, metadata, self._urls(images))
+        ]
+
+    async def _r3(
+        self, prompts: Sequence[str], images: Sequence[Image.Image], metadata: Sequence[dict]
+    ) -> list[float | None]:
+        answers = await self.client.ask_many(
+            self.r3_conversations(prompts, images, metadata), max_tokens=self.max_tokens
+        )
+        scores: list[float | None] = []
+        for answer, m in zip(answers, metadata):
+            score = None if answer is None else read_r3(self.mode, answer.text, m or {}, self.exact_case)
+            if answer is not None and score is None:
+                self.stats.unparseable += 1
+            scores.append(score)
+        return scores
+
     async def __call__(
         self, prompts: Sequence[str], images: Sequence[Image.Image], metadata: Sequence[dict]
     ) -> list[float | None]:
+        if self.mode in R3_MODES:
+            return await self._r3(prompts, images, metadata)
         if self.mode == "yes_no":
             records = [{"prompt": p, **(m or {})} for p, m in zip(prompts, metadata)]
             return await self._yes_no(images, records)

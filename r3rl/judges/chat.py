@@ -79,10 +79,13 @@ def parse_answer(body: Any) -> ChatAnswer | None:
 class ChatClient:
     """Many chat completions at once through an `HttpPool`; `None` for each one that failed."""
 
-    def __init__(self, pool: HttpPool, model: str, *, temperature: float = 0.0) -> None:
+    def __init__(
+        self, pool: HttpPool, model: str, *, temperature: float = 0.0, top_p: float | None = None
+    ) -> None:
         self.pool = pool
         self.model = model
         self.temperature = temperature
+        self.top_p = top_p  # sent only when set
 
     async def ask_many(
         self,
@@ -104,6 +107,8 @@ class ChatClient:
             "max_tokens": max_tokens,
             "temperature": self.temperature,
         }
+        if self.top_p is not None:
+            base["top_p"] = self.top_p
         if top_logprobs:
             base |= {"logprobs": True, "top_logprobs": top_logprobs}
         if response_format is not None:
