@@ -6,6 +6,8 @@ with least-busy load balancing (a retry prefers an endpoint other than the one t
 failed), a bearer token read from an environment variable, a hard per-attempt timeout, and
 bounded retries with exponential backoff and full jitter. A request that still fails gives
 `None`, is counted in `stats`, and never raises: a training step must survive a judge outage.
+Bodies are JSON unless a caller passes its own `encode`/`decode` (the GenEval detector's pickle
+protocol, opt-in only: `rewards/geneval.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,13 +130,16 @@ class HttpPool:
         self._turn = (choice + 1) % len(self.urls)
         return choice
 
-    async def _attempt(self, client: httpx.AsyncClient, index: int, path: str, body: bytes) -> Any:
+    async def _attempt(
+        self, client: httpx.AsyncClient, index: int, path: str, body: bytes,
+        decode: Callable[[bytes], Any] | None = None, headers: dict | None = None,
+    ) -> Any:
         self.stats.attempts += 1
         self.sent[index] += 1
         self._busy[index] += 1
         try:
             resp = await asyncio.wait_for(
-                client.post(self.urls[index] + path, content=body, headers=self.headers),
+                client.post(self.urls[index] + path, content=body, headers=headers or self.headers),
                 self.timeout_s,
             )
         except (httpx.TransportError, asyncio.TimeoutError) as e:
@@ -145,21 +150,32 @@ class HttpPool:
             raise _Retryable(f"HTTP {resp.status_code} from {self.urls[index]}")
         if resp.status_code >= 400:
             raise _Fatal(f"HTTP {resp.status_code} from {self.urls[index]}: {resp.text[:200]}")
+        if decode is not None:
+            try:
+                return decode(resp.content)
+            except Exception as e:  # noqa: BLE001 - whatever the decoder raises, the answer is unreadable
+                raise _Retryable(f"an unreadable response ({type(e).__name__}) from {self.urls[index]}") from None
         try:
             return resp.json()
         except ValueError:
             raise _Retryable(f"a response that is not JSON from {self.urls[index]}") from None
 
     async def _post(
-        self, client: httpx.AsyncClient, slots: asyncio.Semaphore, path: str, payload: Any
+        self, client: httpx.AsyncClient, slots: asyncio.Semaphore, path: str, payload: Any,
+        codec: tuple[Callable[[Any], bytes], Callable[[bytes], Any], str] | None = None,
     ) -> tuple[Any, str | None]:
         """(JSON answer, None) or (None, why it failed); never raises for remote trouble."""
-        try:
-            body = json.dumps(payload, allow_nan=False).encode()  # once, not per attempt
-        except (TypeError, ValueError) as e:
-            raise UserError(
-                f"a judge request is not JSON ({e}); check the prompt metadata"
-            ) from None
+        headers = None
+        if codec is not None:
+            body = codec[0](payload)
+            headers = {**self.headers, "Content-Type": codec[2]}
+        else:
+            try:
+                body = json.dumps(payload, allow_nan=False).encode()  # once, not per attempt
+            except (TypeError, ValueError) as e:
+                raise UserError(
+                    f"a judge request is not JSON ({e}); check the prompt metadata"
+                ) from None
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1),
             wait=wait_random_exponential(multiplier=self.backoff_s, max=self.backoff_max_s),
@@ -173,20 +189,26 @@ class HttpPool:
                 async for attempt in retrying:
                     with attempt:
                         last = self._pick(avoid=last)
-                        return await self._attempt(client, last, path, body), None
+                        decode = None if codec is None else codec[1]
+                        return await self._attempt(client, last, path, body, decode, headers), None
             except (_Retryable, _Fatal) as e:
                 self.stats.failures += 1
                 return None, str(e)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
-    async def post_many(self, path: str, payloads: Sequence[Any]) -> list[Any]:
-        """POST each payload to `endpoint + path` concurrently; `None` where a request failed."""
+    async def post_many(
+        self, path: str, payloads: Sequence[Any],
+        codec: tuple[Callable[[Any], bytes], Callable[[bytes], Any], str] | None = None,
+    ) -> list[Any]:
+        """POST each payload to `endpoint + path` concurrently; `None` where a request failed.
+
+        `codec` = (encode, decode, content type) replaces JSON for both the body and the answer."""
         if not payloads:
             return []
         slots = asyncio.Semaphore(self.concurrency)
         limits = httpx.Limits(max_connections=self.concurrency)
         async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits) as client:
-            outcomes = await asyncio.gather(*(self._post(client, slots, path, p) for p in payloads))
+            outcomes = await asyncio.gather(*(self._post(client, slots, path, p, codec) for p in payloads))
         errors = Counter(err for _, err in outcomes if err is not None)
         if errors:
             reasons = "; ".join(f"{n}x {err}" for err, n in errors.most_common(3))
@@ -231,12 +253,16 @@ class HttpPool:
                 return None
         return next((o for o in owners if o is not None), None)
 
-    async def post_scores(self, path: str, payloads: Sequence[Any], sizes: Sequence[int]) -> list[float | None]:
-        """POST batches answered with `{"scores": [...]}` (a reward server, a GenEval detector): one
-        score or None per sample, in order; an answer that is not n scores counts as unparseable."""
+    async def post_scores(
+        self, path: str, payloads: Sequence[Any], sizes: Sequence[int], key: str = "scores",
+        codec: tuple[Callable[[Any], bytes], Callable[[bytes], Any], str] | None = None,
+    ) -> list[float | None]:
+        """POST batches answered with `{"scores": [...]}` (or `key`; a reward server, a GenEval
+        detector): one score or None per sample, in order; an answer that is not n scores counts as
+        unparseable."""
         scores: list[float | None] = []
-        for n, body in zip(sizes, await self.post_many(path, payloads)):
-            chunk = None if body is None else scores_from_json(body, n)
+        for n, body in zip(sizes, await self.post_many(path, payloads, codec)):
+            chunk = None if body is None else scores_from_json(body, n, key)
             self.stats.unparseable += body is not None and chunk is None
             scores.extend([None] * n if chunk is None else chunk)
         return scores

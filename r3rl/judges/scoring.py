@@ -114,9 +114,9 @@ def parse_json(text: str, schema: type[T]) -> T | None:
         return None
 
 
-def scores_from_json(body: Any, n: int) -> list[float | None] | None:
-    """The `scores` list of a reward server's answer: n numbers or nulls, else None (unreadable)."""
-    scores = body.get("scores") if isinstance(body, dict) else None
+def scores_from_json(body: Any, n: int, key: str = "scores") -> list[float | None] | None:
+    """The `scores` (or `key`) list of a reward server's answer: n numbers or nulls, else None."""
+    scores = body.get(key) if isinstance(body, dict) else None
     if not isinstance(scores, list) or len(scores) != n:
         return None
     number = lambda s: isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
