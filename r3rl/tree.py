@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from r3rl.algos.advantages import tree_advantages
+from r3rl.algos.advantages import group_advantages, tree_advantages
 from r3rl.config import RolloutConfig
 from r3rl.distributed import Topology, gather, shard
 from r3rl.models.reflector import HFReflector, Reflection
+from r3rl.modes import regions
 from r3rl.rewards import CombinedReward
 from r3rl.rollout import DiffusionRollout, Scored, TextSettings, nanmean, run_diffusion, score
 
@@ -82,7 +83,14 @@ def grow_tree(
 ) -> Tree:
     """G roots x K reflections x M refinements per level, `cfg.max_rounds` levels. A reflection
     that stops is a leaf whose reward is its unchanged input's. `gather_scored` concatenates the
-    ranks' scores of their blocks (identity for one process)."""
+    ranks' scores of their blocks (identity for one process).
+
+    Refinements are scored with their input images (rewards such as background_preservation
+    compare the two). A reflection's advantage is R3's refine-step text reward among its
+    siblings: `f·(improvement + format_weight)` with f its format reward and improvement its
+    value minus its input's reward, or `perfect_stop_bonus` when it stopped on a perfect input;
+    with K = G, M = 1 and one level this is R3's reflect-refine step. `judge/failures` counts
+    every unscored sample of the tree (roots and refinements), `judge/samples` the samples."""
     g, prompt = cfg.group_size, meta["prompt"]
     mine = shard(g, topo)
     roots = run_diffusion(generator.model, [prompt] * g, None, generator.settings, train=generator.train,
@@ -95,6 +103,7 @@ def grow_tree(
     lengths: list[tuple[int, int]] = []  # (node, completion tokens) of every rank's reflections
     refinements: list[tuple[Rows, DiffusionRollout]] = []
     stops = total_refl = 0
+    refl_info: list[tuple[int, int, float, bool, bool]] = []  # (node, parent, input reward, stopped, format ok)
     for level in range(cfg.max_rounds):
         if not frontier:
             break
@@ -110,6 +119,7 @@ def grow_tree(
             parent.append(node)
             rewards.append(r if rf.instruction is None else math.nan)  # stop: value = unchanged image
             lengths.append((rid, len(rf.token_ids)))
+            refl_info.append((rid, node, r, rf.instruction is None, bool(rf.format_ok)))
             if j in own:
                 reflections.append((rid, rf, image))
             if rf.instruction is None:
@@ -125,11 +135,44 @@ def grow_tree(
             refinements.append((Rows([frontier[i][0] for i in block(len(frontier), topo)], len(frontier)), ro))
     values, adv, zero, sets = tree_advantages(parent, torch.tensor(rewards, dtype=torch.float64),
                                               scale_std=cfg.scale_rewards == "group")
+    fmt = torch.tensor([float(f) for *_, f in refl_info])
+    if refl_info:
+        ids = [n for n, *_ in refl_info]
+        text_r = reflection_rewards(values[ids], refl_info, reward.is_perfect, cfg.format_weight,
+                                    cfg.perfect_stop_bonus)
+        t_adv, _, _, _ = group_advantages(text_r, [p for _, p, *_ in refl_info],
+                                          scale_std=cfg.scale_rewards == "group")
+        adv[ids] = torch.nan_to_num(t_adv).to(adv.dtype)
+    refl_nodes = {n for n, *_ in refl_info}
+    scored = [r for node, r in enumerate(rewards) if node not in refl_nodes]  # roots and refinements
     metrics = {"refine/stop_rate": stops / max(1, total_refl), "frac_reward_zero_std": zero / max(1, sets),
-               "reward/final_mean": nanmean(torch.tensor([r for _, _, r in frontier])) if frontier else math.nan}
+               "reward/final_mean": nanmean(torch.tensor([r for _, _, r in frontier])) if frontier else math.nan,
+               "reward/format_mean": float(fmt.mean()) if refl_info else math.nan,
+               "judge/failures": sum(math.isnan(r) for r in scored), "judge/samples": len(scored)}
     tokens = sum(n for node, n in lengths if not math.isnan(values[node]))
     return Tree(parent, values, adv.float(), root_s, metrics, roots, Rows(list(mine), g), reflections, total_refl,
                 tokens, refinements)
+
+
+def reflection_rewards(
+    values: torch.Tensor,
+    info: list[tuple[int, int, float, bool, bool]],
+    is_perfect: Callable[[float], bool],
+    format_weight: float,
+    perfect_stop_bonus: float,
+) -> torch.Tensor:
+    """R3's refine-step text reward of each reflection node (`r3_refine_rewards` with the node's
+    value as the new reward): f·(value − input + w), or f·(bonus + w) for a stop on a perfect input;
+    0 when the format failed, whatever the value."""
+    out = []
+    for value, (_, _, r_in, stopped, ok) in zip(values.tolist(), info):
+        if not ok:
+            out.append(0.0)
+            continue
+        perfect = not math.isnan(r_in) and is_perfect(r_in)
+        shaped = perfect_stop_bonus if stopped and perfect else (0.0 * r_in if stopped else value - r_in)
+        out.append(shaped + format_weight)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def _refine_level(
@@ -150,6 +193,9 @@ def _refine_level(
     ro = run_diffusion(refiner.model, [e[2] for e in edits], [e[1] for e in edits], refiner.settings,
                        train=refiner.train, generator=rng, keep=keep)
     images = ro.images[: len(own)]
-    s = score(reward, [meta] * len(images), images) if images else Scored(torch.zeros(0), {}, {}, {})
+    inputs = [edits[i][1] for i in own]
+    s = (score(reward, [meta] * len(images), images, input_images=inputs,
+               regions=regions(ro.texts[: len(own)], [meta] * len(images)))
+         if images else Scored(torch.zeros(0), {}, {}, {}))
     nodes = range(first_node, first_node + len(edits))
     return list(zip(nodes, gather(images, topo), gather_scored(s).total.tolist())), ro
