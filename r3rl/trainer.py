@@ -607,9 +607,10 @@ def _diffusion_policy(cfg_section, path: Path, image_size: int, fg, *, max_index
     return policy
 
 
-def _prompts(path: str | None, split: str, n: int | None) -> list[dict]:
+def _prompts(path: str | None, split: str, n: int | None, prompt_field: str = "prompt",
+             tag_field: str = "tag") -> list[dict]:
     if path is not None:
-        records = load_prompts(path)
+        records = load_prompts(path, prompt_field, tag_field)
     else:
         from r3rl.shapes.prompts import split_prompts
 
@@ -683,8 +684,9 @@ def build_run(cfg: Config, *, eval_prompts: str | None = None, for_training: boo
     run = Run(
         cfg=cfg, reflector=reflector, ref_reflector=ref_reflector, reflector_opt=opt, generator=generator,
         refiner=refiner, reward=CombinedReward(cfg.rewards),
-        train_prompts=_prompts(cfg.data.train_prompts, "train", None),
-        eval_prompts=_prompts(eval_prompts or cfg.data.eval_prompts, "eval", cfg.data.num_eval_prompts),
+        train_prompts=_prompts(cfg.data.train_prompts, "train", None, cfg.data.prompt_field, cfg.data.tag_field),
+        eval_prompts=_prompts(eval_prompts or cfg.data.eval_prompts, "eval", cfg.data.num_eval_prompts,
+                              cfg.data.prompt_field, cfg.data.tag_field),
         text=TextSettings(rc.temperature, rc.top_k, rc.top_p, rc.max_new_tokens),
         rng=random.Random(cfg.seed), buffer=ImageBuffer(cfg.rollout.buffer_size), dist=topo,
     )
@@ -828,7 +830,7 @@ def _train(cfg: Config, topo: Topology) -> None:
                 if first is not None and (warning := hacking_warning(first.metrics, latest.metrics, step)):
                     logger.info(warning)
             logger.log(step, row)
-            failure_rate = row.get("judge/failures", 0) / max(1, cfg.rollout.group_size)
+            failure_rate = row.get("judge/failures", 0) / max(1, row.get("judge/samples", cfg.rollout.group_size))
             stopping = any_rank(stop.flag, topo)  # every rank saves and stops at the same step
             if (tc.save_every and step % tc.save_every == 0) or last or stopping:
                 path = save_checkpoint(run, out, step, keep_last=tc.keep_last)
