@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from r3rl.config import WorldConfig
 from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector
@@ -58,3 +60,14 @@ def test_flow_pretraining_runs_for_any_step_count() -> None:
     for steps in (1, 2, 20, 21):
         pretrain_flow(flux, [FlowPairs(["one red square"] * 4, x0)], steps=steps, batch_size=2)
     assert any(not torch.equal(a, b) for a, b in zip(before, flux.transformer.parameters()))
+
+
+def test_vae_loss_weighs_object_pixels_over_the_background() -> None:
+    from r3rl.shapes.tiny_diffusion import _object_weight
+
+    x = torch.full((2, 3, 8, 8), 0.9)  # light background
+    x[0, :, 2:4, 2:4] = torch.tensor([-0.5, 0.2, 0.8])[:, None, None]  # one coloured object
+    w = _object_weight(x, weight=10.0)
+    assert w.shape == (2, 1, 8, 8)
+    assert w[0, 0, 2:4, 2:4].eq(10.0).all() and w[0].sum() == 4 * 10 + 60
+    assert w[1].eq(1.0).all()  # an empty canvas is all background
