@@ -106,14 +106,24 @@ def test_refine_cli_saves_every_round_and_a_trace(trained, tmp_path: Path) -> No
     _check_trace(out, trained["prompts"], rounds=2)
 
 
-def test_refine_loads_checkpoint_weights(trained) -> None:
-    from safetensors.torch import load_file
+def test_refine_loads_checkpoint_weights(trained, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
 
     from r3rl.inference import load_trained, resolve_checkpoint
 
     # an output_dir means its newest complete checkpoint
     assert resolve_checkpoint(trained["run"]) == trained["run"] / "checkpoints" / "step-2"
-    run, ckpt = load_trained(trained["run"])
+    # two steps on a tiny world may leave the reflector where pretraining left it (the checker scores
+    # every junk image 0, so its group's advantages can all be 0): mark a copy of the checkpoint's
+    # reflector so that loading the world's instead would show
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["run"], run_dir)
+    weights = run_dir / "checkpoints" / "step-2" / "reflector" / "model.safetensors"
+    tensors = load_file(weights)
+    first = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
+    tensors[first] = tensors[first] + 1.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    run, ckpt = load_trained(run_dir)
     for name in ("generator", "refiner"):
         folder = ckpt / name / "transformer"
         if not folder.exists():
