@@ -38,6 +38,17 @@ log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
+def json_headers(api_key_env: str | None) -> dict[str, str]:
+    """JSON request headers, with `Authorization: Bearer <key>` read from the named variable."""
+    headers = {"Content-Type": "application/json"}
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise UserError(f"environment variable {api_key_env} (the API key) is not set")
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
 @dataclass
 class JudgeStats:
     """Running counts since the reward was built; `failures + unparseable` samples scored None."""
@@ -106,12 +117,7 @@ class HttpPool:
         self.concurrency = int(concurrency)
         self.backoff_s = float(backoff_s)
         self.backoff_max_s = float(backoff_max_s)
-        self.headers = {"Content-Type": "application/json"}
-        if api_key_env:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise UserError(f"environment variable {api_key_env} (the API key) is not set")
-            self.headers["Authorization"] = f"Bearer {key}"
+        self.headers = json_headers(api_key_env)
         self.stats = JudgeStats()
         self.sent = [0] * len(self.urls)  # attempts per endpoint, for load-balancing checks
         self._busy = [0] * len(self.urls)

@@ -31,7 +31,6 @@ same checkpoint samples the reflections. Three pieces:
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
 import time
@@ -46,6 +45,7 @@ from PIL import Image
 
 from r3rl.errors import UserError
 from r3rl.judges.chat import image_data_url
+from r3rl.judges.http import json_headers
 from r3rl.models.reflector import REFLECTION_PROMPT, HFReflector, Reflection
 
 PROBE_PROMPT = "a red circle"
@@ -116,12 +116,7 @@ class VLLMRollout:
         self.model = model
         self.timeout_s = float(timeout_s)
         self.verify_tol = float(verify_tol)
-        self.headers = {"Content-Type": "application/json"}
-        if api_key_env:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise UserError(f"environment variable {api_key_env} (the API key) is not set")
-            self.headers["Authorization"] = f"Bearer {key}"
+        self.headers = json_headers(api_key_env)
         # the server reads the weights from here: a folder it can see (same node or shared FS)
         self.sync_dir = Path(sync_dir) if sync_dir else Path(tempfile.mkdtemp(prefix="r3rl-sync-"))
         self.version = 0  # syncs done; the server holds the trainer's weights as of `_synced`
