@@ -123,7 +123,13 @@ class LoRAConfig(_Section):
 
     r: int = Field(16, gt=0, description="Adapter rank.")
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the adapter input, active in `r3rl sft` only: RL samples and scores "
+        "in eval mode (TRL's disable_dropout), so an on-policy ratio is exactly 1.",
+    )
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt (null = the adapter's default)."
     )

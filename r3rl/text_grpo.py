@@ -181,7 +181,8 @@ def grpo_step(
     if s.scale_rewards == "batch":
         (adv,) = divide_by_batch_std([adv], [rewards])
     t2 = time.perf_counter()
-    policy.model.train()
+    # the loss forward stays in eval mode (TRL's disable_dropout): with dropout on, the update's
+    # log-probs would not be those of the distribution sampled, and the on-policy ratio not 1
     logps, entropy, kl_logps = policy.logprobs(c, s, with_unfiltered=True)
     ref_logps = policy.reference_logprobs(c, s, ref) if s.beta > 0 else None
     mask = c.completion_mask & valid[:, None].to(logps.device)  # rewards live on the CPU

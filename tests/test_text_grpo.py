@@ -116,3 +116,36 @@ def test_missing_policy_folder_is_one_line(tmp_path):
     assert res.stderr.strip().splitlines() == [
         f"r3rl: error: reflector.model must be a local causal-LM directory with rollout.credit=text; "
         f"got '{tmp_path / 'nope'}'"]
+
+
+def test_dropout_is_off_in_the_grpo_update_so_the_first_ratio_is_one(tiny_lm, tmp_path):
+    """A policy with dropout: the update scores in eval mode (TRL's disable_dropout), where its
+    log-probs are those it sampled with; in train mode they would not be."""
+    from transformers import AutoTokenizer
+
+    from r3rl.config import RewardSpec
+    from r3rl.rewards import CombinedReward
+    from r3rl.text_grpo import grpo_step
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm, attention_dropout=0.5)
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(tmp_path)
+    policy = CausalLMPolicy.from_pretrained(tmp_path)
+    s = _settings()
+    torch.manual_seed(3)
+    c = policy.sample(["the green star", "the red circle"], s)
+    m = c.completion_mask
+    policy.model.train()
+    with torch.no_grad():
+        train_logps, _ = policy.logprobs(c, s)
+    assert not torch.allclose(train_logps[m], c.old_logps[m], atol=1e-3)  # dropout moves them
+
+    (tmp_path / "length.py").write_text(
+        "def length(prompts, completions, **kwargs):\n"
+        "    return [float(len(c[0]['content'])) for c in completions]\n"
+    )
+    reward = CombinedReward([RewardSpec(name=f"{tmp_path / 'length.py'}:length")])
+    opt = torch.optim.SGD(policy.model.parameters(), lr=0.0)
+    out = grpo_step(policy, opt, ["the green star", "the red circle"], reward, s)
+    assert not policy.model.training
+    assert out["clip_ratio"] == 0.0  # every ratio exactly inside the range: it is 1
