@@ -127,8 +127,8 @@ class LoRAConfig(_Section):
         0.0,
         ge=0.0,
         lt=1.0,
-        description="Dropout on the adapter input, active in `r3rl sft` only: RL samples and scores "
-        "in eval mode (TRL's disable_dropout), so an on-policy ratio is exactly 1.",
+        description="Dropout on the adapter input, active in `r3rl sft` only: RL policies have every "
+        "dropout zeroed at load (TRL's disable_dropout), so an on-policy ratio is exactly 1.",
     )
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt (null = the adapter's default)."

@@ -67,14 +67,14 @@ class CausalLMPolicy:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, trust_remote_code: bool = False, lora: dict | None = None,
                         dtype: str | None = None) -> CausalLMPolicy:
-        from r3rl.models.reflector import lora_kwargs, with_lora
+        from r3rl.models.reflector import disable_dropout, lora_kwargs, with_lora
 
         kwargs = {"dtype": dtype} if dtype else {}
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if lora is not None:
             model = with_lora(model, lora_kwargs(**lora))
-        return cls(model, tok)
+        return cls(disable_dropout(model), tok)
 
     @property
     def device(self) -> torch.device:
@@ -181,8 +181,7 @@ def grpo_step(
     if s.scale_rewards == "batch":
         (adv,) = divide_by_batch_std([adv], [rewards])
     t2 = time.perf_counter()
-    # the loss forward stays in eval mode (TRL's disable_dropout): with dropout on, the update's
-    # log-probs would not be those of the distribution sampled, and the on-policy ratio not 1
+    policy.model.train()  # gradient checkpointing; dropout was zeroed at load (disable_dropout)
     logps, entropy, kl_logps = policy.logprobs(c, s, with_unfiltered=True)
     ref_logps = policy.reference_logprobs(c, s, ref) if s.beta > 0 else None
     mask = c.completion_mask & valid[:, None].to(logps.device)  # rewards live on the CPU

@@ -118,34 +118,23 @@ def test_missing_policy_folder_is_one_line(tmp_path):
         f"got '{tmp_path / 'nope'}'"]
 
 
-def test_dropout_is_off_in_the_grpo_update_so_the_first_ratio_is_one(tiny_lm, tmp_path):
-    """A policy with dropout: the update scores in eval mode (TRL's disable_dropout), where its
-    log-probs are those it sampled with; in train mode they would not be."""
+def test_dropout_is_zeroed_in_rl_policies_so_the_first_ratio_is_one(tiny_lm, tmp_path):
+    """A checkpoint with attention dropout 0.5: loaded as an RL policy its dropout is zeroed (TRL's
+    disable_dropout), so in train mode (the update's, where gradient checkpointing works) its
+    log-probs are those it sampled with."""
     from transformers import AutoTokenizer
-
-    from r3rl.config import RewardSpec
-    from r3rl.rewards import CombinedReward
-    from r3rl.text_grpo import grpo_step
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm, attention_dropout=0.5)
     model.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(tmp_path)
-    policy = CausalLMPolicy.from_pretrained(tmp_path)
     s = _settings()
-    torch.manual_seed(3)
-    c = policy.sample(["the green star", "the red circle"], s)
-    m = c.completion_mask
-    policy.model.train()
-    with torch.no_grad():
-        train_logps, _ = policy.logprobs(c, s)
-    assert not torch.allclose(train_logps[m], c.old_logps[m], atol=1e-3)  # dropout moves them
-
-    (tmp_path / "length.py").write_text(
-        "def length(prompts, completions, **kwargs):\n"
-        "    return [float(len(c[0]['content'])) for c in completions]\n"
-    )
-    reward = CombinedReward([RewardSpec(name=f"{tmp_path / 'length.py'}:length")])
-    opt = torch.optim.SGD(policy.model.parameters(), lr=0.0)
-    out = grpo_step(policy, opt, ["the green star", "the red circle"], reward, s)
-    assert not policy.model.training
-    assert out["clip_ratio"] == 0.0  # every ratio exactly inside the range: it is 1
+    raw = CausalLMPolicy(AutoModelForCausalLM.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path))
+    for policy, same in ((raw, False), (CausalLMPolicy.from_pretrained(tmp_path), True)):
+        policy.model.eval()
+        torch.manual_seed(3)
+        c = policy.sample(["the green star", "the red circle"], s)
+        m = c.completion_mask
+        policy.model.train()
+        with torch.no_grad():
+            logps, _ = policy.logprobs(c, s)
+        assert torch.allclose(logps[m], c.old_logps[m], atol=1e-4) is same

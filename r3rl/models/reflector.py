@@ -129,6 +129,19 @@ class Reflection:
     format_ok: bool
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Zero every dropout of an RL policy (TRL's `disable_dropout`): its updates must score the
+    distribution it sampled from, so an on-policy ratio is exactly 1. Covers dropout modules
+    (LoRA's included) and the attention dropout HF attention layers apply functionally in train
+    mode. The policy can then run its loss in train mode, where gradient checkpointing works."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
 def _distribution(temperature: float, top_k: int, top_p: float) -> tuple[float, int, float]:
     """The sampling settings whose log-probs are reported; greedy (temperature 0) reports the plain model."""
     return (temperature, top_k, top_p) if temperature > 0 else (1.0, 0, 1.0)
@@ -258,6 +271,7 @@ class HFReflector:
         elif lora is not None:
             model = with_lora(model, lora)
         model.to(device)
+        disable_dropout(model)
         if gradient_checkpointing:
             model.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False}
@@ -434,10 +448,18 @@ class HFReflector:
         `with_unfiltered` appends the unfiltered log-softmax (temperature only, no top-k/top-p) of
         the same logits: what the KL to the (unfiltered) reference compares, as TRL does.
         """
+        # a forward with grad runs in train mode, where HF layers checkpoint activations (dropout is
+        # zeroed at load, disable_dropout); the model's mode is restored after
+        was_training = self.model.training
+        self.model.train(with_grad)
+        try:
+            with torch.enable_grad() if with_grad else torch.no_grad():
+                logits, ids, mask = self.completion_logits(
+                    prompts, images, completions, disable_adapter=disable_adapter
+                )
+        finally:
+            self.model.train(was_training)
         with torch.enable_grad() if with_grad else torch.no_grad():
-            logits, ids, mask = self.completion_logits(
-                prompts, images, completions, disable_adapter=disable_adapter
-            )
             temperature, top_k, top_p = _distribution(temperature, top_k, top_p)
             logps, entropy = token_logprobs(
                 logits, ids, temperature=temperature, top_k=top_k, top_p=top_p
