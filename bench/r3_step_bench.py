@@ -42,7 +42,8 @@ from results import publish
 from r3rl.checkpoint import save_checkpoint
 from r3rl.config import load_config
 from r3rl.logger import RunLogger
-from r3rl.trainer import Run, build_run
+from r3rl.run import Run, build_run
+from r3rl.trainer import train_step
 
 TARGET = 1.15
 
@@ -134,7 +135,7 @@ def overhead(overrides: list[str], steps: int, warmup: int) -> dict:
         for step in range(1, warmup + steps + 1):
             timer.reset()
             t0 = time.perf_counter()
-            row = run.train_step(step)
+            row = train_step(run, step)
             wall = time.perf_counter() - t0
             t1 = time.perf_counter()
             logger.log(step, row)
@@ -168,7 +169,7 @@ def step_time(overrides: list[str], steps: int, warmup: int) -> float:
     times = []
     for step in range(1, warmup + steps + 1):
         t0 = time.perf_counter()
-        run.train_step(step)
+        train_step(run, step)
         if step > warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)

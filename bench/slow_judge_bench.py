@@ -40,7 +40,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from results import publish
 
 from r3rl.config import load_config
-from r3rl.trainer import build_run
+from r3rl.run import build_run
+from r3rl.trainer import train_step
 
 TARGET = 1.10
 REWARD = textwrap.dedent("""
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
             for step in range(1, args.warmup + args.steps + 1):
                 for name, run in runs.items():
                     t0 = time.perf_counter()
-                    row = run.train_step(step)
+                    row = train_step(run, step)
                     if step > args.warmup:
                         times[name].append(time.perf_counter() - t0)
                     rewards[name].append(row["reward/mean"])

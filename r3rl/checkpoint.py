@@ -1,12 +1,13 @@
 """Atomic checkpoints: weights in safetensors (transformers / diffusers / peft layouts), optimiser
 and RNG state loaded with `weights_only=True`, the rollout buffer, and a COMPLETE marker.
 
-Written to a temp folder and renamed, so a run killed mid-save resumes from the previous
-complete checkpoint. With several processes rank 0 writes everything except what only a
-collective can produce: consolidated weights (ZeRO-3 gathers them a submodule at a time), each
-DeepSpeed engine's own sharded state (`deepspeed/<policy>/`, every rank writes its shard of
-the optimiser; resuming needs the same number of processes) and the RNG state of every rank. References for KL are never restored from a checkpoint: they stay the
-original weights (R3's resume made the reference drift to the resumed policy).
+Written to a temp folder and renamed, so a run killed mid-save resumes from the previous complete
+checkpoint. With several processes rank 0 writes everything except what only a collective can
+produce: consolidated weights (ZeRO-3 gathers them a submodule at a time), each DeepSpeed engine's
+own sharded state (`deepspeed/<policy>/`, every rank writes its shard of the optimiser; resuming
+needs the same number of processes) and the RNG state of every rank. References for KL are never
+restored from a checkpoint: they stay the original weights (R3's resume made the reference drift to
+the resumed policy).
 
 With `trainer.ema`, `ema/` holds each trained policy's average twice: as weights in the layout
 of the live ones (`ema/reflector/`, `ema/generator/transformer/`, `ema/refiner/transformer/`,
@@ -22,7 +23,7 @@ import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
@@ -30,9 +31,8 @@ from safetensors.torch import load_file
 
 from r3rl.distributed import barrier, gather
 from r3rl.errors import UserError
-
-if TYPE_CHECKING:
-    from r3rl.trainer import Run
+from r3rl.rollout import BufferItem
+from r3rl.run import Run
 
 COMPLETE = "COMPLETE"
 EMA_DIR = "ema"
@@ -48,7 +48,8 @@ def _checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 
 def find_resume(resume: str | None, out: Path) -> Path | None:
-    """`auto` = newest complete checkpoint in output_dir (None when there is none); a path = that one."""
+    """`auto` = newest complete checkpoint in output_dir (None when there is none); a path = that
+    one."""
     if resume is None:
         return None
     if resume == "auto":
@@ -77,16 +78,23 @@ def load_module(module: torch.nn.Module, folder: Path) -> None:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"checkpoint folder {folder} has no *.safetensors weights")
-    state = {k: v for f in files for k, v in load_file(f).items()} if isinstance(module, PeftModel) or has_lora(
-        module) else None
+    state = (
+        {k: v for f in files for k, v in load_file(f).items()}
+        if isinstance(module, PeftModel) or has_lora(module)
+        else None
+    )
     if isinstance(module, PeftModel):
         set_peft_model_state_dict(module, state)
         return
     try:
-        module.load_state_dict(state if state is not None else type(module).from_pretrained(folder).state_dict(),
-                               strict=True)
+        module.load_state_dict(
+            state if state is not None else type(module).from_pretrained(folder).state_dict(),
+            strict=True,
+        )
     except RuntimeError as e:
-        raise UserError(f"checkpoint {folder} does not match the model ({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"checkpoint {folder} does not match the model ({str(e).splitlines()[0]})"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -120,7 +128,9 @@ def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
     topo, main = run.dist, run.dist.is_main
     root = out / "checkpoints"
     final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{gather([os.getpid()], topo)[0]}"  # rank 0's pid names it for all
+    tmp = (
+        root / f".tmp-step-{step}-{gather([os.getpid()], topo)[0]}"
+    )  # rank 0's pid names it for all
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -132,18 +142,20 @@ def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
     optim = {}
     if run.reflector_opt is not None and "reflector" not in run.engines:
         optim["reflector"] = run.reflector_opt.state_dict()
-    for name, pol in (("generator", run.generator), ("refiner", run.refiner)):
-        if pol is not None and pol.train:
-            with _consolidated(pol.model.transformer, run.engines.get(name)):
+    for pol in run.diffusion_policies:
+        if pol.trainable:
+            with _consolidated(pol.model.transformer, run.engines.get(pol.name)):
                 if main:
-                    _save_weights(run, name, tmp)
-            if name not in run.engines:
-                optim[name] = pol.opt.state_dict()
+                    _save_weights(run, pol.name, tmp)
+            if pol.name not in run.engines:
+                optim[pol.name] = pol.opt.state_dict()
     if main and run.ema:  # trainer.ema is refused under ZeRO-3: rank 0 holds every weight
         for name, ema in run.ema.items():
             with ema.applied(run.trained_params(name)):
                 _save_weights(run, name, tmp / EMA_DIR)
-        torch.save({name: ema.state_dict() for name, ema in run.ema.items()}, tmp / EMA_DIR / "state.pt")
+        torch.save(
+            {name: ema.state_dict() for name, ema in run.ema.items()}, tmp / EMA_DIR / "state.pt"
+        )
     for name, engine in run.engines.items():
         engine.save_checkpoint(str(tmp / "deepspeed" / name), tag="state")
     torch_states = gather([torch.get_rng_state()], topo)
@@ -157,11 +169,12 @@ def save_checkpoint(run: Run, out: Path, step: int, *, keep_last: int) -> Path:
 
 
 def _save_weights(run: Run, name: str, root: Path) -> None:
-    """Rank 0: policy `name`'s weights under `root`, in the checkpoint layout `load_module` reads."""
+    """Rank 0: policy `name`'s weights under `root`, in the checkpoint layout `load_module`
+    reads."""
     if name == "reflector":
         run.reflector.save_pretrained(root / "reflector")
     else:
-        getattr(run, name).model.transformer.save_pretrained(root / name / "transformer")
+        run.policy(name).model.transformer.save_pretrained(root / name / "transformer")
 
 
 def publish(tmp: Path, final: Path, *, keep_last: int) -> None:
@@ -177,12 +190,21 @@ def publish(tmp: Path, final: Path, *, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _write_rest(run: Run, tmp: Path, final: Path, step: int, optim: dict, torch_states: list,
-                cuda_states: list) -> None:
-    """Rank 0: optimisers, RNGs, buffer and trainer state (`publish` then makes it the checkpoint)."""
+def _write_rest(
+    run: Run, tmp: Path, final: Path, step: int, optim: dict, torch_states: list, cuda_states: list
+) -> None:
+    """Rank 0: optimisers, RNGs, buffer and trainer state (`publish` then makes it the
+    checkpoint)."""
     torch.save(optim, tmp / "optimizers.pt")
-    torch.save({"torch": torch_states[0], "torch_per_rank": torch_states, "cuda_per_rank": cuda_states,
-                "python": list(_py_state(run.rng))}, tmp / "rng.pt")
+    torch.save(
+        {
+            "torch": torch_states[0],
+            "torch_per_rank": torch_states,
+            "cuda_per_rank": cuda_states,
+            "python": list(_py_state(run.rng)),
+        },
+        tmp / "rng.pt",
+    )
     buf = tmp / "buffer"
     buf.mkdir()
     items = []
@@ -200,34 +222,39 @@ def _py_state(rng: random.Random) -> tuple:
 
 def load_checkpoint(run: Run, path: Path) -> int:
     """Restore policies, optimisers, RNGs and buffer; return the step to continue after."""
-    from r3rl.rollout import BufferItem
-
     rng = torch.load(path / "rng.pt", weights_only=True)
     per_rank = rng.get("torch_per_rank", [])
     if run.engines and len(per_rank) != run.dist.world:  # DeepSpeed cannot re-partition ZeRO state
-        raise UserError(f"checkpoint {path} holds DeepSpeed state sharded over {len(per_rank)} processes; "
-                        f"resume it with {len(per_rank)} processes, not {run.dist.world}")
+        raise UserError(
+            f"checkpoint {path} holds DeepSpeed state sharded over {len(per_rank)} processes; "
+            f"resume it with {len(per_rank)} processes, not {run.dist.world}"
+        )
     for name, engine in run.engines.items():  # weights and sharded optimiser state
         folder = path / "deepspeed" / name
         if not folder.exists():
-            raise UserError(f"checkpoint {path} has no DeepSpeed state for {name} (saved without distributed.deepspeed?)")
+            raise UserError(
+                f"checkpoint {path} has no DeepSpeed state for {name} (saved without "
+                "distributed.deepspeed?)"
+            )
         engine.load_checkpoint(str(folder), tag="state")
     if run.reflector is not None and "reflector" not in run.engines:
         load_module(run.reflector.model, path / "reflector")
     optim = torch.load(path / "optimizers.pt", weights_only=True)
     if run.reflector_opt is not None and "reflector" in optim:
         run.reflector_opt.load_state_dict(optim["reflector"])
-    for name, pol in (("generator", run.generator), ("refiner", run.refiner)):
-        if pol is not None and pol.train and (path / name).exists() and name not in run.engines:
-            load_module(pol.model.transformer, path / name / "transformer")
-            pol.opt.load_state_dict(optim[name])
+    for pol in run.diffusion_policies:
+        if pol.trainable and (path / pol.name).exists() and pol.name not in run.engines:
+            load_module(pol.model.transformer, path / pol.name / "transformer")
+            pol.opt.load_state_dict(optim[pol.name])
     if run.ema:  # the float32 averages as they were (the ema/ weight folders are for users)
         state = path / EMA_DIR / "state.pt"
         saved = torch.load(state, weights_only=True, map_location="cpu") if state.exists() else {}
         for name, ema in run.ema.items():
             if name not in saved:
-                raise UserError(f"checkpoint {path} holds no EMA of the {name} (saved without trainer.ema); "
-                                "resume it with trainer.ema=null, or start a new run")
+                raise UserError(
+                    f"checkpoint {path} holds no EMA of the {name} (saved without trainer.ema); "
+                    "resume it with trainer.ema=null, or start a new run"
+                )
             ema.load_state_dict(saved[name], f"checkpoint {path} ({name})")
     torch.set_rng_state(per_rank[run.dist.rank] if run.dist.rank < len(per_rank) else rng["torch"])
     cuda = rng.get("cuda_per_rank", [])
@@ -237,7 +264,12 @@ def load_checkpoint(run: Run, path: Path) -> int:
     run.rng.setstate((version, tuple(internal), gauss))
     state = json.loads((path / "trainer_state.json").read_text())
     run.buffer.items = [
-        BufferItem(it["meta"], Image.open(path / "buffer" / f"{i}.png").convert("RGB"), it["reward"], it["round"])
+        BufferItem(
+            it["meta"],
+            Image.open(path / "buffer" / f"{i}.png").convert("RGB"),
+            it["reward"],
+            it["round"],
+        )
         for i, it in enumerate(state["buffer"])
     ]
     run.nonfinite_in_row = state["nonfinite_in_row"]

@@ -21,8 +21,9 @@ EXIT_USER_ERROR = 2
 # precede torch). libgomp's default spin collapses throughput when cores are shared (another job,
 # a judge server beside the trainer): 3x slower flow-matching steps than sleeping at once with two
 # processes on 2 cores. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs a tiny model's many small
-# ops 1.7x on idle cores. One process spins briefly, which keeps most of the speed; ranks launched side by side
-# share the cores, so they sleep at once (bench/omp_wait_bench.py). A user's setting wins.
+# ops 1.7x on idle cores. One process spins briefly, which keeps most of the speed; ranks launched
+# side by side share the cores, so they sleep at once (bench/omp_wait_bench.py). A user's setting
+# wins.
 if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
     if int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1) > 1:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -184,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     sft = commands.add_parser(
-        "sft", help="supervised flow matching of the refiner on (input, instruction, target[, mask]) pairs"
+        "sft",
+        help="supervised flow matching of the refiner on (input, instruction, target[, mask]) "
+        "pairs",
     )
     _add_recipe_args(sft)
     sft.set_defaults(func=_cmd_sft)
@@ -237,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, metavar="B", help="prompts per batch (default: eval.batch_size)"
     )
     refine.add_argument(
-        "--ema", action="store_true",
+        "--ema",
+        action="store_true",
         help="use the averaged weights a trainer.ema run saved (the ones its eval scored)",
     )
     refine.set_defaults(func=_cmd_refine)
@@ -262,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.set_defaults(func=_cmd_data_shapes)
 
     serve_rewards = commands.add_parser(
-        "serve-rewards", help="host a recipe's rewards over HTTP (JSON, bearer token) for other nodes"
+        "serve-rewards",
+        help="host a recipe's rewards over HTTP (JSON, bearer token) for other nodes",
     )
     serve_rewards.add_argument(
         "recipe", metavar="RECIPE", help="YAML recipe, or a YAML file with only a 'rewards' list"

@@ -48,14 +48,17 @@ class DataConfig(_Section):
         48, gt=0, description="Evaluate on the first N eval prompts (null = all)."
     )
     prompt_field: str = Field(
-        "prompt", min_length=1,
-        description="Key of each prompt record that holds the prompt, copied into 'prompt' when another "
-        "(R3's TIIF files have none: short_description, as R3 trains, or long_description).",
+        "prompt",
+        min_length=1,
+        description="Key of each prompt record that holds the prompt, copied into 'prompt' when "
+        "another (R3's TIIF files have none: short_description, as R3 trains, or "
+        "long_description).",
     )
     tag_field: str = Field(
-        "tag", min_length=1,
-        description="Key of each prompt record that holds its category for per-tag eval figures, copied "
-        "into 'tag' when another (R3's TIIF files: type).",
+        "tag",
+        min_length=1,
+        description="Key of each prompt record that holds its category for per-tag eval figures, "
+        "copied into 'tag' when another (R3's TIIF files: type).",
     )
 
     _check_files = field_validator("train_prompts", "eval_prompts")(_existing_file)
@@ -79,43 +82,71 @@ class WorldConfig(_Section):
     pretrain_reflector_steps: int = Field(
         300, ge=0, description="SFT steps of the tiny reflector on checker-written critiques."
     )
-    pretrain_batch_size: int = Field(32, gt=0, description="Batch size of flow-matching and SFT pretraining.")
+    pretrain_batch_size: int = Field(
+        32, gt=0, description="Batch size of flow-matching and SFT pretraining."
+    )
     pretrain_pairs: int = Field(
-        3000, gt=0, description="Rendered text-to-image pairs and edit triples encoded once for flow matching."
+        3000,
+        gt=0,
+        description="Rendered text-to-image pairs and edit triples encoded once for flow matching.",
     )
     pretrain_vae_steps: int = Field(800, ge=0, description="Reconstruction steps of the tiny VAE.")
-    pretrain_vae_batch_size: int = Field(8, gt=0, description="Batch size of VAE pretraining (small is faster).")
+    pretrain_vae_batch_size: int = Field(
+        8, gt=0, description="Batch size of VAE pretraining (small is faster)."
+    )
     reflector_sft_examples: int = Field(
-        1500, gt=0, description="Checker-critiqued images (generated + rendered) the reflector is fine-tuned on."
+        1500,
+        gt=0,
+        description="Checker-critiqued images (generated + rendered) the reflector is fine-tuned "
+        "on.",
     )
 
 
 _Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 # the AdamW settings of every trained policy: the reflector's, the generator's and the refiner's
-AdamBetas = Annotated[tuple[_Beta, _Beta], Field(
-    description="AdamW (beta1, beta2), each in [0, 1). A DeepSpeed JSON's explicit `betas` wins over 'auto'.")]
-AdamEps = Annotated[float, Field(gt=0.0, description="AdamW epsilon (DeepSpeed JSON: likewise `eps`).")]
-WeightDecay = Annotated[float, Field(
-    ge=0.0, description="AdamW decoupled weight decay (DeepSpeed JSON: likewise `weight_decay`).")]
+AdamBetas = Annotated[
+    tuple[_Beta, _Beta],
+    Field(
+        description="AdamW (beta1, beta2), each in [0, 1). A DeepSpeed JSON's explicit `betas` "
+        "wins over 'auto'."
+    ),
+]
+AdamEps = Annotated[
+    float, Field(gt=0.0, description="AdamW epsilon (DeepSpeed JSON: likewise `eps`).")
+]
+WeightDecay = Annotated[
+    float,
+    Field(
+        ge=0.0,
+        description="AdamW decoupled weight decay (DeepSpeed JSON: likewise `weight_decay`).",
+    ),
+]
 
 
 def adamw_kwargs(policy: ReflectorConfig | GeneratorConfig) -> dict[str, Any]:
     """A policy section's AdamW keyword arguments (`torch.optim.AdamW(params, **...)`)."""
-    return {"lr": policy.lr, "betas": tuple(policy.adam_betas), "eps": policy.adam_eps,
-            "weight_decay": policy.weight_decay}
+    return {
+        "lr": policy.lr,
+        "betas": tuple(policy.adam_betas),
+        "eps": policy.adam_eps,
+        "weight_decay": policy.weight_decay,
+    }
 
 
 def warn_low_precision_full_finetuning(cfg: Config, names: tuple[str, ...]) -> None:
-    """Plain AdamW on bfloat16/float16 weights rounds away steps below their resolution (lr 1e-4 moves
-    ~9% of bf16 weights near 0.2); LoRA adapters are float32 and ZeRO keeps float32 master weights."""
+    """Plain AdamW on bfloat16/float16 weights rounds away steps below their resolution (lr 1e-4
+    moves ~9% of bf16 weights near 0.2); LoRA adapters are float32 and ZeRO keeps float32 master
+    weights."""
     if cfg.distributed.deepspeed:
         return
     for name in names:
         section = getattr(cfg, name)
         if section.train and section.lora is None and section.dtype != "float32":
-            log.warning(f"{name}: full fine-tuning in {section.dtype} without distributed.deepspeed loses AdamW "
-                        f"steps below the weights' resolution; use {name}.lora (float32 adapters), "
-                        f"{name}.dtype=float32 or DeepSpeed ZeRO (float32 master weights)")
+            log.warning(
+                f"{name}: full fine-tuning in {section.dtype} without distributed.deepspeed "
+                f"loses AdamW steps below the weights' resolution; use {name}.lora (float32 "
+                f"adapters), {name}.dtype=float32 or DeepSpeed ZeRO (float32 master weights)"
+            )
 
 
 class LoRAConfig(_Section):
@@ -127,8 +158,9 @@ class LoRAConfig(_Section):
         0.0,
         ge=0.0,
         lt=1.0,
-        description="Dropout on the adapter input, active in `r3rl sft` only: RL policies have every "
-        "dropout zeroed at load (TRL's disable_dropout), so an on-policy ratio is exactly 1.",
+        description="Dropout on the adapter input, active in `r3rl sft` only: RL policies have "
+        "every dropout zeroed at load (TRL's disable_dropout), so an on-policy ratio "
+        "is exactly 1.",
     )
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt (null = the adapter's default)."
@@ -157,7 +189,8 @@ class ReflectorConfig(_Section):
     )
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
         "grpo",
-        description="Token-loss aggregation: per-sequence mean, constant normaliser, or batch token mean.",
+        description="Token-loss aggregation: per-sequence mean, constant normaliser, or batch "
+        "token mean.",
     )
     beta: float = Field(
         0.001,
@@ -174,8 +207,9 @@ class ReflectorConfig(_Section):
         False, description="Allow model code shipped with the checkpoint to run."
     )
     offload: bool = Field(
-        False, description="Keep the full-copy KL reference (full fine-tuning with beta > 0) in CPU "
-        "memory, each layer copied to the GPU for its forward only."
+        False,
+        description="Keep the full-copy KL reference (full fine-tuning with beta > 0) in CPU "
+        "memory, each layer copied to the GPU for its forward only.",
     )
 
 
@@ -187,7 +221,9 @@ class GeneratorConfig(_Section):
         "auto", description="Model family (auto = read from the checkpoint's transformer class)."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weight dtype of every component (bfloat16 on GPU; sampling math stays float32)."
+        "float32",
+        description="Weight dtype of every component (bfloat16 on GPU; sampling math stays "
+        "float32).",
     )
     train: bool = Field(False, description="Train the generator with FlowGRPO.")
     lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
@@ -195,27 +231,37 @@ class GeneratorConfig(_Section):
     adam_eps: AdamEps = 1e-8
     weight_decay: WeightDecay = 0.0
     lora: LoRAConfig | None = Field(
-        None, description="LoRA on the transformer's attention projections (null = full fine-tuning); "
-        "the KL reference is the adapter switched off."
+        None,
+        description="LoRA on the transformer's attention projections (null = full fine-tuning); "
+        "the KL reference is the adapter switched off.",
     )
     num_steps: int = Field(10, gt=0, description="Denoising steps in training rollouts.")
     guidance_scale: float = Field(
-        1.0, ge=0.0, description="Distilled guidance embedding value (FLUX.1-dev style models only)."
+        1.0,
+        ge=0.0,
+        description="Distilled guidance embedding value (FLUX.1-dev style models only).",
     )
     cfg_scale: float = Field(
-        1.0, ge=1.0, description="True classifier-free guidance against an empty prompt (1 = off); "
-        "log-probs are those of the guided velocity."
+        1.0,
+        ge=1.0,
+        description="True classifier-free guidance against an empty prompt (1 = off); "
+        "log-probs are those of the guided velocity.",
     )
     noise_level: float = Field(
         0.7, ge=0.0, description="SDE noise level a (eta) of the trained steps."
     )
     max_text_len: int | None = Field(
-        None, gt=0, description="Tokens the text encoder reads (T5 / Qwen2.5-VL); null = the "
-        "checkpoint's setting or the family's pipeline default (FLUX 512, SD3 256, Qwen-Image 512)."
+        None,
+        gt=0,
+        description="Tokens the text encoder reads (T5 / Qwen2.5-VL); null = the checkpoint's "
+        "setting or the family's pipeline default (FLUX 512, SD3 256, Qwen-Image "
+        "512).",
     )
     offload: bool = Field(
-        False, description="Keep the frozen text encoders and VAE (and a full-copy KL reference) in CPU "
-        "memory, each layer copied to the GPU for its forward only: less GPU memory, slower encoding."
+        False,
+        description="Keep the frozen text encoders and VAE (and a full-copy KL reference) in CPU "
+        "memory, each layer copied to the GPU for its forward only: less GPU memory, "
+        "slower encoding.",
     )
 
 
@@ -223,22 +269,36 @@ class RegionConfig(_Section):
     """`refiner.mode: region` (RefineAnything): which box is refined and how it is pasted back."""
 
     box: list[float] | None = Field(
-        None, min_length=4, max_length=4,
-        description="Default region [x0, y0, x1, y1] in canvas fractions, used when neither the reflection "
-        "(<box>x0 y0 x1 y1</box>) nor the prompt record ('region') names one (null = the whole image).",
+        None,
+        min_length=4,
+        max_length=4,
+        description="Default region [x0, y0, x1, y1] in canvas fractions, used when neither the "
+        "reflection (<box>x0 y0 x1 y1</box>) nor the prompt record ('region') names "
+        "one (null = the whole image).",
     )
-    margin: float = Field(0.25, ge=0.0, description="Crop margin around the box, as a fraction of its longer side.")
+    margin: float = Field(
+        0.25, ge=0.0, description="Crop margin around the box, as a fraction of its longer side."
+    )
     dilate_px: int = Field(
-        -1, ge=-8, le=8, description="Grow (> 0, RefineAnything's dilation) or shrink (< 0) the region mask "
-        "before blurring; -1 with blur_sigma 0.5 keeps the feathered edge inside the region."
+        -1,
+        ge=-8,
+        le=8,
+        description="Grow (> 0, RefineAnything's dilation) or shrink (< 0) the region mask "
+        "before blurring; -1 with blur_sigma 0.5 keeps the feathered edge inside the region.",
     )
-    blur_sigma: float = Field(0.5, ge=0.0, description="Gaussian blur of the paste mask, in pixels (cut at 2 sigma).")
+    blur_sigma: float = Field(
+        0.5, ge=0.0, description="Gaussian blur of the paste mask, in pixels (cut at 2 sigma)."
+    )
 
     @field_validator("box")
     @classmethod
     def _box(cls, box: list[float] | None) -> list[float] | None:
-        if box is not None and not (0.0 <= box[0] < box[2] <= 1.0 and 0.0 <= box[1] < box[3] <= 1.0):
-            raise PydanticCustomError("box", "expected [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1", {})
+        if box is not None and not (
+            0.0 <= box[0] < box[2] <= 1.0 and 0.0 <= box[1] < box[3] <= 1.0
+        ):
+            raise PydanticCustomError(
+                "box", "expected [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1", {}
+            )
         return box
 
 
@@ -249,36 +309,50 @@ class RegenerateConfig(_Section):
         False, description="Append the reflector's instruction to the target prompt."
     )
     semantic_encoder: str | None = Field(
-        None, description="A transformers VLM folder whose image tokens condition the refiner "
-        "(null = the refiner folder's own semantic_encoder/)."
+        None,
+        description="A transformers VLM folder whose image tokens condition the refiner "
+        "(null = the refiner folder's own semantic_encoder/).",
     )
     pretrain_steps: int = Field(
         400, ge=0, description="Shapes world: flow-matching steps of the cached regenerate stage."
     )
-    pretrain_pairs: int = Field(1500, gt=0, description="Shapes world: rendered pairs of the regenerate stage.")
-    pretrain_lr: float = Field(5e-4, gt=0.0, description="Shapes world: learning rate of the regenerate stage.")
+    pretrain_pairs: int = Field(
+        1500, gt=0, description="Shapes world: rendered pairs of the regenerate stage."
+    )
+    pretrain_lr: float = Field(
+        5e-4, gt=0.0, description="Shapes world: learning rate of the regenerate stage."
+    )
 
 
 class SFTConfig(_Section):
     """`r3rl sft`: supervised flow matching of the refiner (in its mode) on JSONL pairs."""
 
     data: str | None = Field(
-        None, description="JSONL of {instruction, target, input?, mask?, region?, prompt?}; images relative to it."
+        None,
+        description="JSONL of {instruction, target, input?, mask?, region?, prompt?}; images "
+        "relative to it.",
     )
     steps: int = Field(500, gt=0, description="Optimiser steps.")
     batch_size: int = Field(16, gt=0, description="Pairs per step.")
     lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
     boundary_weight: float = Field(
-        2.0, ge=0.0, description="Extra loss weight in the band around the mask edge (0 = plain flow matching)."
+        2.0,
+        ge=0.0,
+        description="Extra loss weight in the band around the mask edge (0 = plain flow matching).",
     )
-    boundary_band_px: int = Field(2, ge=0, description="Half-width of the boundary band, in pixels.")
-    cond_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Share of pairs trained with an empty text (for CFG).")
+    boundary_band_px: int = Field(
+        2, ge=0, description="Half-width of the boundary band, in pixels."
+    )
+    cond_dropout: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of pairs trained with an empty text (for CFG)."
+    )
 
     _check_files = field_validator("data")(_existing_file)
 
 
 class RefinerConfig(GeneratorConfig):
-    """The image-editing diffusion model that turns an image and an instruction into a better image."""
+    """The image-editing diffusion model that turns an image and an instruction into a better
+    image."""
 
     region: RegionConfig = Field(default_factory=RegionConfig, description="Region-mode settings.")
     regenerate: RegenerateConfig = Field(
@@ -292,7 +366,8 @@ class RefinerConfig(GeneratorConfig):
     )
     mode: Literal["edit", "regenerate", "region"] = Field(
         "edit",
-        description="edit the image (R3), regenerate from the target prompt (RvR), or refine a region (RefineAnything).",
+        description="edit the image (R3), regenerate from the target prompt (RvR), or refine a "
+        "region (RefineAnything).",
     )
 
 
@@ -333,8 +408,9 @@ class RolloutConfig(_Section):
     credit: Literal["r3", "tree", "text", "flow_grpo"] = Field(
         "r3",
         description="R3's alternating generate/refine steps, tree credit, plain GRPO on a "
-        "text-only causal LM (`reflector.model`, no images), or plain FlowGRPO on the generator "
-        "alone (no reflector or refiner is loaded; every step is a generate step, eval is round 0).",
+        "text-only causal LM (`reflector.model`, no images), or plain FlowGRPO on "
+        "the generator alone (no reflector or refiner is loaded; every step is a "
+        "generate step, eval is round 0).",
     )
     group_size: int = Field(8, ge=2, description="Samples per group (GRPO needs at least 2).")
     prompts_per_step: int = Field(
@@ -365,17 +441,27 @@ class RolloutConfig(_Section):
     @classmethod
     def _scale_from_bool(cls, value: Any) -> Any:
         """Recipes written when this was a switch (true = the group's std) keep their meaning."""
-        return {True: "group", False: "none"}.get(value, value) if isinstance(value, bool) else value
+        return (
+            {True: "group", False: "none"}.get(value, value) if isinstance(value, bool) else value
+        )
 
 
 class EMAConfig(_Section):
-    """An exponential moving average of each trained policy's trainable weights (flow_grpo's `train.ema`)."""
+    """An exponential moving average of each trained policy's trainable weights (flow_grpo's
+    `train.ema`)."""
 
     decay: float = Field(
-        0.9, gt=0.0, lt=1.0, description="Weight of the old average in a blend; the blend after the policy's "
-        "optimiser step n uses min(decay, (1 + n) / (10 + n)), flow_grpo's warm-up."
+        0.9,
+        gt=0.0,
+        lt=1.0,
+        description="Weight of the old average in a blend; the blend after the policy's "
+        "optimiser step n uses min(decay, (1 + n) / (10 + n)), flow_grpo's warm-up.",
     )
-    every: int = Field(8, ge=1, description="Blend the live weights in after every N-th optimiser step of the policy.")
+    every: int = Field(
+        8,
+        ge=1,
+        description="Blend the live weights in after every N-th optimiser step of the policy.",
+    )
 
 
 class TrainerConfig(_Section):
@@ -402,8 +488,10 @@ class TrainerConfig(_Section):
     )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     ema: EMAConfig | None = Field(
-        None, description="Keep an EMA of every trained policy's trainable weights (LoRA or all) and evaluate "
-        "it in their place; checkpoints add it under ema/ (null = off: evaluate the live weights)."
+        None,
+        description="Keep an EMA of every trained policy's trainable weights (LoRA or all) and "
+        "evaluate it in their place; checkpoints add it under ema/ (null = off: "
+        "evaluate the live weights).",
     )
 
 
@@ -415,12 +503,15 @@ class EvalConfig(_Section):
     num_steps: int = Field(20, gt=0, description="Denoising steps (ODE).")
     batch_size: int = Field(16, gt=0, description="Prompts per evaluation batch.")
     samples_per_prompt: int = Field(
-        1, gt=0, description="Images per held-out prompt (different seeds); more samples, less noisy means."
+        1,
+        gt=0,
+        description="Images per held-out prompt (different seeds); more samples, less noisy means.",
     )
     gold: Literal["auto", "shapes", "none"] = Field(
         "auto",
-        description="Eval-only gold scorer logged as eval/gold/* (never a training reward): 'shapes' is "
-        "the shapes world's stricter, independent judge; 'auto' uses it when the generator is shapes:tiny.",
+        description="Eval-only gold scorer logged as eval/gold/* (never a training reward): "
+        "'shapes' is the shapes world's stricter, independent judge; 'auto' uses it "
+        "when the generator is shapes:tiny.",
     )
 
 
@@ -443,10 +534,13 @@ class DistributedConfig(_Section):
     )
     deepspeed: str | None = Field(
         None,
-        description="DeepSpeed JSON config (e.g. launch/deepspeed/zero2.json) giving each trained policy "
-        "its own ZeRO engine; 'auto' values are filled from the recipe (null = plain gradient all-reduce).",
+        description="DeepSpeed JSON config (e.g. launch/deepspeed/zero2.json) giving each "
+        "trained policy its own ZeRO engine; 'auto' values are filled from the "
+        "recipe (null = plain gradient all-reduce).",
     )
-    timeout_s: int = Field(1800, gt=0, description="Seconds a collective may wait before the run fails.")
+    timeout_s: int = Field(
+        1800, gt=0, description="Seconds a collective may wait before the run fails."
+    )
 
     _check_files = field_validator("deepspeed")(_existing_file)
 
@@ -481,7 +575,8 @@ class Config(_Section):
     seed: int = Field(0, ge=0, description="Seed of every random number generator.")
     resume: str | None = Field(
         None,
-        description="null, 'auto' (newest complete checkpoint in output_dir), or a checkpoint path.",
+        description="null, 'auto' (newest complete checkpoint in output_dir), or a checkpoint "
+        "path.",
     )
     deterministic: bool = Field(
         True, description="Use deterministic kernels, so runs repeat exactly."
@@ -629,7 +724,8 @@ def _list_index(part: str, items: list[Any], where: str) -> int:
     """Override segments into a list are item numbers, e.g. `rewards.0.weight=2`."""
     if not part.isdigit() or int(part) >= len(items):
         raise ConfigError(
-            f"config error: '{where}' is not an item of the list (it has {len(items)} in this recipe)"
+            f"config error: '{where}' is not an item of the list (it has {len(items)} in this "
+            "recipe)"
         )
     return int(part)
 

@@ -90,7 +90,8 @@ def _check_questions(record: dict) -> None:
             raise ValueError(f"'{key}' must be a non-empty list of strings, got {value!r}")
     if len(questions) != len(answers):
         raise ValueError(
-            f"'yn_question_list' has {len(questions)} questions but 'yn_answer_list' {len(answers)} answers"
+            f"'yn_question_list' has {len(questions)} questions but 'yn_answer_list' "
+            f"{len(answers)} answers"
         )
     for i, a in enumerate(answers):
         if a.strip().lower() not in ("yes", "no"):
@@ -105,7 +106,9 @@ def _check_record(record: Any, prompt_field: str = "prompt", tag_field: str = "t
         hint = ""
         if prompt_field == "prompt":
             texts = [k for k, v in record.items() if isinstance(v, str) and k != tag_field]
-            texts.sort(key=lambda k: not any(w in k for w in ("prompt", "caption", "description", "text")))
+            texts.sort(
+                key=lambda k: not any(w in k for w in ("prompt", "caption", "description", "text"))
+            )
             hint = (
                 f"; this record has {', '.join(sorted(record))}: name the prompt's key with "
                 f"data.prompt_field (e.g. data.prompt_field={texts[0] if texts else 'KEY'})"
@@ -126,8 +129,11 @@ def _check_record(record: Any, prompt_field: str = "prompt", tag_field: str = "t
             _check_object(item, f"exclude[{i}]", _EXCLUDE_KEYS)
 
 
-def load_prompts(path: str | Path, prompt_field: str = "prompt", tag_field: str = "tag") -> list[dict]:
-    """Read a prompt file; blank lines are skipped, and any bad line raises `UserError` with file:line.
+def load_prompts(
+    path: str | Path, prompt_field: str = "prompt", tag_field: str = "tag"
+) -> list[dict]:
+    """Read a prompt file; blank lines are skipped, and any bad line raises `UserError` with
+    file:line.
 
     `prompt_field` names the key holding the prompt and `tag_field` the one holding the category;
     other names are copied into `prompt` / `tag` (overwriting them), as R3's TIIFDataset does, so

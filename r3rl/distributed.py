@@ -62,8 +62,9 @@ def topology_from_env(env: Mapping[str, str] | None = None) -> Topology:
     return Topology()
 
 
-def init_process_group(topo: Topology, backend: str = "auto", timeout_s: int = 1800, *,
-                       force: bool = False) -> str | None:
+def init_process_group(
+    topo: Topology, backend: str = "auto", timeout_s: int = 1800, *, force: bool = False
+) -> str | None:
     """Join the process group (gloo on CPU, nccl on CUDA by default); None for one process
     unless `force` (DeepSpeed needs a group of one)."""
     if not topo.distributed and not force:
@@ -75,19 +76,73 @@ def init_process_group(topo: Topology, backend: str = "auto", timeout_s: int = 1
     if not dist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
-                raise UserError(f"{var} is not set: start multi-process runs with torchrun, accelerate "
-                                "launch, deepspeed or launch/slurm/r3rl.sbatch (see launch/README.md)")
-        dist.init_process_group(backend, rank=topo.rank, world_size=topo.world,
-                                timeout=timedelta(seconds=timeout_s))
+                raise UserError(
+                    f"{var} is not set: start multi-process runs with torchrun, accelerate "
+                    "launch, deepspeed or launch/slurm/r3rl.sbatch (see launch/README.md)"
+                )
+        dist.init_process_group(
+            backend, rank=topo.rank, world_size=topo.world, timeout=timedelta(seconds=timeout_s)
+        )
     return backend
 
 
-def shard(n: int, topo: Topology) -> range:
-    """The contiguous block of a group of `n` samples that this rank simulates."""
-    if n % topo.world:
-        raise UserError(f"rollout.group_size={n} must be divisible by the number of processes ({topo.world})")
-    size = n // topo.world
-    return range(topo.rank * size, (topo.rank + 1) * size)
+def launcher_env() -> None:
+    """What a launcher exports for a group of one process (DeepSpeed wants one even then)."""
+    import socket
+
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var, value in (
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(port)),
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+    ):
+        os.environ.setdefault(var, value)
+
+
+def block(n: int, topo: Topology) -> range:
+    """This rank's contiguous block of `n` items, block sizes differing by at most one (the first
+    `n % world` ranks take one more): the one rule by which the ranks split any batch."""
+    size, extra = divmod(n, topo.world)
+    start = topo.rank * size + min(topo.rank, extra)
+    return range(start, start + size + (topo.rank < extra))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A batch of `n` rows that every rank knows whole and each rank simulates a block of: the
+    one path of a rollout's data between the ranks. Each rank computes its block (`rows`,
+    `keep`), `gather` puts the blocks back together in row order on every rank, the group
+    statistics are computed on the whole batch, and `take` slices this rank's rows back out."""
+
+    n: int
+    topo: Topology
+
+    @property
+    def rows(self) -> range:
+        return block(self.n, self.topo)
+
+    @property
+    def keep(self) -> torch.Tensor | None:
+        """The rows this rank simulates, for `run_diffusion` (None: all, one process). A rank with
+        an empty block keeps row 0 as a stand-in, so every rank runs the same forwards (ZeRO-3)."""
+        if not self.topo.distributed:
+            return None
+        return torch.tensor(list(self.rows) or [0])
+
+    def gather(self, local: Sequence[Any]) -> list[Any]:
+        """Every rank's block, concatenated in row order."""
+        return gather(local, self.topo)
+
+    def take(self, whole: Any) -> Any:
+        """This rank's rows of a whole-batch tensor or list."""
+        rows = self.rows
+        if isinstance(whole, torch.Tensor):
+            return whole[rows.start : rows.stop]
+        return list(whole[rows.start : rows.stop])
 
 
 def gather(local: Sequence[Any], topo: Topology) -> list[Any]:
@@ -114,16 +169,19 @@ def barrier(topo: Topology) -> None:
 
 
 def average_gradients(params: Sequence[torch.nn.Parameter], topo: Topology) -> None:
-    """All-reduce the mean gradient (DDP's arithmetic); a parameter without a gradient counts as 0."""
+    """All-reduce the mean gradient (DDP's arithmetic); a parameter without a gradient counts as
+    0."""
     if not topo.distributed or not params:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    )
     dist.all_reduce(flat)
     flat /= topo.world
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad = flat[offset: offset + n].view_as(p).clone()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
 
 
@@ -149,8 +207,11 @@ def mean_metrics(metrics: Mapping[str, Any], topo: Topology) -> dict[str, Any]:
         if not all(_is_number(v) for v in vals):
             out[key] = vals[0]  # not a number (e.g. the stage name): the same on every rank
             continue
-        weighted = [(r[key], r.get("completion_length", 1.0) if key in TOKEN_MEANS else 1.0)
-                    for r in rows if key in r and not math.isnan(r[key])]
+        weighted = [
+            (r[key], r.get("completion_length", 1.0) if key in TOKEN_MEANS else 1.0)
+            for r in rows
+            if key in r and not math.isnan(r[key])
+        ]
         total = sum(w for _, w in weighted)
         out[key] = sum(v * w for v, w in weighted) / total if total else math.nan
     return out
@@ -162,7 +223,11 @@ def _is_number(v: Any) -> bool:
 
 def _device() -> torch.device:
     backend = dist.get_backend() if dist.is_initialized() else "gloo"
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if backend == "nccl"
+        else torch.device("cpu")
+    )
 
 
 # --------------------------------------------------------------------------- DeepSpeed
@@ -170,21 +235,32 @@ def _device() -> torch.device:
 _AUTO = "auto"
 
 
-def deepspeed_config(path: str | Path, *, adamw: Mapping[str, Any], world: int, grad_accum: int,
-                     max_grad_norm: float) -> dict:
+def deepspeed_config(
+    path: str | Path, *, adamw: Mapping[str, Any], world: int, grad_accum: int, max_grad_norm: float
+) -> dict:
     """A policy's DeepSpeed config: the JSON file with its "auto" (or missing) values filled from
     the recipe, so one file serves every policy (each gets its own copy, learning rate and AdamW
     settings: `adamw` is `config.adamw_kwargs` of the policy's section); explicit values stay."""
     cfg = json.loads(Path(path).read_text())
-    fill = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": grad_accum,
-            "train_batch_size": world * grad_accum, "gradient_clipping": max_grad_norm}
+    fill = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": world * grad_accum,
+        "gradient_clipping": max_grad_norm,
+    }
     for key, value in fill.items():
         if cfg.get(key, _AUTO) == _AUTO:
             cfg[key] = value
     params = cfg.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
-    # the same AdamW as the single-process path; torch's on CPU, where DeepSpeed's fused one can't build
-    defaults = {"lr": adamw["lr"], "betas": list(adamw["betas"]), "eps": adamw["eps"],
-                "weight_decay": adamw["weight_decay"], "torch_adam": not torch.cuda.is_available()}
+    # the same AdamW as the single-process path; torch's on CPU, where DeepSpeed's fused one can't
+    # build
+    defaults = {
+        "lr": adamw["lr"],
+        "betas": list(adamw["betas"]),
+        "eps": adamw["eps"],
+        "weight_decay": adamw["weight_decay"],
+        "torch_adam": not torch.cuda.is_available(),
+    }
     for key, value in defaults.items():
         if params.get(key, _AUTO) == _AUTO:
             params[key] = value

@@ -6,6 +6,8 @@ Sampling is deterministic (ODE, fixed seeds, low temperature) so rounds and chec
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -17,6 +19,7 @@ import torch
 from PIL import Image
 
 from r3rl.config import Config
+from r3rl.logger import RunLogger, image_grid
 from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector, Reflection
 from r3rl.modes import regions
@@ -30,6 +33,7 @@ from r3rl.rollout import (
     run_diffusion,
     score,
 )
+from r3rl.run import Run, build_run
 from r3rl.sampling import SDEConfig
 from r3rl.shapes.gold import gold_scores
 from r3rl.shapes.world import SHAPES_MODEL
@@ -88,7 +92,9 @@ def evaluate_rounds(
         sl = slice(start, min(n, start + batch_size))
         batch = metas[sl]
         g = torch.Generator().manual_seed(seed + start)
-        gen = run_diffusion(generator, [m["prompt"] for m in batch], None, settings, train=False, generator=g)
+        gen = run_diffusion(
+            generator, [m["prompt"] for m in batch], None, settings, train=False, generator=g
+        )
         cur = gen.images
         cur_scores = score(reward, batch, cur).total
         images[0] += cur
@@ -98,14 +104,35 @@ def evaluate_rounds(
             new_scores = cur_scores.clone()
             if active:
                 inputs = [cur[i] for i in active]
-                refl, edited, ro, out, s = reflect_and_refine(
-                    reflector, refiner, reward, [batch[i] for i in active], inputs,
-                    cur_scores[active], text, settings, train_refiner=False, generator=g, seed=seed + 7919 * k + start,
+                step = reflect_and_refine(
+                    reflector,
+                    refiner,
+                    reward,
+                    [batch[i] for i in active],
+                    inputs,
+                    cur_scores[active],
+                    text,
+                    settings,
+                    train_refiner=False,
+                    generator=g,
+                    seed=seed + 7919 * k + start,
                 )
-                if ro is not None:  # region preservation (RefineEval's MSE_bg / SSIM_bg) of refined samples
+                refl, edited, ro, out, s = (
+                    step.reflections,
+                    step.edited,
+                    step.rollout,
+                    step.images,
+                    step.scores,
+                )
+                if (
+                    ro is not None
+                ):  # region preservation (RefineEval's MSE_bg / SSIM_bg) of refined samples
                     metas_e = [batch[active[j]] for j in edited]
-                    background[k] += background_scores([inputs[j] for j in edited], [out[j] for j in edited],
-                                                       regions(ro.texts, metas_e))
+                    background[k] += background_scores(
+                        [inputs[j] for j in edited],
+                        [out[j] for j in edited],
+                        regions(ro.texts, metas_e),
+                    )
                 for j, i in enumerate(active):
                     captions[k][start + i] = f"{batch[i]['prompt']} | {refl[j].text}"
                     reflections[k][start + i] = refl[j]
@@ -123,16 +150,22 @@ def evaluate_rounds(
         metrics[f"eval/round{k}_mean"] = nanmean(scores[k])
         if k:
             d = scores[k] - scores[k - 1]
-            d = d[~d.isnan()]  # shares of the samples scored in both rounds: unscorable is not "unchanged"
+            d = d[
+                ~d.isnan()
+            ]  # shares of the samples scored in both rounds: unscorable is not "unchanged"
             metrics[f"eval/round{k}_improved"] = float((d > 0).float().mean())
             metrics[f"eval/round{k}_worse"] = float((d < 0).float().mean())
             metrics[f"eval/round{k}_unchanged"] = float((d == 0).float().mean())
     metrics["eval/final_mean"] = nanmean(scores[rounds])
     for k, pairs in enumerate(background):
         if pairs:
-            metrics[f"eval/round{k}_mse_bg"], metrics[f"eval/round{k}_ssim_bg"] = map(float, np.mean(pairs, axis=0))
+            metrics[f"eval/round{k}_mse_bg"], metrics[f"eval/round{k}_ssim_bg"] = map(
+                float, np.mean(pairs, axis=0)
+            )
     if any(background):
-        metrics["eval/mse_bg"], metrics["eval/ssim_bg"] = map(float, np.mean([p for pairs in background for p in pairs], axis=0))
+        metrics["eval/mse_bg"], metrics["eval/ssim_bg"] = map(
+            float, np.mean([p for pairs in background for p in pairs], axis=0)
+        )
     metrics["eval/mean_rounds_used"] = float(stopped_at.float().mean())
     by_tag: dict[str, list[float]] = defaultdict(list)
     for i, m in enumerate(metas):
@@ -197,17 +230,39 @@ def gold_metrics(
     return out
 
 
+def evaluate_run(run: Run) -> EvalResult:
+    """Multi-round evaluation of a run on its held-out prompts. With `trainer.ema` the trained
+    policies' EMA weights stand in for their live weights (flow_grpo evaluates its EMA too),
+    which come back bit for bit after."""
+    e = run.cfg.eval
+    text = TextSettings(e.temperature, run.text.top_k, run.text.top_p, run.text.max_new_tokens)
+    refiner = None if run.refiner is None else run.refiner.model
+    with contextlib.ExitStack() as averaged:
+        for name, ema in run.ema.items():
+            averaged.enter_context(ema.applied(run.trained_params(name)))
+        return evaluate_rounds(
+            run.reflector,
+            run.generator.model,
+            refiner,
+            run.reward,
+            run.eval_prompts * e.samples_per_prompt,
+            rounds=e.rounds if refiner is not None else 0,
+            num_steps=e.num_steps,
+            text=text,
+            batch_size=e.batch_size,
+            seed=run.cfg.seed + 1,
+            gold=gold_scorer(run.cfg),
+        )
+
+
 def evaluate(cfg: Config, prompts_path: str | None = None) -> dict[str, float]:
     """`r3rl eval`: score rounds 0..eval.rounds of the recipe's models on held-out prompts.
 
     Also writes `output_dir/eval/round{k}.png` (image grids captioned with prompt, reflection
-    and reward) and `output_dir/eval/metrics.json` (see `r3rl.inference.write_eval_outputs`).
+    and reward) and `output_dir/eval/metrics.json` (see `write_eval_outputs`).
     """
-    from r3rl.inference import write_eval_outputs
-    from r3rl.trainer import build_run
-
     run = build_run(cfg, eval_prompts=prompts_path, for_training=False)
-    result = run.evaluate(step=None)
+    result = evaluate_run(run)
     write_eval_outputs(result, Path(cfg.output_dir) / "eval")
     return result.metrics
 
@@ -235,8 +290,6 @@ def hacking_warning(first: dict[str, float], now: dict[str, float], step: int) -
 
 def write_step_grids(result: EvalResult, out: Path, step: int) -> Path:
     """`out/grids/step-N/round{k}.png` + metrics.json: the evaluation images of one step."""
-    from r3rl.inference import write_eval_outputs
-
     path = out / "grids" / f"step-{step}"
     write_eval_outputs(result, path)
     return path
@@ -245,8 +298,6 @@ def write_step_grids(result: EvalResult, out: Path, step: int) -> Path:
 def comparison_grid(first: EvalResult, last: EvalResult, step: int, n: int = 8) -> Image.Image:
     """One row per held-out sample: its rounds at step 0, then its rounds at `step`, each
     captioned with the prompt, the reflection that led to it and its reward."""
-    from r3rl.logger import image_grid
-
     rounds = len(first.images)
     images, captions = [], []
     for i in range(min(n, len(first.images[0]))):
@@ -273,3 +324,78 @@ def summary_lines(first: dict[str, float], last: dict[str, float], step: int) ->
             a, b = first.get(key, math.nan), last.get(key, math.nan)
             lines.append(f"{label:32s}{a:10.3f}{b:12.3f}")
     return lines
+
+
+def log_eval_images(logger: RunLogger, step: int, result: EvalResult, n: int = 8) -> None:
+    """TensorBoard image grids of the first `n` samples of every round."""
+    for k, (ims, caps) in enumerate(zip(result.images, result.captions)):
+        logger.log_images(step, f"eval/round{k}", ims[:n], caps[:n])
+
+
+def report_run(
+    logger: RunLogger, out: Path, first: EvalResult | None, last: EvalResult | None, step: int
+) -> None:
+    """The end of a run: grids of step 0 vs the end, the summary table, where everything is."""
+    logger.info(f"finished {step} steps; checkpoints in {out / 'checkpoints'}")
+    if last is not None and last is not first:
+        grids = write_step_grids(last, out, step)
+        logger.info(f"evaluation grids per round: {grids}")
+    if first is not None and last is not None and last is not first:
+        path = out / "grids" / "step0_vs_final.png"
+        comparison_grid(first, last, step).save(path)
+        logger.info(
+            f"step 0 vs step {step}, every round: {path} (look at it before trusting a number)"
+        )
+    step0 = (
+        first.metrics if first is not None else _logged_row(out / "metrics.jsonl", 0)
+    )  # resumed: from the log
+    if step0 and last is not None and last is not first:
+        for line in summary_lines(step0, last.metrics, step):
+            logger.info(line)
+    logger.info(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+
+
+def _logged_row(path: Path, step: int) -> dict | None:
+    """The row of `step` in a run's metrics.jsonl, if it is there."""
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("step") == step:
+                return row
+    return None
+
+
+# ---------------------------------------------------------------- output files
+
+
+def _plain(value: object) -> object:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_eval_outputs(
+    result: EvalResult, out: str | Path, *, max_samples: int = 64, ncols: int = 8
+) -> None:
+    """`round{k}.png`: the first `max_samples` samples at round k, captioned with prompt, reflection
+    and reward; `metrics.json`: the eval figures (NaN as null)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (images, captions) in enumerate(zip(result.images, result.captions)):
+        n = min(len(images), max_samples)
+        if n == 0:
+            continue
+        if result.scores is not None:
+            captions = [
+                f"{c} | reward {_reward_text(float(result.scores[k, i]))}"
+                for i, c in enumerate(captions[:n])
+            ]
+        image_grid(images[:n], captions[:n], ncols=min(n, ncols)).save(out / f"round{k}.png")
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(
+        json.dumps({k: _plain(v) for k, v in result.metrics.items()}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    tmp.replace(out / "metrics.json")
+
+
+def _reward_text(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.2f}"

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from r3rl.config import LoRAConfig
     from r3rl.evaluate import EvalResult
-    from r3rl.trainer import Run
+    from r3rl.run import Run
 
 TRACE = "trace.jsonl"
 
@@ -42,19 +42,22 @@ TRACE = "trace.jsonl"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """`.../checkpoints/step-N` as given, or a run's output_dir meaning its newest complete checkpoint."""
+    """`.../checkpoints/step-N` as given, or a run's output_dir meaning its newest complete
+    checkpoint."""
     from r3rl.checkpoint import COMPLETE, find_resume
 
     p = Path(path)
     if not p.exists():
         raise UserError(
-            f"--checkpoint {path}: not found (expected .../checkpoints/step-N or a run's output_dir)"
+            f"--checkpoint {path}: not found (expected .../checkpoints/step-N or a run's "
+            "output_dir)"
         )
     if (p / COMPLETE).exists():
         return p
     if p.name.startswith(("step-", ".tmp-step-")):
         raise UserError(
-            f"--checkpoint {path}: incomplete checkpoint (no {COMPLETE} marker; the save was interrupted)"
+            f"--checkpoint {path}: incomplete checkpoint (no {COMPLETE} marker; the save was "
+            "interrupted)"
         )
     if (p / "checkpoints").is_dir():
         found = find_resume("auto", p)
@@ -62,7 +65,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise UserError(f"--checkpoint {path}: no complete checkpoint in {p / 'checkpoints'}")
         return found
     raise UserError(
-        f"--checkpoint {path}: not a checkpoint (expected .../checkpoints/step-N or a run's output_dir)"
+        f"--checkpoint {path}: not a checkpoint (expected .../checkpoints/step-N or a run's "
+        "output_dir)"
     )
 
 
@@ -72,12 +76,14 @@ def _weights(folder: Path, what: str) -> Path:
     return folder
 
 
-def load_trained(checkpoint: str | Path, *, eval_prompts: str | None = None, ema: bool = False) -> tuple[Run, Path]:
+def load_trained(
+    checkpoint: str | Path, *, eval_prompts: str | None = None, ema: bool = False
+) -> tuple[Run, Path]:
     """The run's models (built from its `config.yaml`) with the checkpoint's weights, or with `ema`
     the averaged weights of the policies it trained (`trainer.ema`); returns (run, checkpoint)."""
     from r3rl.checkpoint import EMA_DIR, load_module
     from r3rl.config import load_config
-    from r3rl.trainer import build_run
+    from r3rl.run import build_run
 
     ckpt = resolve_checkpoint(checkpoint)
     recipe = ckpt.parent.parent / "config.yaml"
@@ -85,11 +91,17 @@ def load_trained(checkpoint: str | Path, *, eval_prompts: str | None = None, ema
         raise UserError(f"--checkpoint {checkpoint}: the run's recipe {recipe} is missing")
     cfg = load_config(recipe)
     if ema and not (ckpt / EMA_DIR).is_dir():
-        raise UserError(f"--ema: checkpoint {ckpt} holds no averaged weights (its run had trainer.ema off)")
+        raise UserError(
+            f"--ema: checkpoint {ckpt} holds no averaged weights (its run had trainer.ema off)"
+        )
     # the average where the run kept one (trained policies), else the live weights
-    source = lambda rel: ckpt / EMA_DIR / rel if ema and (ckpt / EMA_DIR / rel).is_dir() else ckpt / rel
+    source = lambda rel: (
+        ckpt / EMA_DIR / rel if ema and (ckpt / EMA_DIR / rel).is_dir() else ckpt / rel
+    )
     # a generator-only run (credit=flow_grpo) has no reflector
-    reflector_dir = None if cfg.rollout.credit == "flow_grpo" else _weights(source("reflector"), "reflector")
+    reflector_dir = (
+        None if cfg.rollout.credit == "flow_grpo" else _weights(source("reflector"), "reflector")
+    )
     policies = {
         name: _weights(source(f"{name}/transformer"), name)
         for name in ("generator", "refiner")
@@ -99,7 +111,7 @@ def load_trained(checkpoint: str | Path, *, eval_prompts: str | None = None, ema
     if reflector_dir is not None:
         load_module(run.reflector.model, reflector_dir)
     for name, folder in policies.items():
-        _load_transformer(getattr(run, name).model.transformer, folder, getattr(cfg, name).lora)
+        _load_transformer(run.policy(name).model.transformer, folder, getattr(cfg, name).lora)
     return run, ckpt
 
 
@@ -115,7 +127,9 @@ def _load_transformer(transformer: torch.nn.Module, folder: Path, lora: LoRAConf
     keys = [k for f in sorted(folder.glob("*.safetensors")) for k in safe_open(f, "pt").keys()]  # noqa: SIM118 (not a dict)
     if any(".lora_" in k for k in keys):
         if lora is None:
-            raise UserError(f"{folder}: LoRA weights, but the run's recipe has no LoRA for this policy")
+            raise UserError(
+                f"{folder}: LoRA weights, but the run's recipe has no LoRA for this policy"
+            )
         add_lora(transformer, **lora.model_dump())
     load_module(transformer, folder)
     transformer.requires_grad_(False)
@@ -131,7 +145,8 @@ def _reward(x: float) -> float | None:
 def trace_records(
     metas: Sequence[dict], result: EvalResult, first_index: int, out: Path
 ) -> list[dict]:
-    """Save the images of `result` (prompts `first_index`...) into `out`; return their trace objects."""
+    """Save the images of `result` (prompts `first_index`...) into `out`; return their trace
+    objects."""
     records = []
     for j, meta in enumerate(metas):
         i = first_index + j
@@ -217,8 +232,10 @@ def refine(
     run, _ = load_trained(checkpoint, eval_prompts=str(prompts), ema=ema)
     cfg = run.cfg
     if run.refiner is None and rounds:
-        raise UserError(f"--rounds {rounds}: this run trained a generator only (rollout.credit=flow_grpo); "
-                        "it has no reflector or refiner, use --rounds 0")
+        raise UserError(
+            f"--rounds {rounds}: this run trained a generator only (rollout.credit=flow_grpo); "
+            "it has no reflector or refiner, use --rounds 0"
+        )
     rounds = (cfg.eval.rounds if run.refiner is not None else 0) if rounds is None else rounds
     num_steps = cfg.eval.num_steps if num_steps is None else num_steps
     seed = cfg.seed + 1 if seed is None else seed
@@ -284,41 +301,3 @@ def summarize(trace: Sequence[dict]) -> str:
     return (
         f"{len(trace)} prompts: mean reward round 0 {first} -> final {final}; {edits} refinements"
     )
-
-
-# --------------------------------------------------------------------------- eval outputs
-
-
-def _plain(value: object) -> object:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def write_eval_outputs(
-    result: EvalResult, out: str | Path, *, max_samples: int = 64, ncols: int = 8
-) -> None:
-    """`round{k}.png`: the first `max_samples` samples at round k, captioned with prompt, reflection
-    and reward; `metrics.json`: the eval figures (NaN as null)."""
-    from r3rl.logger import image_grid
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for k, (images, captions) in enumerate(zip(result.images, result.captions)):
-        n = min(len(images), max_samples)
-        if n == 0:
-            continue
-        if result.scores is not None:
-            captions = [
-                f"{c} | reward {_reward_text(float(result.scores[k, i]))}"
-                for i, c in enumerate(captions[:n])
-            ]
-        image_grid(images[:n], captions[:n], ncols=min(n, ncols)).save(out / f"round{k}.png")
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(
-        json.dumps({k: _plain(v) for k, v in result.metrics.items()}, indent=2) + "\n",
-        encoding="utf-8",
-    )
-    tmp.replace(out / "metrics.json")
-
-
-def _reward_text(x: float) -> str:
-    return "n/a" if math.isnan(x) else f"{x:.2f}"

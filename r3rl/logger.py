@@ -51,7 +51,8 @@ def _plain(key: str, value: Any) -> Metric:
 
 
 def _drop_rows_from(path: Path, start_step: int) -> None:
-    """Keep only rows of steps before `start_step`, so a resumed run's file equals an uninterrupted one.
+    """Keep only rows of steps before `start_step`, so a resumed run's file equals an uninterrupted
+    one.
 
     Also drops a half-written last line left by a killed run. A fresh run (start_step 0)
     starts an empty file.
@@ -171,7 +172,8 @@ class RunLogger:
         self._progress.start()
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Append one row `{"step": step, **metrics}` to metrics.jsonl (flushed) and its numbers to TensorBoard."""
+        """Append one row `{"step": step, **metrics}` to metrics.jsonl (flushed) and its numbers
+        to TensorBoard."""
         if not self.enabled:
             return
         row: dict[str, Metric] = {"step": step}
@@ -209,7 +211,8 @@ class RunLogger:
             self._progress.console.print(message, soft_wrap=True)  # paths stay copyable
 
     def save_config(self, cfg: Config) -> Path:
-        """Write the fully resolved recipe to `config.yaml`, so a run can be repeated from its outputs."""
+        """Write the fully resolved recipe to `config.yaml`, so a run can be repeated from its
+        outputs."""
         path = self.output_dir / "config.yaml"
         if self.enabled:
             path.write_text(cfg.to_yaml(), encoding="utf-8")
@@ -224,7 +227,7 @@ class RunLogger:
         self._writer.close()
         self._metrics.close()
 
-    def __enter__(self) -> RunLogger:
+    def __enter__(self) -> RunLogger:  # noqa: PYI034 (py3.10: no typing.Self)
         return self
 
     def __exit__(

@@ -6,8 +6,8 @@ entry-point group `r3rl.rewards` (our own built-ins in `rewards/` are registered
 r3rl's pyproject, exactly as a third-party package would register its own), or from
 `path/to/file.py:function`.
 
-Text rewards written for TRL (`trl.rewards.think_format_reward`, `get_soft_overlong_punishment`, ...)
-are recognised by a `completions` or `completion_ids` parameter and called as TRL's GRPOTrainer
+Text rewards written for TRL (`trl.rewards.think_format_reward`, `get_soft_overlong_punishment`,
+...) are recognised by a `completions` or `completion_ids` parameter and called as TRL's GRPOTrainer
 calls them: keyword arguments only, `prompts`, `completions`, `completion_ids` and every metadata
 column (each a list over samples), with completions as the caller gives them (for a chat model,
 TRL's conversational form: `chat_prompts` / `chat_completions`). They shape the reflector's tokens
@@ -114,7 +114,8 @@ def _load_file_object(name: str) -> Any:
 
 
 def _instantiate(obj: Any, args: dict[str, Any]) -> Callable[..., Any]:
-    """Classes are built with `args` and `setup()` once (to load models); functions get `args` bound."""
+    """Classes are built with `args` and `setup()` once (to load models); functions get `args`
+    bound."""
     if inspect.isclass(obj):
         instance = obj(**args)
         if callable(getattr(instance, "setup", None)):
@@ -165,13 +166,14 @@ def chat_prompts(texts: Sequence[str]) -> list[list[dict[str, str]]]:
 
 
 def chat_completions(texts: Sequence[str]) -> list[list[dict[str, str]]]:
-    """Completions as TRL's GRPOTrainer passes a chat model's: `[{"role": "assistant", "content": text}]`."""
+    """Completions as TRL's GRPOTrainer passes a chat model's: `[{"role": "assistant", "content":
+    text}]`."""
     return [[{"role": "assistant", "content": t}] for t in texts]
 
 
 def metadata_columns(metadata: Sequence[dict]) -> dict[str, list[Any]]:
-    """TRL's reward keyword columns: every key of the first record but prompt/completion/completion_ids,
-    as a list over the samples (missing keys are None)."""
+    """TRL's reward keyword columns: every key of the first record but
+    prompt/completion/completion_ids, as a list over the samples (missing keys are None)."""
     if not metadata:
         return {}
     return {k: [m.get(k) for m in metadata] for k in metadata[0] if k not in _NOT_COLUMNS}
@@ -191,7 +193,9 @@ class RewardFn:
         self._fn = fn
         # the (lowest, highest) score the reward can give, from a `score_range` attribute of the
         # function, class or instance; (0, 1), GenEval's and R3's, when it declares none
-        declared = getattr(fn, "score_range", None) or getattr(getattr(fn, "func", None), "score_range", None)
+        declared = getattr(fn, "score_range", None) or getattr(
+            getattr(fn, "func", None), "score_range", None
+        )
         self.score_range: tuple[float, float] = tuple(float(v) for v in (declared or (0.0, 1.0)))
         params = inspect.signature(fn).parameters
         self.is_text = any(p in params for p in TEXT_PARAMS)
@@ -206,7 +210,8 @@ class RewardFn:
         if self.is_text:
             if not any(kwargs.get(p) is not None for p in TEXT_PARAMS):
                 raise UserError(
-                    f"reward '{self.name}' scores text (it takes 'completions' or 'completion_ids') "
+                    f"reward '{self.name}' scores text (it takes 'completions' or "
+                    "'completion_ids') "
                     "but no completions were passed"
                 )
             named = {**metadata_columns(metadata), **kwargs, "prompts": list(prompts)}
@@ -247,7 +252,8 @@ class RewardResult:
 
 
 def _component_keys(names: Sequence[str]) -> list[str]:
-    """Short, unique metric keys: a file reward is keyed by its function name; repeats get #2, #3."""
+    """Short, unique metric keys: a file reward is keyed by its function name; repeats get #2,
+    #3."""
     keys: list[str] = []
     for name in names:
         base = name.rpartition(":")[2] if is_file_reward(name) else name
@@ -292,19 +298,26 @@ class CombinedReward:
     def max_total(self) -> float:
         """The highest image score the weighted sum can reach: each image reward at the end of its
         `score_range` its weight favours (1.0 for one [0, 1] reward of weight 1)."""
-        return sum(w * (f.score_range[1] if w >= 0 else f.score_range[0])
-                   for f, w in zip(self.fns, self.weights) if not f.is_text)
+        return sum(
+            w * (f.score_range[1] if w >= 0 else f.score_range[0])
+            for f, w in zip(self.fns, self.weights)
+            if not f.is_text
+        )
 
     def is_perfect(self, score: float | None) -> bool:
-        """Whether an image score is the best the combined image reward can give (R3: `reward == 1`),
-        up to float rounding of the weighted sum."""
-        if score is None or score != score:
+        """Whether an image score is the best the combined image reward can give (R3: `reward ==
+        1`), up to float rounding of the weighted sum."""
+        if score is None or math.isnan(score):
             return False
         top = self.max_total
         return score >= top - 1e-6 * max(1.0, abs(top))
 
     def _part(self, idx: list[int]) -> tuple[list[RewardFn], list[str], list[float]]:
-        return [self.fns[i] for i in idx], [self.keys[i] for i in idx], [self.weights[i] for i in idx]
+        return (
+            [self.fns[i] for i in idx],
+            [self.keys[i] for i in idx],
+            [self.weights[i] for i in idx],
+        )
 
     def _timed(
         self, fn: RewardFn, args: tuple, kwargs: dict[str, Any]
@@ -313,8 +326,15 @@ class CombinedReward:
         scores = fn(*args, **kwargs)
         return scores, time.perf_counter() - start
 
-    def _combine(self, fns: list[RewardFn], keys: list[str], weights: list[float], n: int, args: tuple,
-                 kwargs: dict[str, Any]) -> RewardResult:
+    def _combine(
+        self,
+        fns: list[RewardFn],
+        keys: list[str],
+        weights: list[float],
+        n: int,
+        args: tuple,
+        kwargs: dict[str, Any],
+    ) -> RewardResult:
         if not fns:
             return RewardResult(total=[0.0] * n, components={}, failures={}, latency_s={})
         with ThreadPoolExecutor(max_workers=len(fns)) as pool:
@@ -342,17 +362,29 @@ class CombinedReward:
         """The image score: the weighted sum of the image rewards (text rewards are not run; a
         recipe with text rewards only has no image score: an error)."""
         if not self._image:
-            raise UserError("the recipe's rewards are all text rewards (they take 'completions'); "
-                            "scoring images needs at least one image reward")
+            raise UserError(
+                "the recipe's rewards are all text rewards (they take 'completions'); "
+                "scoring images needs at least one image reward"
+            )
         extra = {k: v for k, v in kwargs.items() if k not in TEXT_PARAMS}
-        return self._combine(*self._part(self._image), len(prompts), (prompts, images, metadata), extra)
+        return self._combine(
+            *self._part(self._image), len(prompts), (prompts, images, metadata), extra
+        )
 
-    def score_text(self, prompts: Sequence[Any], completions: Sequence[Any], metadata: Sequence[dict], *,
-                   completion_ids: Sequence[Sequence[int]] | None = None, images: Sequence[Any] | None = None,
-                   **kwargs: Any) -> RewardResult:
+    def score_text(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        metadata: Sequence[dict],
+        *,
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        images: Sequence[Any] | None = None,
+        **kwargs: Any,
+    ) -> RewardResult:
         """The text score of completions: the weighted sum of the text rewards alone (total 0.0 per
         sample when there are none), each called as TRL calls it (see `RewardFn`). `prompts` and
-        `completions` go through as given: for a chat model pass `chat_prompts` / `chat_completions`."""
+        `completions` go through as given: for a chat model pass `chat_prompts` /
+        `chat_completions`."""
         n = len(completions)
         kwargs = {**kwargs, "completions": list(completions)}
         if completion_ids is not None:

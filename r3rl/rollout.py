@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from r3rl.algos.flow_grpo import select_train_timesteps
-from r3rl.distributed import Topology, gather
+from r3rl.distributed import Shard, Topology
 from r3rl.models.base import TextCond, encode_condition
 from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector, Reflection
@@ -61,8 +61,46 @@ class Scored:
     latency_s: dict[str, float]
 
 
-def score(reward: CombinedReward, metas: list[dict], images: list[Image.Image], texts: list[str] | None = None,
-          **extra) -> Scored:
+def gather_scores(s: Scored, shard: Shard) -> Scored:
+    """Every rank's scores of its block of `shard`, in row order (rewards are computed sharded);
+    components are concatenated, failures summed, latencies the slowest rank's."""
+    if not shard.topo.distributed:
+        return s
+    parts = shard.gather(
+        [(s.total.tolist(), s.components, s.failures, s.latency_s)]
+    )  # one collective
+    total = torch.tensor([x for p in parts for x in p[0]])
+    comps = {k: [x for p in parts for x in p[1].get(k, [])] for p in parts for k in p[1]}
+    fails = {k: sum(p[2].get(k, 0) for p in parts) for p in parts for k in p[2]}
+    lat = {k: max(p[3].get(k, 0.0) for p in parts) for p in parts for k in p[3]}
+    return Scored(total, comps, fails, lat)
+
+
+def reward_metrics(s: Scored, total: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean and std of `total` (default: the scored total), judge failures, each component's mean
+    and each reward's latency."""
+    total = s.total if total is None else total
+    scored = total[~torch.isnan(total)]
+    out = {
+        "reward/mean": nanmean(total),
+        "reward/std": float(scored.std()) if len(scored) > 1 else 0.0,
+        "judge/failures": int(torch.isnan(total).sum()),
+    }
+    for name, vals in s.components.items():
+        v = torch.tensor([math.nan if x is None else x for x in vals], dtype=torch.float32)
+        out[f"reward/{name}"] = nanmean(v)
+    for name, sec in s.latency_s.items():
+        out[f"time/reward_{name}_s"] = sec
+    return out
+
+
+def score(
+    reward: CombinedReward,
+    metas: list[dict],
+    images: list[Image.Image],
+    texts: list[str] | None = None,
+    **extra,
+) -> Scored:
     """`extra` keyword arguments reach the rewards that accept them (e.g. input_images, regions)."""
     kwargs = {"completions": texts, **extra} if texts is not None else extra
     res = reward([m["prompt"] for m in metas], images, metas, **kwargs)
@@ -93,7 +131,8 @@ def run_diffusion(
     generator: torch.Generator,
     keep: torch.Tensor | None = None,
 ) -> DiffusionRollout:
-    """Sample images; SDE (with log-probs) on the chosen steps when `train`, ODE everywhere otherwise.
+    """Sample images; SDE (with log-probs) on the chosen steps when `train`, ODE everywhere
+    otherwise.
 
     `keep` selects the rows this process simulates (the rest live on other ranks); random
     draws are made for all `len(texts)` rows either way (see `r3rl.sampling.sample`).
@@ -101,8 +140,13 @@ def run_diffusion(
     b = len(texts)
     if train:
         mask = select_train_timesteps(
-            settings.num_steps, b, settings.strategy, k=settings.num_train_timesteps,
-            window=settings.window_size, max_index=settings.max_index, generator=generator,
+            settings.num_steps,
+            b,
+            settings.strategy,
+            k=settings.num_train_timesteps,
+            window=settings.window_size,
+            max_index=settings.max_index,
+            generator=generator,
         )
     else:
         mask = torch.zeros(b, settings.num_steps, dtype=torch.bool)
@@ -111,8 +155,16 @@ def run_diffusion(
         refs = None if refs is None else [refs[i] for i in keep.tolist()]
     with torch.no_grad():
         cond, ref = encode_condition(model, texts, refs)
-        traj = sample(model, cond, ref, model.sigmas(settings.num_steps), mask, settings.sde,
-                      generator=generator, keep=keep)
+        traj = sample(
+            model,
+            cond,
+            ref,
+            model.sigmas(settings.num_steps),
+            mask,
+            settings.sde,
+            generator=generator,
+            keep=keep,
+        )
     return DiffusionRollout(model.decode(traj.latents), traj, texts, ref, cond)
 
 
@@ -126,7 +178,8 @@ class BufferItem:
 
 @dataclass
 class ImageBuffer:
-    """Generated (and refined) images waiting to be reflected on; R3 draws perfect ones with prob p."""
+    """Generated (and refined) images waiting to be reflected on; R3 draws a perfect one with
+    probability p."""
 
     capacity: int
     items: list[BufferItem] = field(default_factory=list)
@@ -138,8 +191,10 @@ class ImageBuffer:
         if len(self.items) > self.capacity:
             self.items.pop(0)
 
-    def draw(self, rng: random.Random, perfect_prob: float, is_perfect: Callable[[float], bool]) -> BufferItem:
-        """Pop one input: a perfect one (by the combined reward's own top score) with `perfect_prob`."""
+    def draw(
+        self, rng: random.Random, perfect_prob: float, is_perfect: Callable[[float], bool]
+    ) -> BufferItem:
+        """Pop one input: with `perfect_prob` a perfect one (by the combined reward's top score)."""
         perfect = [i for i, it in enumerate(self.items) if is_perfect(it.reward)]
         flawed = [i for i, it in enumerate(self.items) if not is_perfect(it.reward)]
         pool = perfect if (perfect and (not flawed or rng.random() < perfect_prob)) else flawed
@@ -147,6 +202,20 @@ class ImageBuffer:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+@dataclass
+class RefineRound:
+    """One reflect-refine round of a group of G rows, whole on every rank but for `rollout`."""
+
+    reflections: list[Reflection]  # (G,) the reflection of every row
+    edited: list[int]  # (E,) the rows whose reflection gave an instruction, in row order
+    edits: Shard  # the split of the E edits between the ranks
+    # this rank's block of the E edits (a stand-in row when its block is empty); None: no edit
+    rollout: DiffusionRollout | None
+    images: list[Image.Image]  # (G,) every row's image after the round (its input when it stopped)
+    # total (G,): every row's reward (its input's when it stopped); components (E,): the edits'
+    scores: Scored
 
 
 def reflect_and_refine(
@@ -163,45 +232,59 @@ def reflect_and_refine(
     generator: torch.Generator,
     seed: int,
     topo: Topology | None = None,
-) -> tuple[list[Reflection], list[int], DiffusionRollout | None, list[Image.Image], Scored]:
-    """One reflect-refine round for a batch; stopped samples keep their image and reward.
+) -> RefineRound:
+    """One reflect-refine round for a group; stopped rows keep their image and reward.
 
-    With several ranks, each passes its equal shard of the group. The refiner's random draws
-    are made for the edits of the whole group (gathered), so they do not depend on the split;
-    a rank with no edit of its own refines a stand-in (returned as the rollout while `edited`
-    is empty) so every rank runs the same forward passes, as ZeRO-3 needs.
+    Every rank passes the whole group and samples the whole group's reflections with the same
+    seed, so text samples do not depend on how the group is split. The edits are split between
+    the ranks by `Shard`, the refiner's random draws made for all of them on every rank; each
+    rank refines and scores its block and the blocks are gathered back, so every rank returns
+    the whole round. A rank with no edit of its own refines a stand-in (see `Shard.keep`).
     """
     topo = topo or Topology()
-    # every rank samples the whole group's reflections with the same seed and keeps its own, so
-    # text samples, like the diffusion draws, do not depend on how the group is split
-    prompts, group_images = gather([m["prompt"] for m in metas], topo), gather(images, topo)
-    refl = reflector.reflect(prompts, group_images, temperature=text.temperature, top_k=text.top_k,
-                             top_p=text.top_p, max_new_tokens=text.max_new_tokens, seed=seed)
-    refl = refl[topo.rank * len(images):(topo.rank + 1) * len(images)]
+    refl = reflector.reflect(
+        [m["prompt"] for m in metas],
+        images,
+        temperature=text.temperature,
+        top_k=text.top_k,
+        top_p=text.top_p,
+        max_new_tokens=text.max_new_tokens,
+        seed=seed,
+    )
     edited = [i for i, r in enumerate(refl) if r.instruction is not None]
-    instructions = gather([r.instruction for r in refl], topo)
-    edits = [j for j, ins in enumerate(instructions) if ins is not None]  # the whole group's edits
-    mine = [edits.index(topo.rank * len(refl) + i) for i in edited]  # my edits' places among them
-    out = list(images)
-    total = input_rewards.clone()
-    components: dict[str, list[float | None]] = {}
-    failures: dict[str, int] = {}
-    latency: dict[str, float] = {}
-    rollout = None
-    if edits:
-        group_metas = gather(metas, topo)
-        texts = refiner_texts(refiner, [group_metas[j] for j in edits], [instructions[j] for j in edits])  # per refiner.mode
-        refs = [images[0]] * len(edits)  # only the kept rows are encoded
-        for j, i in zip(mine, edited):
-            refs[j] = images[i]
-        keep = torch.tensor(mine or [0]) if topo.distributed else None
-        rollout = run_diffusion(refiner, texts, refs, diffusion, train=train_refiner, generator=generator, keep=keep)
-    if edited:
-        metas_e, inputs = [metas[i] for i in edited], [images[i] for i in edited]
-        s = score(reward, metas_e, rollout.images, [refl[i].text for i in edited], input_images=inputs,
-                  regions=regions(rollout.texts, metas_e))
-        for j, i in enumerate(edited):
-            out[i] = rollout.images[j]
-            total[i] = s.total[j]
-        components, failures, latency = s.components, s.failures, s.latency_s
-    return refl, edited, rollout, out, Scored(total, components, failures, latency)
+    edits = Shard(len(edited), topo)
+    out, total = list(images), input_rewards.clone()
+    if not edited:
+        return RefineRound(refl, edited, edits, None, out, Scored(total, {}, {}, {}))
+    instructions = [refl[i].instruction for i in edited]
+    texts = refiner_texts(refiner, [metas[i] for i in edited], instructions)  # per refiner.mode
+    rollout = run_diffusion(
+        refiner,
+        texts,
+        [images[i] for i in edited],
+        diffusion,
+        train=train_refiner,
+        generator=generator,
+        keep=edits.keep,
+    )
+    mine = [edited[j] for j in edits.rows]
+    refined = rollout.images[: len(mine)]  # without the stand-in row
+    if mine:
+        metas_e, inputs = [metas[i] for i in mine], [images[i] for i in mine]
+        s = score(
+            reward,
+            metas_e,
+            refined,
+            [refl[i].text for i in mine],
+            input_images=inputs,
+            regions=regions(rollout.texts[: len(mine)], metas_e),
+        )
+    else:
+        s = Scored(torch.zeros(0), {}, {}, {})
+    s = gather_scores(s, edits)
+    for j, (i, image) in enumerate(zip(edited, edits.gather(refined), strict=True)):
+        out[i] = image
+        total[i] = s.total[j]
+    return RefineRound(
+        refl, edited, edits, rollout, out, Scored(total, s.components, s.failures, s.latency_s)
+    )

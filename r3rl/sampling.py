@@ -30,7 +30,9 @@ class Trajectory:
 
     @staticmethod
     def cat(trajs: list[Trajectory]) -> Trajectory:
-        return Trajectory(*(torch.cat([getattr(t, f) for t in trajs]) for f in Trajectory.__dataclass_fields__))
+        return Trajectory(
+            *(torch.cat([getattr(t, f) for t in trajs]) for f in Trajectory.__dataclass_fields__)
+        )
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,17 @@ def sample(
     b = cond.embeds.shape[0]
     x = model.noise(full, generator)[keep] if x is None else x
     if tuple(sde_mask.shape) != (b, len(sigmas) - 1):
-        raise ValueError(f"sde_mask must be (batch, steps) = {(b, len(sigmas) - 1)}, got {tuple(sde_mask.shape)}")
+        raise ValueError(
+            f"sde_mask must be (batch, steps) = {(b, len(sigmas) - 1)}, got {tuple(sde_mask.shape)}"
+        )
     k = int(sde_mask_full[0].sum())
     if not bool((sde_mask.sum(1) == k).all()):
         raise ValueError("every sample must train the same number of steps")
     if sde.sde_type == "cps" and bool((sde_mask & (sigmas[1:] <= 0).to(sde_mask.device)).any()):
         # cps has std = sigma_next·sin(...) = 0 there: a deterministic step with log-prob NaN
-        raise ValueError("cps cannot train a step that ends at sigma = 0 (std 0); exclude the last step")
+        raise ValueError(
+            "cps cannot train a step that ends at sigma = 0 (std 0); exclude the last step"
+        )
     states, nexts, s_now, s_next, logps = [], [], [], [], []
     for i in range(len(sigmas) - 1):
         sig, sig_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -84,14 +90,28 @@ def sample(
         rows = sde_mask[:, i].to(x.device)
         x_ode = ode_step(v, x, sig, sig_next)
         if sde_mask_full[:, i].any():  # some row of the whole batch draws noise here
-            noise = torch.randn((full, *x.shape[1:]), generator=generator, dtype=torch.float32)[keep].to(x.device)
+            noise = torch.randn((full, *x.shape[1:]), generator=generator, dtype=torch.float32)[
+                keep
+            ].to(x.device)
             _, _, mean, std = sde_step_with_logprob(
-                v, x, sig, sig_next, noise_level=sde.noise_level, prev_sample=x,
-                sde_type=sde.sde_type, logprob_reduction=sde.logprob_reduction,
+                v,
+                x,
+                sig,
+                sig_next,
+                noise_level=sde.noise_level,
+                prev_sample=x,
+                sde_type=sde.sde_type,
+                logprob_reduction=sde.logprob_reduction,
             )
             x_sde, logp, _, _ = sde_step_with_logprob(
-                v, x, sig, sig_next, noise_level=sde.noise_level, prev_sample=mean + std.view(-1, *[1] * (x.ndim - 1)) * noise,
-                sde_type=sde.sde_type, logprob_reduction=sde.logprob_reduction,
+                v,
+                x,
+                sig,
+                sig_next,
+                noise_level=sde.noise_level,
+                prev_sample=mean + std.view(-1, *[1] * (x.ndim - 1)) * noise,
+                sde_type=sde.sde_type,
+                logprob_reduction=sde.logprob_reduction,
             )
             x_new = torch.where(rows[:, None, None], x_sde.to(x.dtype), x_ode)
             states.append(x), nexts.append(x_new), logps.append(logp)
@@ -117,11 +137,18 @@ def transition_logprob(
     ref: torch.Tensor | None,
     sde: SDEConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-prob (with grad) of the recorded transition k under the current policy: (logp, mean, std)."""
+    """Log-prob (with grad) of the recorded transition k under the current policy: (logp, mean,
+    std)."""
     x, sig, sig_next = traj.states[:, k], traj.sigmas[:, k], traj.sigmas_next[:, k]
     v = model.velocity(x, sig.to(x.device), cond, ref)
     _, logp, mean, std = sde_step_with_logprob(
-        v, x, sig.to(x.device), sig_next.to(x.device), noise_level=sde.noise_level,
-        prev_sample=traj.next_states[:, k], sde_type=sde.sde_type, logprob_reduction=sde.logprob_reduction,
+        v,
+        x,
+        sig.to(x.device),
+        sig_next.to(x.device),
+        noise_level=sde.noise_level,
+        prev_sample=traj.next_states[:, k],
+        sde_type=sde.sde_type,
+        logprob_reduction=sde.logprob_reduction,
     )
     return logp, mean, std

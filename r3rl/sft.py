@@ -1,4 +1,5 @@
-"""`r3rl sft`: supervised flow matching of the refiner on (input, instruction, target[, mask]) pairs.
+"""`r3rl sft`: supervised flow matching of the refiner on (input, instruction, target[, mask])
+pairs.
 
 The loss is rectified-flow matching (x_t = (1-s) x0 + s eps, target v = eps - x0) in the
 refiner's own mode: `edit` conditions on the input's latents, `regenerate` on its projected
@@ -12,66 +13,21 @@ pasted region must blend in.
 from __future__ import annotations
 
 import json
-import math
-import random
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
 
+from r3rl.algos.flow_matching import Example, fit
 from r3rl.errors import UserError
 from r3rl.models.base import FlowModel, encode_condition
 from r3rl.models.placement import onload, place_flow_model, resolve_device
 from r3rl.modes.region import box_mask, crop, crop_window, split_box
 from r3rl.modes.region_refiner import RegionRefiner, record_box
 
-# --------------------------------------------------------------------------- the loss (pure)
-
-
-def boundary_band(mask: np.ndarray, width: int) -> np.ndarray:
-    """Pixels within `width` of the mask edge, on either side: dilate(mask) minus erode(mask)."""
-    if width <= 0 or not mask.any():
-        return np.zeros_like(mask, dtype=bool)
-    grown = ndimage.binary_dilation(mask, iterations=width)
-    shrunk = ndimage.binary_erosion(mask, iterations=width, border_value=1)
-    return grown & ~shrunk
-
-
-def boundary_weights(mask: np.ndarray, width: int, weight: float) -> np.ndarray:
-    """Per-pixel loss weight: 1 everywhere plus `weight` in the boundary band."""
-    return 1.0 + weight * boundary_band(mask, width).astype(np.float64)
-
-
-def token_weights(pixel_weights: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, H, W) pixel weights -> (B, grid*grid) weights of the packed latent tokens (area mean)."""
-    pooled = F.adaptive_avg_pool2d(pixel_weights[:, None].float(), grid)
-    return pooled.flatten(1)
-
-
-def weighted_flow_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Weighted mean over tokens of the per-token squared error (mean over channels):
-    sum_bt w_bt * mse_bt / sum_bt w_bt; plain mean when `weights` is None."""
-    per_token = (pred - target).pow(2).mean(-1)
-    if weights is None:
-        return per_token.mean()
-    return (weights * per_token).sum() / weights.sum()
-
-
 # --------------------------------------------------------------------------- data
-
-
-@dataclass
-class Example:
-    """One supervised pair: conditioning text, input image (None: text-to-image), target, mask."""
-
-    text: str
-    input: Image.Image | None
-    target: Image.Image
-    mask: np.ndarray | None = None  # bool (H, W) in target pixels: the refined region
 
 
 def _open(base: Path, value: str, where: str) -> Image.Image:
@@ -96,12 +52,21 @@ def load_pairs(path: str | Path) -> list[tuple[dict, Example]]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str) or "target" not in rec:
-            raise UserError(f"{where}: expected an object with 'instruction' (text) and 'target' (image path)")
+        if (
+            not isinstance(rec, dict)
+            or not isinstance(rec.get("instruction"), str)
+            or "target" not in rec
+        ):
+            raise UserError(
+                f"{where}: expected an object with 'instruction' (text) and 'target' (image path)"
+            )
         target = _open(path.parent, rec["target"], where)
         mask = None
         if "mask" in rec:
-            mask = np.asarray(_open(path.parent, rec["mask"], where).convert("L").resize(target.size)) > 127
+            mask = (
+                np.asarray(_open(path.parent, rec["mask"], where).convert("L").resize(target.size))
+                > 127
+            )
         elif rec.get("region"):
             mask = box_mask(record_box(rec), *target.size)
         inp = _open(path.parent, rec["input"], where) if "input" in rec else None
@@ -115,72 +80,22 @@ def focus(model: RegionRefiner, example: Example) -> Example:
     """A region-mode pair as the refiner sees it: input, target and mask cropped to the focus
     window and upsampled to the working resolution (no region: the whole canvas)."""
     text, box = split_box(example.text)
-    mask = example.mask if example.mask is not None else (box_mask(box, *example.target.size) if box else None)
+    mask = (
+        example.mask
+        if example.mask is not None
+        else (box_mask(box, *example.target.size) if box else None)
+    )
     if mask is None or not mask.any():
         return Example(text, example.input, example.target, None)
     window = crop_window(mask, model.settings.margin)
     size = model.inner.image_size
     left, top, right, bottom = window
-    cropped = np.asarray(Image.fromarray(mask[top:bottom, left:right]).resize((size, size), Image.NEAREST))
-    return Example(text, crop(example.input, window, size), crop(example.target, window, size), cropped)
-
-
-# --------------------------------------------------------------------------- training
-
-
-def fit(
-    model,
-    examples: list[Example],
-    params: list[torch.nn.Parameter],
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    boundary_weight: float = 0.0,
-    band_px: int = 2,
-    cond_dropout: float = 0.1,
-    seed: int = 0,
-) -> list[float]:
-    """Flow-matching steps on `examples` (all with inputs, or all without) training `params`;
-    returns the loss of every step. `model` is any FlowModel wrapper (edit/regenerate) whose
-    `inner` (or itself) owns the VAE the targets are encoded with."""
-    if len({e.input is None for e in examples}) > 1:
-        raise UserError("sft pairs must all have an 'input' (refiner) or none (generator)")
-    base = getattr(model, "inner", model)
-    with torch.no_grad():
-        x0_all = torch.cat([base.encode_images([e.target for e in examples[i : i + 64]])
-                            for i in range(0, len(examples), 64)])
-    grid = math.isqrt(x0_all.shape[1])
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    losses = []
-    for p in params:
-        p.requires_grad_(True)
-    for _ in range(steps):
-        idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
-        batch = [examples[i] for i in idx]
-        x0 = x0_all[idx]
-        eps = torch.randn(x0.shape, generator=g).to(x0.device)  # CPU draws: the same noise on any device
-        s = torch.rand(batch_size, generator=g).to(x0.device)
-        xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps
-        texts = [e.text if rng.random() >= cond_dropout else "" for e in batch]
-        inputs = [e.input for e in batch] if batch[0].input is not None else None
-        cond, ref = encode_condition(model, texts, inputs, cache=False)  # as rollouts condition it
-        weights = None
-        if boundary_weight > 0 and any(e.mask is not None for e in batch):
-            pix = [boundary_weights(e.mask, band_px, boundary_weight) if e.mask is not None else np.ones((1, 1))
-                   for e in batch]  # each example's pixels pooled onto the token grid on its own
-            weights = torch.cat([token_weights(torch.from_numpy(w)[None], grid) for w in pix]).to(x0.device)
-        loss = weighted_flow_loss(model.velocity(xt, s, cond, ref), eps - x0, weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-    for p in params:
-        p.requires_grad_(False)
-    return losses
+    cropped = np.asarray(
+        Image.fromarray(mask[top:bottom, left:right]).resize((size, size), Image.NEAREST)
+    )
+    return Example(
+        text, crop(example.input, window, size), crop(example.target, window, size), cropped
+    )
 
 
 # --------------------------------------------------------------------------- the command
@@ -189,7 +104,7 @@ def fit(
 def _load(cfg, image_size: int):
     """(the recipe's refiner seen through its mode, the parameters SFT trains)."""
     from r3rl.models.registry import load_flow_model
-    from r3rl.modes import refiner_folder, wrap_refiner
+    from r3rl.modes.load import refiner_folder, wrap_refiner
     from r3rl.modes.regenerate import (
         PROJECTION_DIR,
         RegenerateRefiner,
@@ -202,22 +117,37 @@ def _load(cfg, image_size: int):
     world = ensure_world(cfg.world, cfg.seed).root if rc.model == SHAPES_MODEL else None
     base = world / "flux" if world is not None else Path(rc.model)
     if not base.exists():
-        raise UserError(f"refiner.model={rc.model!r}: no such directory (expected '{SHAPES_MODEL}' or a local folder)")
+        raise UserError(
+            f"refiner.model={rc.model!r}: no such directory (expected '{SHAPES_MODEL}' or a "
+            "local folder)"
+        )
     folder = refiner_folder(rc, base, world, image_size, cfg.seed)
-    inner = load_flow_model(folder, family=rc.family, image_size=image_size, dtype=rc.dtype,
-                            max_text_len=rc.max_text_len)
+    inner = load_flow_model(
+        folder,
+        family=rc.family,
+        image_size=image_size,
+        dtype=rc.dtype,
+        max_text_len=rc.max_text_len,
+    )
     for m in inner.encoders:
         m.eval().requires_grad_(False)
     place_flow_model(inner, resolve_device(cfg.device), offload_frozen=rc.offload)
     params = list(inner.transformer.parameters())
-    reads_images = hasattr(inner, "encode_edit")  # Qwen-Image-Edit: its own text encoder is the semantic one
+    reads_images = hasattr(
+        inner, "encode_edit"
+    )  # Qwen-Image-Edit: its own text encoder is the semantic one
     if rc.mode == "regenerate" and not reads_images and not (folder / PROJECTION_DIR).exists():
         if rc.regenerate.semantic_encoder is None:
-            raise UserError("refiner.regenerate.semantic_encoder: set a VLM folder to start a regenerate refiner from "
-                            f"{folder} (it has no {PROJECTION_DIR}/ yet)")
+            raise UserError(
+                "refiner.regenerate.semantic_encoder: set a VLM folder to start a regenerate "
+                "refiner from "
+                f"{folder} (it has no {PROJECTION_DIR}/ yet)"
+            )
         encoder = VLMSemanticEncoder.from_pretrained(rc.regenerate.semantic_encoder)
         projection = SemanticProjection(encoder.dim, inner.transformer.config.joint_attention_dim)
-        model = RegenerateRefiner(inner, encoder, projection, append_critique=rc.regenerate.append_critique)
+        model = RegenerateRefiner(
+            inner, encoder, projection, append_critique=rc.regenerate.append_critique
+        )
         model.place_semantic(offload_encoder=rc.offload)
     else:
         model = wrap_refiner(inner, rc, folder)
@@ -226,7 +156,9 @@ def _load(cfg, image_size: int):
     return model, params
 
 
-def mode_examples(model, pairs: list[tuple[dict, Example]], source: str) -> tuple[FlowModel, list[Example]]:
+def mode_examples(
+    model, pairs: list[tuple[dict, Example]], source: str
+) -> tuple[FlowModel, list[Example]]:
     """(the model the loss runs on, the pairs as the refiner's mode sees them): texts composed by
     the mode, and for region mode the focused crops it refines, learnt by the wrapped refiner."""
     from r3rl.modes.regenerate import RegenerateRefiner
@@ -235,7 +167,9 @@ def mode_examples(model, pairs: list[tuple[dict, Example]], source: str) -> tupl
     examples = []
     for rec, ex in pairs:
         if isinstance(model, RegenerateRefiner) and "prompt" not in rec:
-            raise UserError(f"{source}: regenerate-mode pairs need a 'prompt' (the target description)")
+            raise UserError(
+                f"{source}: regenerate-mode pairs need a 'prompt' (the target description)"
+            )
         text = compose(rec, ex.text) if compose is not None else ex.text
         examples.append(Example(text, ex.input, ex.target, ex.mask))
     if isinstance(model, RegionRefiner):
@@ -260,14 +194,28 @@ def run_sft(cfg) -> Path:
 
     sc = cfg.refiner.sft
     if sc.data is None:
-        raise UserError("refiner.sft.data is not set; expected a JSONL file of {instruction, target, input?, mask?} pairs")
+        raise UserError(
+            "refiner.sft.data is not set; expected a JSONL file of {instruction, target, input?, "
+            "mask?} pairs"
+        )
     pairs = load_pairs(sc.data)  # a bad line fails before any model is loaded
     torch.manual_seed(cfg.seed)
     model, params = _load(cfg, cfg.world.image_size)
     trained, examples = mode_examples(model, pairs, sc.data)
-    losses = fit(trained, examples, params, steps=sc.steps, batch_size=sc.batch_size, lr=sc.lr,
-                 boundary_weight=sc.boundary_weight, band_px=sc.boundary_band_px, cond_dropout=sc.cond_dropout,
-                 seed=cfg.seed)
+    encode = partial(encode_condition, trained, cache=False)  # as rollouts condition it
+    losses = fit(
+        trained,
+        examples,
+        params,
+        encode=encode,
+        steps=sc.steps,
+        batch_size=sc.batch_size,
+        lr=sc.lr,
+        boundary_weight=sc.boundary_weight,
+        band_px=sc.boundary_band_px,
+        cond_dropout=sc.cond_dropout,
+        seed=cfg.seed,
+    )
     out = Path(cfg.output_dir) / "sft" / "refiner"
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -275,8 +223,16 @@ def run_sft(cfg) -> Path:
     for module in _frozen_modules(model):
         onload(module)  # offloaded weights live in their hooks: give them back before saving
     saved.save_pretrained(tmp)
-    (tmp / "sft.json").write_text(json.dumps({"pairs": len(examples), "steps": sc.steps, "first_loss": losses[0],
-                                             "last_loss": sum(losses[-10:]) / len(losses[-10:])}))
+    (tmp / "sft.json").write_text(
+        json.dumps(
+            {
+                "pairs": len(examples),
+                "steps": sc.steps,
+                "first_loss": losses[0],
+                "last_loss": sum(losses[-10:]) / len(losses[-10:]),
+            }
+        )
+    )
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

@@ -11,6 +11,9 @@ if [[ "${R3RL_SKIP_VLLM:-}" != 1 ]]; then
     "$ROOT/scripts/setup_vllm.sh" || echo "test.sh: the vLLM env could not be built; its tests will fail" >&2
 fi
 cd "$ROOT"
+# lint (line length included) and formatting of the library, before the tests
+"$ROOT/.venv/bin/ruff" check r3rl
+"$ROOT/.venv/bin/ruff" format --check r3rl
 status=0
 "$ROOT/.venv/bin/python" -m pytest -q "$@" || status=$?
 if [[ $status -eq 5 ]]; then

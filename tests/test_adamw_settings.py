@@ -33,11 +33,11 @@ def test_defaults_are_the_adamw_every_run_used_before() -> None:
 
 
 def test_recipe_adamw_reaches_each_torch_optimiser(tiny_world, tmp_path) -> None:
-    from r3rl import trainer
+    from r3rl.run import build_run
 
     cfg = load_config(REPO / "recipes" / "shapes_cpu.yaml", [*tiny_world, f"output_dir={tmp_path / 'run'}",
                                                              "device=cpu", *OVERRIDES])
-    run = trainer.build_run(cfg)
+    run = build_run(cfg)
     for name, opt in (("reflector", run.reflector_opt), ("generator", run.generator.opt),
                       ("refiner", run.refiner.opt)):
         assert [_adamw(g) for g in opt.param_groups] == [SETTINGS[name]], name
@@ -51,7 +51,9 @@ def test_deepspeed_zero2_engines_take_the_recipe_adamw_and_feed_the_ema(tiny_wor
     pytest.importorskip("deepspeed")
     from conftest import free_port
 
-    from r3rl import trainer
+    from r3rl.evaluate import evaluate_run
+    from r3rl.run import build_run
+    from r3rl.trainer import train_step
 
     for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
                        ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
@@ -64,18 +66,18 @@ def test_deepspeed_zero2_engines_take_the_recipe_adamw_and_feed_the_ema(tiny_wor
         f"rewards=[{{name: '{REPO / 'tests/fixtures/noisy_reward.py'}:noisy_reward'}}]", *OVERRIDES])
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     try:
-        run = trainer.build_run(cfg)
+        run = build_run(cfg)
         for name, engine in run.engines.items():
             assert [_adamw(g) for g in engine.optimizer.param_groups] == [SETTINGS[name]], name
             assert engine.optimizer.param_groups[0]["lr"] == getattr(cfg, name).lr
         assert sorted(run.engines) == sorted(run.ema) == ["generator", "refiner", "reflector"]
         start = [p.detach().clone() for p in run.trained_params("generator")]
-        run.train_step(1)  # a generate step
+        train_step(run, 1)  # a generate step
         after = [p.detach().clone() for p in run.trained_params("generator")]
         assert run.ema["generator"].steps == 1 and not all(torch.equal(a, b) for a, b in zip(start, after))
         for s, a, b in zip(run.ema["generator"].shadow, start, after):  # d = min(0.5, 2/11)
             torch.testing.assert_close(s, a + 9 / 11 * (b - a))
-        run.evaluate(1)
+        evaluate_run(run)
         assert all(torch.equal(p, b) for p, b in zip(run.trained_params("generator"), after, strict=True))
     finally:
         torch.distributed.destroy_process_group()

@@ -46,7 +46,7 @@ def test_batch_scaling_divides_group_centred_advantages_by_the_std_of_all_groups
     """TRL's scale_rewards='batch' / flow_grpo's global_std, over the groups of two rollouts of one
     step: group {1, 3} (mean 2), group {5, 9, NaN} (mean 7); all scored rewards {1, 3, 5, 9} have
     mean 4.5 and unbiased std sqrt((12.25 + 2.25 + 0.25 + 20.25) / 3) = sqrt(35 / 3)."""
-    from r3rl.trainer import Batch, ImageTerm, scale_by_batch_std
+    from r3rl.batch import Batch, ImageTerm, scale_by_batch_std
 
     groups = [torch.tensor([1.0, 3.0]), torch.tensor([5.0, 9.0, NAN])]
     assert batch_std(groups) == pytest.approx(math.sqrt(35 / 3), rel=1e-12)

@@ -31,7 +31,7 @@ def test_checkpoint_round_trips_each_ranks_gpu_generator_state(tiny_world, tmp_p
     GPU here: torch.cuda's state functions are replaced by a stand-in device generator."""
     from r3rl.checkpoint import load_checkpoint, save_checkpoint
     from r3rl.config import load_config
-    from r3rl.trainer import build_run
+    from r3rl.run import build_run
 
     run = build_run(load_config("recipes/shapes_cpu.yaml", [*tiny_world, f"output_dir={tmp_path}", "device=cpu"]))
     device_state = {"now": torch.arange(8, dtype=torch.uint8)}

@@ -149,7 +149,7 @@ import os, sys, torch.distributed as dist
 from PIL import Image
 from r3rl.config import load_config
 from r3rl.distributed import gather, init_process_group, topology_from_env
-from r3rl.trainer import build_run
+from r3rl.run import build_run
 
 topo = topology_from_env()
 init_process_group(topo, force=True)
@@ -186,7 +186,7 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from r3rl.checkpoint import save_checkpoint
 from r3rl.config import load_config
 from r3rl.distributed import init_process_group, topology_from_env
-from r3rl.trainer import build_run
+from r3rl.run import build_run
 
 topo = topology_from_env()
 init_process_group(topo, force=topo.distributed)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import free_port
 
-from r3rl.distributed import Topology, deepspeed_config, shard, topology_from_env
+from r3rl.distributed import Shard, Topology, deepspeed_config, topology_from_env
 from r3rl.errors import UserError
 from r3rl.models.base import TextCond
 from r3rl.sampling import SDEConfig, sample
@@ -36,11 +36,26 @@ def test_topology_from_each_launcher_environment() -> None:
         topology_from_env({"RANK": "4", "WORLD_SIZE": "4"})
 
 
-def test_shard_is_a_contiguous_block_per_rank() -> None:
-    assert [list(shard(6, Topology(r, 3))) for r in range(3)] == [[0, 1], [2, 3], [4, 5]]
-    assert list(shard(5, Topology())) == [0, 1, 2, 3, 4]
+def test_shard_splits_a_batch_into_contiguous_blocks_and_takes_this_ranks_rows() -> None:
+    assert [list(Shard(6, Topology(r, 3)).rows) for r in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    assert list(Shard(5, Topology()).rows) == [0, 1, 2, 3, 4]
+    assert Shard(5, Topology()).keep is None  # one process simulates every row
+    assert Shard(6, Topology(1, 3)).keep.tolist() == [2, 3]
+    assert Shard(1, Topology(1, 2)).keep.tolist() == [0]  # an empty block keeps a stand-in row
+    assert Shard(5, Topology(1, 2)).take(torch.arange(5)).tolist() == [3, 4]
+    assert Shard(5, Topology(0, 2)).take(list("abcde")) == ["a", "b", "c"]
+    assert Shard(3, Topology()).gather(["x", "y"]) == ["x", "y"]  # one process: as it is
+
+
+def test_a_group_the_ranks_cannot_split_is_refused_before_any_model_loads(monkeypatch) -> None:
+    from r3rl.config import parse_config
+    from r3rl.trainer import train
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = parse_config({"output_dir": "unused", "rollout": {"group_size": 6}})
     with pytest.raises(UserError, match="group_size=6 must be divisible by the number of processes \\(4\\)"):
-        shard(6, Topology(0, 4))
+        train(cfg)
 
 
 def test_deepspeed_config_fills_auto_values_from_the_recipe(tmp_path: Path) -> None:

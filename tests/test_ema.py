@@ -86,17 +86,20 @@ def _config(tiny_world: list[str], out: Path, *extra: str) -> Config:
 
 
 def test_eval_uses_the_averages_and_restores_the_live_weights_bit_for_bit(tiny_world, tmp_path, monkeypatch) -> None:
-    from r3rl import trainer
+    from r3rl import evaluate
+    from r3rl.evaluate import evaluate_run
+    from r3rl.run import build_run
+    from r3rl.trainer import train_step
 
-    run = trainer.build_run(_config(tiny_world, tmp_path / "run"))
+    run = build_run(_config(tiny_world, tmp_path / "run"))
     assert sorted(run.ema) == ["generator", "refiner", "reflector"]
     start = [p.detach().clone() for p in run.trained_params("generator")]
-    run.train_step(1)  # a generate step: the generator's first optimiser step
+    train_step(run, 1)  # a generate step: the generator's first optimiser step
     after = [p.detach().clone() for p in run.trained_params("generator")]
     assert not all(torch.equal(a, b) for a, b in zip(start, after))
     for s, a, b in zip(run.ema["generator"].shadow, start, after):  # d = min(0.5, 2/11)
         torch.testing.assert_close(s, a + 9 / 11 * (b - a))
-    run.train_step(2)  # a refine step: the reflector's
+    train_step(run, 2)  # a refine step: the reflector's
     assert {name: ema.steps for name, ema in run.ema.items()} == {"reflector": 1, "generator": 1, "refiner": 0}
     with torch.no_grad():  # every live weight away from its average, also those no step has moved
         for name in run.ema:
@@ -104,14 +107,14 @@ def test_eval_uses_the_averages_and_restores_the_live_weights_bit_for_bit(tiny_w
                 p.add_(0.01)
     live = {name: [p.detach().clone() for p in run.trained_params(name)] for name in run.ema}
     seen = {}
-    evaluate_rounds = trainer.evaluate_rounds
+    evaluate_rounds = evaluate.evaluate_rounds
 
     def spy(*args, **kwargs):
         seen.update({name: [p.detach().clone() for p in run.trained_params(name)] for name in run.ema})
         return evaluate_rounds(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "evaluate_rounds", spy)
-    assert "eval/final_mean" in run.evaluate(2).metrics
+    monkeypatch.setattr(evaluate, "evaluate_rounds", spy)
+    assert "eval/final_mean" in evaluate_run(run).metrics
     for name, ema in run.ema.items():
         assert all(torch.equal(s, a.to(s.dtype)) for s, a in zip(seen[name], ema.shadow, strict=True)), name
         assert not any(torch.equal(s, v) for s, v in zip(seen[name], live[name])), name
@@ -171,12 +174,12 @@ def test_refine_ema_loads_the_averages_of_the_trained_policies(tiny_world, tmp_p
 
 
 def test_ema_under_zero3_is_refused_before_any_model_loads(tiny_world, tmp_path, monkeypatch) -> None:
-    from r3rl import trainer
+    from r3rl import run
 
-    monkeypatch.setattr(trainer, "_shapes_world", lambda *args: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(run, "_shapes_world", lambda *args: pytest.fail("a model was loaded"))
     cfg = _config(tiny_world, tmp_path / "run", f"distributed.deepspeed={REPO / 'launch/deepspeed/zero3.json'}")
     with pytest.raises(UserError) as err:
-        trainer.build_run(cfg)
+        run.build_run(cfg)
     assert str(err.value).startswith("trainer.ema is not supported under ZeRO-3") and "\n" not in str(err.value)
 
 

@@ -206,7 +206,8 @@ def test_qwen_image_edit_regenerates_from_the_prompt_read_with_the_image_and_no_
     prompt with the current image (the semantic tokens); the image's VAE latents never enter."""
     from r3rl.config import RefinerConfig
     from r3rl.errors import UserError
-    from r3rl.modes import refiner_texts, wrap_refiner
+    from r3rl.modes import refiner_texts
+    from r3rl.modes.load import wrap_refiner
 
     folder = saved["qwen_image_edit"]
     model = _frozen(load_flow_model(folder, image_size=SIZE, true_cfg_scale=2.0))

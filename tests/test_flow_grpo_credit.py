@@ -51,7 +51,9 @@ rewards: [{{name: "{NOISY}:noisy_reward"}}]
 
 def test_generator_only_run_builds_and_trains_the_generator_alone(recipe, tmp_path, monkeypatch):
     from r3rl.models.reflector import HFReflector
-    from r3rl.trainer import build_run
+    from r3rl.evaluate import evaluate_run
+    from r3rl.run import build_run
+    from r3rl.trainer import train_step
 
     def no_reflector(*args, **kwargs):
         raise AssertionError("a generator-only run loaded a reflector")
@@ -60,7 +62,7 @@ def test_generator_only_run_builds_and_trains_the_generator_alone(recipe, tmp_pa
     run = build_run(load_config(recipe, [f"output_dir={tmp_path}"]))
     assert run.reflector is None and run.refiner is None and run.reflector_opt is None
     lora = {n: p.detach().clone() for n, p in run.generator.model.transformer.named_parameters() if p.requires_grad}
-    rows = [run.train_step(step) for step in (1, 2)]
+    rows = [train_step(run, step) for step in (1, 2)]
     assert [r["stage"] for r in rows] == ["generate", "generate"]
     for r in rows:
         assert r["frac_reward_zero_std"] == 0.0 and 0.0 <= r["reward/mean"] <= 1.0
@@ -68,7 +70,7 @@ def test_generator_only_run_builds_and_trains_the_generator_alone(recipe, tmp_pa
     assert rows[1]["kl/image"] > 0.0  # step 1 moved the LoRA away from the base (the KL reference)
     moved = [n for n, p in run.generator.model.transformer.named_parameters() if n in lora and not torch.equal(p, lora[n])]
     assert moved and len(run.buffer) == 0  # no refine step will ever read the buffer
-    result = run.evaluate(2)
+    result = evaluate_run(run)
     assert len(result.images) == 1 and "eval/round0_mean" in result.metrics  # eval.rounds=3 ignored: round 0 only
     assert not any(k.startswith("eval/round1") for k in result.metrics)
     assert result.metrics["eval/final_mean"] == result.metrics["eval/round0_mean"]
@@ -76,7 +78,7 @@ def test_generator_only_run_builds_and_trains_the_generator_alone(recipe, tmp_pa
 
 def test_generator_only_run_with_a_frozen_generator_is_one_clear_error(recipe):
     from r3rl.errors import UserError
-    from r3rl.trainer import build_run
+    from r3rl.run import build_run
 
     with pytest.raises(UserError, match=r"rollout.credit=flow_grpo trains the generator alone: set generator.train=true"):
         build_run(load_config(recipe, ["generator.train=false"]))
@@ -104,10 +106,11 @@ def test_generator_only_cli_train_then_refine_round_zero(recipe, run_cli, tmp_pa
     assert len(trace) == 2 and all(len(t["rounds"]) == 1 for t in trace)
 
 
-def test_flow_grpo_recipe_settings_batch_std_and_t5_length(recipe, tmp_path):
+def test_flow_grpo_recipe_settings_batch_std_and_t5_length(recipe, tmp_path, monkeypatch):
     """flow_grpo's global_std (`scale_rewards: batch`) over a step of two groups, and its 128-token
     T5: the advantages of a step are its groups' deviations over the std of all their rewards."""
-    from r3rl.trainer import build_run
+    from r3rl import trainer
+    from r3rl.run import build_run
 
     cfg = load_config(recipe, [f"output_dir={tmp_path}", "rollout.scale_rewards=batch", "trainer.grad_accum=2",
                                "generator.max_text_len=12"])
@@ -115,9 +118,9 @@ def test_flow_grpo_recipe_settings_batch_std_and_t5_length(recipe, tmp_path):
     assert run.generator.model.max_text_len == 12
     # the two batches the step trains on, as the loss sees them
     seen = []
-    loss = run._loss
-    run._loss = lambda batch: (seen.append(batch), loss(batch))[1]
-    row = run.train_step(1)
+    loss = trainer._loss
+    monkeypatch.setattr(trainer, "_loss", lambda run, batch: (seen.append(batch), loss(run, batch))[1])
+    row = trainer.train_step(run, 1)
     assert len(seen) == 2 and math.isfinite(row["loss/flow_grpo"])
     pools = [b.image_terms[0].pool for b in seen]
     spread = torch.cat(pools).std()
@@ -127,7 +130,7 @@ def test_flow_grpo_recipe_settings_batch_std_and_t5_length(recipe, tmp_path):
 
 def test_scale_rewards_takes_the_old_switch_and_refuses_batch_with_tree_credit(recipe):
     from r3rl.errors import ConfigError, UserError
-    from r3rl.trainer import build_run
+    from r3rl.run import build_run
 
     assert load_config(recipe, ["rollout.scale_rewards=true"]).rollout.scale_rewards == "group"
     assert load_config(recipe, ["rollout.scale_rewards=false"]).rollout.scale_rewards == "none"
@@ -138,16 +141,17 @@ def test_scale_rewards_takes_the_old_switch_and_refuses_batch_with_tree_credit(r
 
 
 @pytest.mark.parametrize("scale", ["group", "batch"])
-def test_a_step_holds_one_rollout_at_a_time_unless_batch_scaling_needs_all(recipe, tmp_path, scale):
+def test_a_step_holds_one_rollout_at_a_time_unless_batch_scaling_needs_all(recipe, tmp_path, scale, monkeypatch):
     """Memory: each rollout is backpropagated before the next is made; `batch` scaling alone makes
     (and holds) all of the step's rollouts before the first loss."""
-    from r3rl.trainer import build_run
+    from r3rl import trainer
+    from r3rl.run import build_run
 
     run = build_run(load_config(recipe, [f"output_dir={tmp_path}", f"rollout.scale_rewards={scale}",
                                          "trainer.grad_accum=3"]))
     made, seen = [], []
-    rollout, loss = run._generate_rollout, run._loss
-    run._generate_rollout = lambda *a, **kw: (made.append(1), rollout(*a, **kw))[1]
-    run._loss = lambda batch: (seen.append(len(made)), loss(batch))[1]
-    run.train_step(1)
+    rollout, loss = trainer._generate_rollout, trainer._loss
+    monkeypatch.setattr(trainer, "_generate_rollout", lambda *a, **kw: (made.append(1), rollout(*a, **kw))[1])
+    monkeypatch.setattr(trainer, "_loss", lambda run, batch: (seen.append(len(made)), loss(run, batch))[1])
+    trainer.train_step(run, 1)
     assert seen == ([1, 2, 3] if scale == "group" else [3, 3, 3])

@@ -76,7 +76,8 @@ def test_an_r3_run_with_everything_offloaded_matches_one_without(tiny_world, mon
     """Full fine-tuning of all three policies with KL (so each has a full-copy reference); every
     reflection asks for an edit, so the refine step runs the refiner and its reference too."""
     from r3rl.models.reflector import HFReflector, Reflection
-    from r3rl.trainer import build_run
+    from r3rl.run import build_run
+    from r3rl.trainer import train_step
 
     def edit(self, prompts, images, **kwargs):
         ids = self.encode_completion("<think>x</think> make it red")
@@ -95,7 +96,7 @@ def test_an_r3_run_with_everything_offloaded_matches_one_without(tiny_world, mon
         assert all(_resident(m) != (off == "true") for m in frozen)
         assert all(_resident(m) for m in (run.reflector.model, run.generator.model.transformer,
                                           run.refiner.model.transformer))
-        rows.append([run.train_step(step) for step in (1, 2, 3)])
+        rows.append([train_step(run, step) for step in (1, 2, 3)])
     assert [r["stage"] for r in rows[0]] == ["generate", "refine", "generate"]
     assert rows[0][1]["refine/stop_rate"] == 0 and "kl/image" in rows[0][1]  # the refiner's reference was read
     assert "kl/text" in rows[0][1] and rows[0][2]["kl/image"] > 0  # so were the reflector's and the generator's
@@ -110,7 +111,7 @@ def test_an_r3_run_with_everything_offloaded_matches_one_without(tiny_world, mon
 def test_regenerate_mode_offloads_its_semantic_encoder(tiny_world):
     """The regenerate refiner's VLM semantic encoder is one of its frozen encoders: offloaded with
     `refiner.offload`, and its semantic tokens unchanged."""
-    from r3rl.trainer import build_run
+    from r3rl.run import build_run
 
     images = [Image.new("RGB", (SIZE, SIZE), c) for c in ("red", "navy")]
     tokens = []

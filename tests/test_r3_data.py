@@ -99,12 +99,12 @@ def test_data_config_keys() -> None:
 
 
 def test_run_prompts_use_the_data_config() -> None:
-    """`r3rl train`/`r3rl eval` load prompts through trainer._prompts; it must pass data.prompt_field
-    and data.tag_field (the trainer.py change is in the report of issue 17 item 10)."""
-    from r3rl import trainer
+    """`r3rl train`/`r3rl eval` load prompts through run._prompts; it must pass data.prompt_field
+    and data.tag_field (the run.py change is in the report of issue 17 item 10)."""
+    from r3rl import run
 
-    params = inspect.signature(trainer._prompts).parameters
+    params = inspect.signature(run._prompts).parameters
     if "prompt_field" not in params:
-        pytest.skip("r3rl/trainer.py does not pass data.prompt_field to load_prompts yet")
-    records = trainer._prompts(str(TIIF_TEST), "eval", None, prompt_field="short_description", tag_field="type")
+        pytest.skip("r3rl/run.py does not pass data.prompt_field to load_prompts yet")
+    records = run._prompts(str(TIIF_TEST), "eval", None, prompt_field="short_description", tag_field="type")
     assert records[0]["prompt"] == "A cat is situated beneath a microwave."

@@ -123,7 +123,8 @@ def test_qwen_image_edit_refiner_learns_in_a_refine_step(tiny, tmp_path, monkeyp
     refiner's text encoder reads each input image with its instruction, and the FlowGRPO update
     (which reuses the rollout's conditioning) moves its LoRA."""
     from r3rl.models.reflector import Reflection
-    from r3rl.trainer import build_run
+    from r3rl.run import build_run
+    from r3rl.trainer import train_step
 
     recipe = REPO / "recipes" / "r3_qwen25vl_qwen_image_edit.yaml"
     noisy = REPO / "tests" / "fixtures" / "noisy_reward.py"
@@ -135,7 +136,7 @@ def test_qwen_image_edit_refiner_learns_in_a_refine_step(tiny, tmp_path, monkeyp
     monkeypatch.setattr(run.reflector, "reflect", edit)
     transformer = run.refiner.model.transformer
     before = {n: p.detach().clone() for n, p in transformer.named_parameters() if p.requires_grad}
-    row = run.train_step(1)
+    row = train_step(run, 1)
     assert row["stage"] == "refine" and row["refine/stop_rate"] == 0.0
     assert math.isfinite(row["loss/flow_grpo"]) and row["frac_reward_zero_std"] == 0.0
     assert any(not torch.equal(p, before[n]) for n, p in transformer.named_parameters() if n in before)

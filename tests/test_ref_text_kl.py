@@ -18,7 +18,6 @@ from r3rl.algos.grpo import grpo_loss, token_logprobs
 from r3rl.config import RewardSpec
 from r3rl.models.tokenizer import train_chat_tokenizer
 from r3rl.rewards import CombinedReward
-from r3rl.algos.grpo import grpo_loss
 from r3rl.text_grpo import CausalLMPolicy, TextGRPOSettings, grpo_step
 
 

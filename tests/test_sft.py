@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from r3rl.sft import boundary_band, boundary_weights, token_weights, weighted_flow_loss
+from r3rl.algos.flow_matching import boundary_band, boundary_weights, token_weights, weighted_flow_loss
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -81,7 +81,8 @@ def test_train_cli_writes_metrics_checkpoints_and_config(recipe: Path, tmp_path:
 
 @pytest.mark.parametrize("reflector,refiner", [(True, False), (False, True), (True, True)])
 def test_which_policies_train_is_a_recipe_switch(recipe: Path, tmp_path: Path, reflector: bool, refiner: bool) -> None:
-    from r3rl.trainer import build_run
+    from r3rl.run import build_run
+    from r3rl.trainer import train_step
 
     cfg = load_config(recipe, [f"output_dir={tmp_path}", f"reflector.train={reflector}", f"refiner.train={refiner}",
                                "generator.train=false", "rollout.perfect_prob=0"])
@@ -91,7 +92,7 @@ def test_which_policies_train_is_a_recipe_switch(recipe: Path, tmp_path: Path, r
     gen_before = [p.detach().clone() for p in run.generator.model.transformer.parameters()]
     # 60 SFT steps teach the tiny reflector the <think>..</think> format, so it writes edits
     for step in range(1, 4):
-        run.train_step(step)
+        train_step(run, step)
     changed = lambda before, module: any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
     assert changed(before_r, run.reflector.model) == reflector
     assert changed(before_f, run.refiner.model.transformer) == refiner
@@ -99,12 +100,13 @@ def test_which_policies_train_is_a_recipe_switch(recipe: Path, tmp_path: Path, r
 
 
 def test_tree_credit_step_runs_and_logs(recipe: Path, tmp_path: Path) -> None:
-    from r3rl.trainer import build_run
+    from r3rl.run import build_run
+    from r3rl.trainer import train_step
 
     cfg = load_config(recipe, [f"output_dir={tmp_path}", "rollout.credit=tree", "rollout.group_size=2",
                                "rollout.tree_k=2", "rollout.tree_m=1"])
     run = build_run(cfg)
-    m = run.train_step(1)
+    m = train_step(run, 1)
     assert m["stage"] == "tree"
     assert 0.0 <= m["refine/stop_rate"] <= 1.0 and "loss/grpo" in m
 
@@ -124,11 +126,12 @@ def test_resume_auto_matches_uninterrupted_run(recipe: Path, tmp_path: Path) -> 
 
 
 def test_gradient_accumulation_runs_k_rollouts_per_optimizer_step(recipe: Path, tmp_path: Path) -> None:
-    from r3rl.trainer import build_run
+    from r3rl.run import build_run
+    from r3rl.trainer import train_step
 
     cfg = load_config(recipe, [f"output_dir={tmp_path}", "trainer.grad_accum=2"])
     run = build_run(cfg)
-    m = run.train_step(1)  # step 1 is a generate step when the generator trains
+    m = train_step(run, 1)  # step 1 is a generate step when the generator trains
     assert m["stage"] == "generate"
     assert len(run.buffer) == 2 * cfg.rollout.group_size  # two rollouts fed the buffer
     steps = {int(s["step"]) for s in run.generator.opt.state.values()}

@@ -68,13 +68,12 @@ def _grow(monkeypatch, script, levels, **cfg):
     reward = FakeReward()
     monkeypatch.setattr(tree_mod, "run_diffusion", _fake_diffusion(levels))
     monkeypatch.setattr(tree_mod, "score", _fake_score(reward))
-    policy = SimpleNamespace(model=None, settings=None, train=True)
+    policy = SimpleNamespace(model=None, settings=None, trainable=True)
     # model_copy: group_size 1 (R3's one buffer image) is below the recipe's minimum of 2
     rc = RolloutConfig(credit="tree", max_rounds=1).model_copy(update=cfg)
     text = TextSettings(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8)
     t = tree_mod.grow_tree(FakeReflector(script), policy, policy, reward, {"prompt": "p"}, rc, text,
-                           generator_rng=torch.Generator(), seed=0, topo=Topology(),
-                           gather_scored=lambda s: s)
+                           generator_rng=torch.Generator(), seed=0, topo=Topology())
     return t, reward
 
 

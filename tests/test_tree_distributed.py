@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from test_distributed import _train
 
-from r3rl.distributed import Topology
-from r3rl.tree import block
+from r3rl.distributed import Topology, block
 
 TREE = ("rollout.credit=tree", "rollout.group_size=2", "rollout.tree_k=1", "rollout.max_rounds=2")
 

@@ -50,14 +50,16 @@ def group_advantages(
 def batch_std(groups: Sequence[torch.Tensor]) -> float:
     """Unbiased std of every scored reward of a batch of groups (TRL's `scale_rewards='batch'`,
     flow_grpo's `global_std`): dividing group-centred advantages by it keeps the groups' relative
-    scale, where each group's own std would blow up a group that barely varies. 0 with < 2 scored."""
+    scale, where each group's own std would blow up a group that barely varies. 0 with < 2 scored.
+    """
     r = torch.cat([g.detach().double().flatten() for g in groups]) if groups else torch.zeros(0)
     r = r[~torch.isnan(r)]
     return float(r.std()) if r.numel() > 1 else 0.0
 
 
-def divide_by_batch_std(advantages: Sequence[torch.Tensor], groups: Sequence[torch.Tensor], *,
-                        eps: float = 1e-4) -> list[torch.Tensor]:
+def divide_by_batch_std(
+    advantages: Sequence[torch.Tensor], groups: Sequence[torch.Tensor], *, eps: float = 1e-4
+) -> list[torch.Tensor]:
     """`scale_rewards: batch`: each group-centred advantage tensor over `batch_std(groups) + eps`
     (the eps of `group_advantages`), `groups` being the rewards of every group of the batch."""
     std = batch_std(groups)

@@ -50,7 +50,9 @@ class EMA:
     def applied(self, params: Sequence[torch.Tensor]) -> Iterator[None]:
         """Inside, `params` hold the average (cast to their dtype); after, their live values bit for
         bit. The live values wait in host memory, so the device holds no second copy."""
-        live = [p.detach().to("cpu", copy=True) for p in params]  # copy=True: a CPU tensor's .cpu() is itself
+        live = [
+            p.detach().to("cpu", copy=True) for p in params
+        ]  # copy=True: a CPU tensor's .cpu() is itself
         with torch.no_grad():
             for s, p in zip(self.shadow, params, strict=True):
                 p.copy_(s)
@@ -66,11 +68,14 @@ class EMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any], what: str) -> None:
-        """Restore a saved average; `what` names it in the error when it belongs to other weights."""
+        """Restore a saved average; `what` names it in the error when it belongs to other
+        weights."""
         shapes = [tuple(t.shape) for t in state["shadow"]]
         if shapes != [tuple(s.shape) for s in self.shadow]:
-            raise UserError(f"{what}: the saved EMA has {len(shapes)} tensors that do not match the "
-                            f"{len(self.shadow)} trained parameters (another LoRA or model?)")
+            raise UserError(
+                f"{what}: the saved EMA has {len(shapes)} tensors that do not match the "
+                f"{len(self.shadow)} trained parameters (another LoRA or model?)"
+            )
         self.steps = int(state["steps"])
         for s, v in zip(self.shadow, state["shadow"], strict=True):
             s.copy_(v)

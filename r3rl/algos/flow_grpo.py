@@ -27,7 +27,9 @@ STRATEGIES = ("all", "subset", "one", "window")
 KL_FORMS = ("flow_grpo", "r3", "exact")
 
 
-def sigma_schedule(num_steps: int, shift: float = 1.0, terminal: float | None = None) -> torch.Tensor:
+def sigma_schedule(
+    num_steps: int, shift: float = 1.0, terminal: float | None = None
+) -> torch.Tensor:
     """σ from 1 to 0 in `num_steps` steps, shape (num_steps + 1,), with the SD3/FLUX time shift.
 
     `shift > 1` spends more steps at high noise, where large images need them. `terminal`
@@ -58,9 +60,10 @@ def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def _randn(shape: torch.Size, generator: Generator, device: torch.device) -> torch.Tensor:
-    """Standard normal noise; a list of generators gives one per sample so a sample's noise
-    does not depend on which batch it lands in. Drawn on each generator's own device (a CPU
-    generator cannot fill a CUDA tensor), then moved: the same seed gives the same noise anywhere."""
+    """Standard normal noise; a list of generators gives one per sample so a sample's noise does not
+    depend on which batch it lands in. Drawn on each generator's own device (a CPU generator cannot
+    fill a CUDA tensor), then moved: the same seed gives the same noise anywhere."""
+
     def draw(size, g: torch.Generator | None) -> torch.Tensor:
         on = device if g is None else g.device
         return torch.randn(size, generator=g, dtype=torch.float32, device=on).to(device)
@@ -83,15 +86,18 @@ def sde_noise_level(
     `σ' = σ` below 1. At σ = 1 the formula is infinite; flow_grpo (`sd3_sde_with_logprob`) then
     takes the scheduler's `sigmas[1]`, the σ after the first step, which is this step's `sigma_next`
     (the default, `sigma_cap=None`; σ = 1 without `sigma_next` is an error). `sigma_cap` instead
-    caps σ' at that value on every step, R3's `eta_mode='monotonic'` (`sqrt(t / (1 − min(t, 0.95)))`):
-    it also lowers the noise of every step with 1 > σ > cap.
+    caps σ' at that value on every step, R3's `eta_mode='monotonic'` (`sqrt(t / (1 − min(t,
+    0.95)))`): it also lowers the noise of every step with 1 > σ > cap.
     """
     if sigma_cap is not None:
         return noise_level * torch.sqrt(sigma / (1.0 - sigma.clamp(max=sigma_cap)))
     at_one = sigma >= 1.0
     if sigma_next is None:
         if bool(at_one.any()):
-            raise ValueError("the noise level at sigma = 1 needs sigma_next (flow_grpo's sigmas[1]) or a sigma_cap")
+            raise ValueError(
+                "the noise level at sigma = 1 needs sigma_next (flow_grpo's sigmas[1]) or a "
+                "sigma_cap"
+            )
         return noise_level * torch.sqrt(sigma / (1.0 - sigma))
     sigma_next = torch.as_tensor(sigma_next, dtype=sigma.dtype, device=sigma.device)
     return noise_level * torch.sqrt(sigma / (1.0 - torch.where(at_one, sigma_next, sigma)))
@@ -111,7 +117,9 @@ def sde_noise_std(
     sigma = torch.as_tensor(sigma, dtype=torch.float32)
     sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=sigma.device)
     if sde_type == "sde":
-        return sde_noise_level(sigma, noise_level, sigma_cap, sigma_next) * torch.sqrt(sigma - sigma_next)
+        return sde_noise_level(sigma, noise_level, sigma_cap, sigma_next) * torch.sqrt(
+            sigma - sigma_next
+        )
     if sde_type == "cps":
         return sigma_next * math.sin(noise_level * math.pi / 2)
     raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
@@ -168,7 +176,8 @@ def sde_step_with_logprob(
             log-prob is the full Gaussian log-density like sde, whereas FlowGRPO's cps drops the
             constants and the 1/(2·std²) factor; std does not depend on the model, so ratios are
             ours raised to the power 2·std² (clip ranges tuned for FlowGRPO's cps don't transfer).
-            cps has std = 0 at σ_next = 0, so its last step is deterministic and must not be trained.
+            cps has std = 0 at σ_next = 0, so its last step is deterministic and must not be
+            trained.
         logprob_reduction: "mean" or "sum" over the non-batch dims.
         sigma_cap: None (flow_grpo): σ as it is in the noise level, and at σ = 1 the next σ on the
             grid (flow_grpo's `scheduler.sigmas[1]`); a float caps σ at it on every step (R3: 0.95).
@@ -207,7 +216,8 @@ def kl_std(std: Sigma, sigma: Sigma, sigma_next: Sigma, sde_type: str = "sde") -
     if sde_type != "sde":
         raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
     dt = torch.as_tensor(sigma, dtype=torch.float32, device=std.device) - torch.as_tensor(
-        sigma_next, dtype=torch.float32, device=std.device)
+        sigma_next, dtype=torch.float32, device=std.device
+    )
     return std / torch.sqrt(dt.reshape(-1))
 
 
@@ -228,8 +238,8 @@ def image_kl(
     - "flow_grpo" (`train_sd3.py`): `reduce(‖μ − μ_ref‖²) / (2·std_dev_t²)`, std_dev_t = σ_t for sde
       (not the transition std σ_t·sqrt(−dt): the exact Gaussian KL times −dt), the std for cps;
       needs `sigma` and `sigma_next` for sde.
-    - "r3" (R3's `GaussianDistribution.kl_divergence`): `reduce(‖μ − μ_ref‖² / std²)`, the transition
-      std and no 1/2 (twice the exact KL).
+    - "r3" (R3's `GaussianDistribution.kl_divergence`): `reduce(‖μ − μ_ref‖² / std²)`, the
+    transition std and no 1/2 (twice the exact KL).
     - "exact": the exact KL between the two transition Gaussians, `reduce(‖μ − μ_ref‖²) / (2·std²)`.
 
     `reduction` ("mean", as both references, or "sum") runs over the non-batch dims.
@@ -237,7 +247,9 @@ def image_kl(
     sq = (prev_mean.float() - ref_prev_mean.float().detach()) ** 2
     if kl_form == "flow_grpo" and sde_type == "sde":
         if sigma is None or sigma_next is None:
-            raise ValueError("flow_grpo's KL on sde steps needs sigma and sigma_next (it divides by sigma_t^2)")
+            raise ValueError(
+                "flow_grpo's KL on sde steps needs sigma and sigma_next (it divides by sigma_t^2)"
+            )
         scale = kl_std(std, sigma, sigma_next, sde_type)
         return _reduce(sq, reduction) / (2 * scale.to(sq.device) ** 2)
     var = _per_sample(std, sq) ** 2
@@ -291,11 +303,22 @@ def flow_grpo_loss(
     if prev_mean is not None and ref_prev_mean is not None and std is not None:
         form = kl_form
         if form == "flow_grpo" and sde_type == "sde" and (sigma is None or sigma_next is None):
-            warnings.warn("flow_grpo_loss without sigma/sigma_next: the image KL is the exact transition KL, "
-                          "not flow_grpo's (pass the step's sigmas)", stacklevel=2)
+            warnings.warn(
+                "flow_grpo_loss without sigma/sigma_next: the image KL is the exact transition KL, "
+                "not flow_grpo's (pass the step's sigmas)",
+                stacklevel=2,
+            )
             form = "exact"
-        kl = image_kl(prev_mean, ref_prev_mean, std, sigma=sigma, sigma_next=sigma_next, sde_type=sde_type,
-                      kl_form=form, reduction=reduction).mean()
+        kl = image_kl(
+            prev_mean,
+            ref_prev_mean,
+            std,
+            sigma=sigma,
+            sigma_next=sigma_next,
+            sde_type=sde_type,
+            kl_form=form,
+            reduction=reduction,
+        ).mean()
         loss = loss + beta * kl
         metrics["kl"] = kl.item()
     elif beta != 0.0:

@@ -1,4 +1,5 @@
-"""GRPO math on text tokens: log-probs of the sampling distribution and the clipped loss (TRL semantics)."""
+"""GRPO math on text tokens: log-probs of the sampling distribution and the clipped loss (TRL
+semantics)."""
 
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def token_logprobs(
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(π‖π_ref) on tokens sampled from π: exp(d) − d − 1, d = ref − logp.
-    Unbiased and always ≥ 0."""
+    """Per-token k3 estimator of KL(π‖π_ref) on tokens sampled from π: exp(d) − d − 1, d = ref −
+    logp. Unbiased and always ≥ 0."""
     d = ref_logps - logps
     return torch.exp(d) - d - 1
 

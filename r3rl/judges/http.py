@@ -137,8 +137,13 @@ class HttpPool:
         return choice
 
     async def _attempt(
-        self, client: httpx.AsyncClient, index: int, path: str, body: bytes,
-        decode: Callable[[bytes], Any] | None = None, headers: dict | None = None,
+        self,
+        client: httpx.AsyncClient,
+        index: int,
+        path: str,
+        body: bytes,
+        decode: Callable[[bytes], Any] | None = None,
+        headers: dict | None = None,
     ) -> Any:
         self.stats.attempts += 1
         self.sent[index] += 1
@@ -160,14 +165,20 @@ class HttpPool:
             try:
                 return decode(resp.content)
             except Exception as e:  # noqa: BLE001 - whatever the decoder raises, the answer is unreadable
-                raise _Retryable(f"an unreadable response ({type(e).__name__}) from {self.urls[index]}") from None
+                raise _Retryable(
+                    f"an unreadable response ({type(e).__name__}) from {self.urls[index]}"
+                ) from None
         try:
             return resp.json()
         except ValueError:
             raise _Retryable(f"a response that is not JSON from {self.urls[index]}") from None
 
     async def _post(
-        self, client: httpx.AsyncClient, slots: asyncio.Semaphore, path: str, payload: Any,
+        self,
+        client: httpx.AsyncClient,
+        slots: asyncio.Semaphore,
+        path: str,
+        payload: Any,
         codec: tuple[Callable[[Any], bytes], Callable[[bytes], Any], str] | None = None,
     ) -> tuple[Any, str | None]:
         """(JSON answer, None) or (None, why it failed); never raises for remote trouble."""
@@ -203,7 +214,9 @@ class HttpPool:
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     async def post_many(
-        self, path: str, payloads: Sequence[Any],
+        self,
+        path: str,
+        payloads: Sequence[Any],
         codec: tuple[Callable[[Any], bytes], Callable[[bytes], Any], str] | None = None,
     ) -> list[Any]:
         """POST each payload to `endpoint + path` concurrently; `None` where a request failed.
@@ -214,7 +227,9 @@ class HttpPool:
         slots = asyncio.Semaphore(self.concurrency)
         limits = httpx.Limits(max_connections=self.concurrency)
         async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits) as client:
-            outcomes = await asyncio.gather(*(self._post(client, slots, path, p, codec) for p in payloads))
+            outcomes = await asyncio.gather(
+                *(self._post(client, slots, path, p, codec) for p in payloads)
+            )
         errors = Counter(err for _, err in outcomes if err is not None)
         if errors:
             reasons = "; ".join(f"{n}x {err}" for err, n in errors.most_common(3))
@@ -260,7 +275,11 @@ class HttpPool:
         return next((o for o in owners if o is not None), None)
 
     async def post_scores(
-        self, path: str, payloads: Sequence[Any], sizes: Sequence[int], key: str = "scores",
+        self,
+        path: str,
+        payloads: Sequence[Any],
+        sizes: Sequence[int],
+        key: str = "scores",
         codec: tuple[Callable[[Any], bytes], Callable[[bytes], Any], str] | None = None,
     ) -> list[float | None]:
         """POST batches answered with `{"scores": [...]}` (or `key`; a reward server, a GenEval

@@ -78,7 +78,7 @@ Return your result as a JSON object using this format:
 }
 """
 
-YN_PROMPT = '''
+YN_PROMPT = """
 You are tasked with conducting a careful examination of the provided image. Based on the content of the image, please answer the questions according to the instructions:
 
 Questions:
@@ -99,9 +99,9 @@ Output format example:
   "Q2": "no",
   "Q3": "yes",
 }
-'''
+"""
 
-TIIF_PROMPT = '''
+TIIF_PROMPT = """
 You are tasked with conducting a careful examination of the provided image. Based on the content of the image, please answer the following yes or no questions:
 
 Questions:
@@ -114,7 +114,7 @@ Note that:
 4. Directly return the answers to each question, without any additional content.
 5. Each answer must be on its own line!
 6. Make sure the number of output answers equal to the number of questions!
-'''
+"""
 
 _SLOT = "##YNQuestions##"
 
@@ -127,7 +127,11 @@ def _clause(item: dict) -> str:
     attributes += [item["size"]] if item.get("size") else []
     if attributes:
         noun = " ".join([*attributes, noun])
-    where = f"located in the {item['region']} part of the image" if item.get("region") else "present in the image"
+    where = (
+        f"located in the {item['region']} part of the image"
+        if item.get("region")
+        else "present in the image"
+    )
     return f"- {noun} {where}."
 
 
@@ -136,20 +140,29 @@ def checklist(record: dict) -> str:
     lines = [_clause(item) for item in record.get("include", [])]
     for item in record.get("exclude", []):
         count = item.get("count", 1)
-        lines.append(f"- No more than {count - 1} {item['class']}{'s' if count > 1 else ''} should appear.")
+        lines.append(
+            f"- No more than {count - 1} {item['class']}{'s' if count > 1 else ''} should appear."
+        )
     return "This image should contain:\n" + "\n".join(lines)
 
 
 def r3_texts(mode: str, prompt: str, record: dict) -> tuple[str | None, str]:
     """(system prompt or None, user text) of R3's request in `mode` for one record."""
     if mode == "r3_geneval_plus":
-        return GENEVAL_TRAIN_SYSTEM_PROMPT, f"Instruction: {prompt.strip()}\n\nExplanation: {checklist(record)}"
+        return (
+            GENEVAL_TRAIN_SYSTEM_PROMPT,
+            f"Instruction: {prompt.strip()}\n\nExplanation: {checklist(record)}",
+        )
     if mode == "r3_geneval_plus_eval":
-        return (GENEVAL_EVAL_SYSTEM_PROMPT,
-                f"Instruction:\n{prompt.strip()}\n\nExplanation checklist:\n{checklist(record)}")
+        return (
+            GENEVAL_EVAL_SYSTEM_PROMPT,
+            f"Instruction:\n{prompt.strip()}\n\nExplanation checklist:\n{checklist(record)}",
+        )
     questions = record.get("yn_question_list") or []
     if mode == "r3_vqa":
-        return None, YN_PROMPT.replace(_SLOT, "\n".join(f"Q{i}: {q}" for i, q in enumerate(questions, 1)))
+        return None, YN_PROMPT.replace(
+            _SLOT, "\n".join(f"Q{i}: {q}" for i, q in enumerate(questions, 1))
+        )
     if mode == "r3_tiif":
         return None, TIIF_PROMPT.replace(_SLOT, "\n".join(q.strip() for q in questions))
     raise ValueError(f"not an R3 judge mode: {mode!r}")
@@ -161,7 +174,10 @@ def r3_messages(system: str | None, text: str, image_url: str) -> list[dict]:
     messages: list[dict[str, Any]] = []
     if system and system.strip():
         messages.append({"role": "system", "content": system.strip()})
-    content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": image_url}}]
+    content = [
+        {"type": "text", "text": text},
+        {"type": "image_url", "image_url": {"url": image_url}},
+    ]
     messages.append({"role": "user", "content": content})
     return messages
 
@@ -197,7 +213,12 @@ def read_vqa(text: str, expected: list[str]) -> float | None:
     """TIIF training: the JSON object's answers, in order, against the expected ones; the share
     right, rounded to 2 decimals (R3). None unless there is one string answer per question."""
     obj = json_object(text)
-    if obj is None or not expected or len(obj) != len(expected) or not all(isinstance(v, str) for v in obj.values()):
+    if (
+        obj is None
+        or not expected
+        or len(obj) != len(expected)
+        or not all(isinstance(v, str) for v in obj.values())
+    ):
         return None
     right = sum(_norm(p) == _norm(e) for p, e in zip(obj.values(), expected))
     return round(right / len(expected), 2)
@@ -205,8 +226,11 @@ def read_vqa(text: str, expected: list[str]) -> float | None:
 
 def read_tiif(text: str, expected: list[str], exact_case: bool = False) -> float | None:
     """TIIF evaluation: lines starting with yes/no (others skipped), one per question, else None."""
-    preds = [m.group(1).lower() for line in text.strip().split("\n")
-             if (m := re.match(r"^(yes|no)\b", line.strip(), flags=re.IGNORECASE))]
+    preds = [
+        m.group(1).lower()
+        for line in text.strip().split("\n")
+        if (m := re.match(r"^(yes|no)\b", line.strip(), flags=re.IGNORECASE))
+    ]
     if not expected or len(preds) != len(expected):
         return None
     right = sum(p == (e if exact_case else _norm(e)) for p, e in zip(preds, expected))

@@ -36,7 +36,8 @@ def has_gpu() -> bool:
 
 
 def vllm_python(venv: str | Path | None = None) -> Path:
-    """The vLLM env's interpreter: `venv`, else $R3RL_VLLM_VENV, else .venv-vllm at the repo root."""
+    """The vLLM env's interpreter: `venv`, else $R3RL_VLLM_VENV, else .venv-vllm at the repo
+    root."""
     root = Path(venv or os.environ.get(VENV_ENV) or REPO / ".venv-vllm")
     python = root / "bin" / "python"
     if not python.exists():
@@ -142,7 +143,9 @@ class VLLMServer:
                     else f"not healthy after {timeout_s:.0f} s"
                 )
                 self.stop()
-                raise RuntimeError(f"vLLM server for {self.model} {why}; log tail:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"vLLM server for {self.model} {why}; log tail:\n{self.log_tail()}"
+                )
             time.sleep(0.5)
 
     def kill(self) -> None:

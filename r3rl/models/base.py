@@ -24,7 +24,9 @@ class TextCond:
     pooled: torch.Tensor  # (B, Dp) pooled embedding
     neg_embeds: torch.Tensor | None = None  # true-CFG negative branch, when used
     neg_pooled: torch.Tensor | None = None
-    mask: torch.Tensor | None = None  # (B, L) valid tokens, for families with unpadded text (Qwen-Image)
+    mask: torch.Tensor | None = (
+        None  # (B, L) valid tokens, for families with unpadded text (Qwen-Image)
+    )
     neg_mask: torch.Tensor | None = None
 
     def index(self, idx: torch.Tensor | slice) -> TextCond:
@@ -40,13 +42,18 @@ class TextCache:
     of different lengths (unpadded encoders) are right-padded with zeros when stacked.
     """
 
-    def __init__(self, encode: Callable[[list[str]], tuple[torch.Tensor, ...]],
-                 encoders: Callable[[], Iterable[torch.nn.Module]]) -> None:
+    def __init__(
+        self,
+        encode: Callable[[list[str]], tuple[torch.Tensor, ...]],
+        encoders: Callable[[], Iterable[torch.nn.Module]],
+    ) -> None:
         self._encode, self._encoders = encode, encoders
         self._rows: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def _trainable(self) -> bool:
-        return any(m.training or any(p.requires_grad for p in m.parameters()) for m in self._encoders())
+        return any(
+            m.training or any(p.requires_grad for p in m.parameters()) for m in self._encoders()
+        )
 
     def __call__(self, texts: list[str], cache: bool = True) -> tuple[torch.Tensor, ...]:
         if self._trainable():
@@ -60,13 +67,16 @@ class TextCache:
             with torch.no_grad():
                 out = self._encode(missing)
             self._rows.update({t: tuple(o[i] for o in out) for i, t in enumerate(missing)})
-        return tuple(pad_stack([self._rows[t][k] for t in texts]) for k in range(len(self._rows[texts[0]])))
+        return tuple(
+            pad_stack([self._rows[t][k] for t in texts]) for k in range(len(self._rows[texts[0]]))
+        )
 
 
-
-def cfg_text_cond(text: TextCache, texts: list[str], cache: bool, true_cfg_scale: float,
-                  negative_prompt: str) -> TextCond:
-    """(sequence, pooled) conditioning from `text`, plus the negative prompt's branch when true CFG is on."""
+def cfg_text_cond(
+    text: TextCache, texts: list[str], cache: bool, true_cfg_scale: float, negative_prompt: str
+) -> TextCond:
+    """(sequence, pooled) conditioning from `text`, plus the negative prompt's branch when true
+    CFG is on."""
     cond = TextCond(*text(texts, cache))
     if true_cfg_scale > 1.0:
         cond.neg_embeds, cond.neg_pooled = text([negative_prompt] * len(texts), cache)
@@ -85,6 +95,7 @@ def vae_pixels(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     z = latents / vae.config.scaling_factor + vae.config.shift_factor
     with torch.no_grad():
         return vae.decode(z.to(vae.dtype)).sample
+
 
 def pad_stack(rows: list[torch.Tensor]) -> torch.Tensor:
     """Stack rows, zero-padding their first dim to the longest (unpadded text encoders)."""
@@ -105,7 +116,8 @@ class FlowModel(Protocol):
     encoders: list[torch.nn.Module]  # VAE and text encoders: frozen during RL
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
-        """The σ grid (num_steps + 1, ending at 0) of the checkpoint's scheduler at the adapter's size."""
+        """The σ grid (num_steps + 1, ending at 0) of the checkpoint's scheduler at the adapter's
+        size."""
         ...
 
     def encode_text(self, texts: list[str], *, cache: bool = True) -> TextCond: ...
@@ -121,9 +133,11 @@ class FlowModel(Protocol):
     ) -> torch.Tensor: ...
 
 
-def encode_condition(model: FlowModel, texts: list[str], images: list[Image.Image] | None, *,
-                     cache: bool = True) -> tuple[TextCond, torch.Tensor | None]:
-    """A batch's text conditioning and the reference latents of the images it edits (None: text-to-image).
+def encode_condition(
+    model: FlowModel, texts: list[str], images: list[Image.Image] | None, *, cache: bool = True
+) -> tuple[TextCond, torch.Tensor | None]:
+    """A batch's text conditioning and the reference latents of the images it edits (None:
+    text-to-image).
 
     By default the text and the images are encoded apart (FLUX.1-Kontext). A family whose text
     encoder reads each image with its instruction (Qwen-Image-Edit) has `encode_edit(texts, images)`
@@ -139,7 +153,8 @@ def encode_condition(model: FlowModel, texts: list[str], images: list[Image.Imag
 
 
 def _pipeline_mu(config: Mapping, image_seq_len: int) -> float:
-    """The pipelines' `calculate_shift`: mu linear in the image sequence length (dynamic shifting)."""
+    """The pipelines' `calculate_shift`: mu linear in the image sequence length (dynamic
+    shifting)."""
     lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
     b_lo, b_hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
     return b_lo + (image_seq_len - lo) * (b_hi - b_lo) / (hi - lo)
@@ -160,24 +175,31 @@ def scheduler_shift(config: Mapping | None, image_seq_len: int) -> float:
 
 
 # How each family's diffusers pipeline calls its scheduler's `set_timesteps` by default:
-# "sd3" (StableDiffusion3Pipeline): no sigmas, so the scheduler spaces its timesteps linearly from its
-# trained sigma_max to sigma_min and shifts them (SD3.5 at 10 steps: 1, .960, .913, ..., .278, .0089, 0);
-# "flux" (FLUX, FLUX-Kontext, Qwen-Image, Qwen-Image-Edit): sigmas = linspace(1, 1/n, n) and the
-# resolution's mu (FLUX-style: 1, .964, ..., .25, 0).
+# "sd3" (StableDiffusion3Pipeline): no sigmas, so the scheduler spaces its timesteps linearly from
+# its trained sigma_max to sigma_min and shifts them (SD3.5 at 10 steps: 1, .960, .913, ..., .278,
+# .0089, 0); "flux" (FLUX, FLUX-Kontext, Qwen-Image, Qwen-Image-Edit): sigmas = linspace(1, 1/n, n)
+# and the resolution's mu (FLUX-style: 1, .964, ..., .25, 0).
 SIGMA_GRIDS = ("sd3", "flux")
 
 
-def scheduler_sigmas(config: Mapping | None, image_seq_len: int, num_steps: int, grid: str = "flux") -> torch.Tensor:
+def scheduler_sigmas(
+    config: Mapping | None, image_seq_len: int, num_steps: int, grid: str = "flux"
+) -> torch.Tensor:
     """The σ grid (num_steps + 1, ending at 0) the family's pipeline samples on at this size: the
-    checkpoint's FlowMatchEulerDiscreteScheduler after `set_timesteps` called as the pipeline calls it
-    (`grid`, see SIGMA_GRIDS), so its shift, `shift_terminal`, time-shift type and sigma conversions all
-    apply. Without a scheduler config (the shapes world's tiny models): uniform and unshifted."""
+    checkpoint's FlowMatchEulerDiscreteScheduler after `set_timesteps` called as the pipeline calls
+    it (`grid`, see SIGMA_GRIDS), so its shift, `shift_terminal`, time-shift type and sigma
+    conversions all apply. Without a scheduler config (the shapes world's tiny models): uniform and
+    unshifted."""
     if grid not in SIGMA_GRIDS:
         raise ValueError(f"grid must be one of {SIGMA_GRIDS}, got {grid!r}")
     if config is None:
         return sigma_schedule(num_steps)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(config))
-    mu = _pipeline_mu(scheduler.config, image_seq_len) if scheduler.config.use_dynamic_shifting else None
+    mu = (
+        _pipeline_mu(scheduler.config, image_seq_len)
+        if scheduler.config.use_dynamic_shifting
+        else None
+    )
     if grid == "sd3":
         scheduler.set_timesteps(num_steps, mu=mu)
     else:
@@ -203,13 +225,19 @@ class PipelineModel:
     transformer: torch.nn.Module
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, image_size: int, dtype: torch.dtype | None = None, **kwargs):
-        return cls(cls.load_pipeline(path, **({} if dtype is None else {"dtype": dtype})), image_size=image_size,
-                   **kwargs)
+    def from_pretrained(
+        cls, path: str | Path, *, image_size: int, dtype: torch.dtype | None = None, **kwargs
+    ):
+        return cls(
+            cls.load_pipeline(path, **({} if dtype is None else {"dtype": dtype})),
+            image_size=image_size,
+            **kwargs,
+        )
 
     @classmethod
     def load_pipeline(cls, path: str | Path, **load):
-        """The family's pipeline with every component from `path` (`load`: from_pretrained options)."""
+        """The family's pipeline with every component from `path` (`load`: from_pretrained
+        options)."""
         return cls.PIPELINE.from_pretrained(path, **load)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -223,8 +251,15 @@ class PipelineModel:
     @property
     def encoders(self) -> list[torch.nn.Module]:
         """Everything but the transformer (kept frozen by the trainer)."""
-        return [m for n, m in self.pipe.components.items() if n != "transformer" and isinstance(m, torch.nn.Module)]
+        return [
+            m
+            for n, m in self.pipe.components.items()
+            if n != "transformer" and isinstance(m, torch.nn.Module)
+        ]
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
-        """The σ grid the family's pipeline samples on, for the adapter's (2x2-patched) latent grid."""
-        return scheduler_sigmas(self.pipe.scheduler.config, (self.latent_hw // 2) ** 2, num_steps, self.SIGMA_GRID)
+        """The σ grid the family's pipeline samples on, for the adapter's (2x2-patched) latent
+        grid."""
+        return scheduler_sigmas(
+            self.pipe.scheduler.config, (self.latent_hw // 2) ** 2, num_steps, self.SIGMA_GRID
+        )

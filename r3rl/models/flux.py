@@ -54,13 +54,26 @@ def latent_ids(h: int, w: int, first: float = 0.0) -> torch.Tensor:
 
 def to_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
     """PIL RGB -> (B, 3, size, size) in [-1, 1]."""
-    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images])
+    arr = np.stack(
+        [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images]
+    )
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL RGB."""
-    arr = x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    arr = (
+        x.detach()
+        .float()
+        .clamp(-1, 1)
+        .add(1)
+        .mul(127.5)
+        .round()
+        .byte()
+        .permute(0, 2, 3, 1)
+        .cpu()
+        .numpy()
+    )
     return [Image.fromarray(a) for a in arr]
 
 
@@ -97,10 +110,19 @@ class FluxModel:
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_hw = image_size // self.vae_scale
         self.scheduler_config = scheduler_config  # the checkpoint's scheduler (None: unshifted σ)
-        self._text = TextCache(self._encode_uncached, lambda: (self.text_encoder, self.text_encoder_2))
+        self._text = TextCache(
+            self._encode_uncached, lambda: (self.text_encoder, self.text_encoder_2)
+        )
 
     # ------------------------------------------------------------------ loading
-    COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    COMPONENTS = (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+    )
     # the pipeline whose LoRA format (`save_lora_weights` / `load_lora_weights`) adapters use
     PIPELINE = FluxKontextPipeline
 
@@ -112,7 +134,11 @@ class FluxModel:
         `save_pretrained` (max_text_len) are defaults that `kwargs` override. A checkpoint without
         them (an official one) gets the pipelines' T5 length, 512."""
         p = Path(path)
-        settings = json.loads((p / ADAPTER_FILE).read_text()) if (p / ADAPTER_FILE).exists() else {"max_text_len": 512}
+        settings = (
+            json.loads((p / ADAPTER_FILE).read_text())
+            if (p / ADAPTER_FILE).exists()
+            else {"max_text_len": 512}
+        )
         load = {} if dtype is None else {"dtype": dtype}
         return cls(
             FluxTransformer2DModel.from_pretrained(p / "transformer", **load),
@@ -150,11 +176,21 @@ class FluxModel:
     # ------------------------------------------------------------------ text
     def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device
-        tok = self.tokenizer(texts, padding="max_length", max_length=self.max_text_len, truncation=True,
-                             return_tensors="pt")
+        tok = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.max_text_len,
+            truncation=True,
+            return_tensors="pt",
+        )
         pooled = self.text_encoder(input_ids=tok.input_ids.to(dev)).pooler_output
-        tok2 = self.tokenizer_2(texts, padding="max_length", max_length=self.max_text_len, truncation=True,
-                                return_tensors="pt")
+        tok2 = self.tokenizer_2(
+            texts,
+            padding="max_length",
+            max_length=self.max_text_len,
+            truncation=True,
+            return_tensors="pt",
+        )
         embeds = self.text_encoder_2(input_ids=tok2.input_ids.to(dev)).last_hidden_state
         return embeds, pooled
 
@@ -166,7 +202,9 @@ class FluxModel:
     # ------------------------------------------------------------------ images
     def encode_images(self, images: list[Image.Image], *, sample: bool = False) -> torch.Tensor:
         """PIL -> normalised, packed latents (B, N, 4C)."""
-        return pack_latents(vae_latents(self.vae, to_tensor(images, self.image_size).to(self.device), sample=sample))
+        return pack_latents(
+            vae_latents(self.vae, to_tensor(images, self.image_size).to(self.device), sample=sample)
+        )
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         return to_pil(vae_pixels(self.vae, unpack_latents(latents, self.latent_hw, self.latent_hw)))
@@ -201,7 +239,9 @@ class FluxModel:
         )[0]
         return out[:, : x.shape[1]].float()
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None
+    ) -> torch.Tensor:
         """Guided velocity (epsilon - x0 convention, as FlowMatchEulerDiscreteScheduler)."""
         sigma = sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma
         v = self._forward(x, sigma, cond.embeds, cond.pooled, ref)

@@ -18,12 +18,27 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 # attention projections of the image stream and the families' added (text-stream) projections
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+DEFAULT_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
 WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights looks for
 
 
-def add_lora(transformer: torch.nn.Module, *, r: int, alpha: int, dropout: float = 0.0,
-             target_modules: list[str] | None = None) -> None:
+def add_lora(
+    transformer: torch.nn.Module,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+) -> None:
     """Add a trainable LoRA adapter and freeze everything else.
 
     Default targets are those of `DEFAULT_TARGETS` this transformer has (FLUX single blocks
@@ -32,12 +47,21 @@ def add_lora(transformer: torch.nn.Module, *, r: int, alpha: int, dropout: float
     whatever the base's dtype (peft does the same for the reflector's): in bfloat16 an AdamW step
     of 1e-4 is below half the spacing of weights around 0.1 and would be rounded away.
     """
-    names = {n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0"
-             for n, _ in transformer.named_modules()}
+    names = {
+        n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0"
+        for n, _ in transformer.named_modules()
+    }
     targets = target_modules or [t for t in DEFAULT_TARGETS if t in names]
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                                       init_lora_weights="gaussian"))
+    transformer.add_adapter(
+        LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=targets,
+            init_lora_weights="gaussian",
+        )
+    )
     cast_training_params(transformer, dtype=torch.float32)
 
 
@@ -56,17 +80,23 @@ def adapter_disabled(transformer: torch.nn.Module) -> Iterator[None]:
 
 
 def save_lora(transformer: torch.nn.Module, pipeline_cls: type, path: str | Path) -> None:
-    """Write the adapter in the family pipeline's LoRA format (`pytorch_lora_weights.safetensors`)."""
+    """Write the adapter in the family pipeline's LoRA format
+    (`pytorch_lora_weights.safetensors`)."""
     # the metadata carries lora_alpha: without it loaders assume alpha = r and rescale the adapter
     pipeline_cls.save_lora_weights(
-        Path(path), transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True,
+        Path(path),
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        safe_serialization=True,
         transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
     )
 
 
 def load_lora(transformer: torch.nn.Module, path: str | Path, *, trainable: bool = False) -> None:
-    """Load a LoRA saved by `save_lora` (or any diffusers-format LoRA of the family) into `transformer`."""
-    transformer.load_lora_adapter(Path(path), weight_name=WEIGHTS, prefix="transformer", adapter_name="default")
+    """Load a LoRA saved by `save_lora` (or any diffusers-format LoRA of the family) into
+    `transformer`."""
+    transformer.load_lora_adapter(
+        Path(path), weight_name=WEIGHTS, prefix="transformer", adapter_name="default"
+    )
     for name, p in transformer.named_parameters():
         p.requires_grad_(trainable and "lora_" in name)
 

@@ -21,8 +21,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise UserError(f"device={name!r} but torch sees no CUDA GPU (torch {torch.__version__}); "
-                        "use device=auto or device=cpu")
+        raise UserError(
+            f"device={name!r} but torch sees no CUDA GPU (torch {torch.__version__}); "
+            "use device=auto or device=cpu"
+        )
     return torch.device("cuda", local_rank)
 
 
@@ -44,7 +46,8 @@ def onload(module: torch.nn.Module) -> None:
 
 
 def execution_device(module: torch.nn.Module) -> torch.device:
-    """Where `module` computes: its layers' offload-hook device, else the device of its parameters."""
+    """Where `module` computes: its layers' offload-hook device, else the device of its
+    parameters."""
     if not hasattr(module, "_hf_hook"):  # not offloaded (`offload` hooks the module itself too)
         return next(module.parameters()).device
     for sub in module.modules():

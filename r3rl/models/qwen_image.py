@@ -29,29 +29,48 @@ def guided(v: torch.Tensor, v_neg: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class QwenImageModel(PipelineModel):
-    """Qwen-Image components; `true_cfg_scale > 1` runs the negative-prompt branch (pipeline default " ")."""
+    """Qwen-Image components; `true_cfg_scale > 1` runs the negative-prompt branch (pipeline
+    default " ")."""
 
     PIPELINE = QwenImagePipeline
     EDITS = False  # whether the transformer reads reference (edited-image) tokens
 
-    def __init__(self, pipe: QwenImagePipeline, *, image_size: int, true_cfg_scale: float = 1.0,
-                 negative_prompt: str = " ", guidance_scale: float = 1.0, max_text_len: int = 512) -> None:
+    def __init__(
+        self,
+        pipe: QwenImagePipeline,
+        *,
+        image_size: int,
+        true_cfg_scale: float = 1.0,
+        negative_prompt: str = " ",
+        guidance_scale: float = 1.0,
+        max_text_len: int = 512,
+    ) -> None:
         self.pipe, self.transformer, self.vae = pipe, pipe.transformer, pipe.vae
-        self.image_size, self.true_cfg_scale, self.guidance_scale = image_size, true_cfg_scale, guidance_scale
+        self.image_size, self.true_cfg_scale, self.guidance_scale = (
+            image_size,
+            true_cfg_scale,
+            guidance_scale,
+        )
         self.negative_prompt, self.max_text_len = negative_prompt, max_text_len
         self.latent_hw = image_size // pipe.vae_scale_factor
         self._text = TextCache(self._encode_uncached, lambda: [pipe.text_encoder])
 
     # ------------------------------------------------------------------ text
     def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, mask = self.pipe.encode_prompt(texts, device=self.device, max_sequence_length=self.max_text_len)
+        embeds, mask = self.pipe.encode_prompt(
+            texts, device=self.device, max_sequence_length=self.max_text_len
+        )
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return embeds, mask
 
     def encode_text(self, texts: list[str], *, cache: bool = True) -> TextCond:
         """Unpadded per-prompt embeddings, zero-padded to the batch's longest with a 0/1 mask."""
-        neg = self._text([self.negative_prompt] * len(texts), cache) if self.true_cfg_scale > 1.0 else None
+        neg = (
+            self._text([self.negative_prompt] * len(texts), cache)
+            if self.true_cfg_scale > 1.0
+            else None
+        )
         return _text_cond(self._text(texts, cache), neg)
 
     # ------------------------------------------------------------------ images
@@ -78,8 +97,14 @@ class QwenImageModel(PipelineModel):
         return torch.randn(batch, n, ch, generator=generator).to(self.device)
 
     # ------------------------------------------------------------------ velocity
-    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor,
-                 ref: torch.Tensor | None) -> torch.Tensor:
+    def _forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        ref: torch.Tensor | None,
+    ) -> torch.Tensor:
         """The transformer's velocity on the noisy tokens; reference tokens (same grid) follow them
         in the sequence, with a second `img_shapes` entry, and their outputs are dropped."""
         dt, b = self.transformer.dtype, x.shape[0]
@@ -88,28 +113,40 @@ class QwenImageModel(PipelineModel):
             guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32)
         grid = (1, self.latent_hw // 2, self.latent_hw // 2)
         out = self.transformer(
-            hidden_states=(x if ref is None else torch.cat([x, ref], dim=1)).to(dt), timestep=sigma.to(x.device, dt),
-            guidance=guidance, encoder_hidden_states=embeds.to(dt),
+            hidden_states=(x if ref is None else torch.cat([x, ref], dim=1)).to(dt),
+            timestep=sigma.to(x.device, dt),
+            guidance=guidance,
+            encoder_hidden_states=embeds.to(dt),
             encoder_hidden_states_mask=None if mask.all() else mask,
-            img_shapes=[[grid] * (1 if ref is None else 2)] * b, return_dict=False,
+            img_shapes=[[grid] * (1 if ref is None else 2)] * b,
+            return_dict=False,
         )[0]
         return out[:, : x.shape[1]].float()
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None) -> torch.Tensor:
-        """Guided velocity; Qwen-Image-Edit without `ref` draws from its (image-aware) text conditioning
-        alone, no VAE latents of the image (`refiner.mode: regenerate`)."""
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Guided velocity; Qwen-Image-Edit without `ref` draws from its (image-aware) text
+        conditioning alone, no VAE latents of the image (`refiner.mode: regenerate`)."""
         if ref is not None and not self.EDITS:
-            raise ValueError("Qwen-Image (text-to-image) cannot refine a reference image; "
-                             "load a Qwen-Image-Edit checkpoint as the refiner")
+            raise ValueError(
+                "Qwen-Image (text-to-image) cannot refine a reference image; "
+                "load a Qwen-Image-Edit checkpoint as the refiner"
+            )
         sigma = sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma
         v = self._forward(x, sigma, cond.embeds, cond.mask, ref)
         if self.true_cfg_scale > 1.0:
-            v = guided(v, self._forward(x, sigma, cond.neg_embeds, cond.neg_mask, ref), self.true_cfg_scale)
+            v = guided(
+                v, self._forward(x, sigma, cond.neg_embeds, cond.neg_mask, ref), self.true_cfg_scale
+            )
         return v
 
 
-def _text_cond(pos: tuple[torch.Tensor, torch.Tensor], neg: tuple[torch.Tensor, torch.Tensor] | None) -> TextCond:
-    """(embeds, mask) of the prompts and, with true CFG, of the negative prompt; Qwen-Image has no pooled text."""
+def _text_cond(
+    pos: tuple[torch.Tensor, torch.Tensor], neg: tuple[torch.Tensor, torch.Tensor] | None
+) -> TextCond:
+    """(embeds, mask) of the prompts and, with true CFG, of the negative prompt; Qwen-Image has
+    no pooled text."""
     embeds, mask = pos
     cond = TextCond(embeds, mask.new_zeros(len(embeds), 0), mask=mask)
     if neg is not None:
@@ -119,9 +156,9 @@ def _text_cond(pos: tuple[torch.Tensor, torch.Tensor], neg: tuple[torch.Tensor, 
 
 
 class QwenImageEditModel(QwenImageModel):
-    """Qwen-Image-Edit (or -Edit-Plus) components: the Qwen2.5-VL text encoder reads each instruction
-    together with its image (the pipeline's own prompt template and image tokens), and the image's
-    VAE latents join the noisy tokens as reference tokens.
+    """Qwen-Image-Edit (or -Edit-Plus) components: the Qwen2.5-VL text encoder reads each
+    instruction together with its image (the pipeline's own prompt template and image tokens), and
+    the image's VAE latents join the noisy tokens as reference tokens.
 
     The canvas is square, `image_size`: the reference is encoded at that size and, for Edit, the
     encoder sees the image at that size too (the pipeline: both at a 1024^2 area, so identical at
@@ -139,31 +176,45 @@ class QwenImageEditModel(QwenImageModel):
         `load_processor`, which also works where the Qwen-VL video processor cannot load."""
         index = json.loads((Path(path) / "model_index.json").read_text())
         pipeline = EDIT_PIPELINES[index["_class_name"]]
-        return pipeline.from_pretrained(path, processor=load_processor(Path(path) / "processor"), **load)
+        return pipeline.from_pretrained(
+            path, processor=load_processor(Path(path) / "processor"), **load
+        )
 
     def encode_text(self, texts: list[str], *, cache: bool = True) -> TextCond:
-        raise ValueError("Qwen-Image-Edit's text encoder reads the image with the instruction: use encode_edit")
+        raise ValueError(
+            "Qwen-Image-Edit's text encoder reads the image with the instruction: use encode_edit"
+        )
 
-    def _encode_with_image(self, texts: list[str], images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_with_image(
+        self, texts: list[str], images: list[Image.Image]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
         for text, image in zip(texts, images, strict=True):
             embeds, mask = self.pipe.encode_prompt([text], image=image, device=self.device)
             rows.append(embeds[0] if mask is None else embeds[0][mask[0].bool()])
         embeds = pad_stack(rows)
         lengths = torch.tensor([len(r) for r in rows], device=embeds.device)
-        return embeds, (torch.arange(embeds.shape[1], device=embeds.device)[None] < lengths[:, None]).long()
+        return embeds, (
+            torch.arange(embeds.shape[1], device=embeds.device)[None] < lengths[:, None]
+        ).long()
 
     def encode_text_with_images(self, texts: list[str], images: list[Image.Image]) -> TextCond:
         """Each text read together with its image (the negative prompt too, under true CFG): the
         semantic conditioning, without the VAE latents."""
-        side = self.PLUS_CONDITION_SIZE if isinstance(self.pipe, QwenImageEditPlusPipeline) else self.image_size
+        side = (
+            self.PLUS_CONDITION_SIZE
+            if isinstance(self.pipe, QwenImageEditPlusPipeline)
+            else self.image_size
+        )
         seen = [self.pipe.image_processor.resize(im.convert("RGB"), side, side) for im in images]
         neg = None
         if self.true_cfg_scale > 1.0:
             neg = self._encode_with_image([self.negative_prompt] * len(texts), seen)
         return _text_cond(self._encode_with_image(texts, seen), neg)
 
-    def encode_edit(self, texts: list[str], images: list[Image.Image]) -> tuple[TextCond, torch.Tensor]:
+    def encode_edit(
+        self, texts: list[str], images: list[Image.Image]
+    ) -> tuple[TextCond, torch.Tensor]:
         """(instruction + image conditioning; reference latents of the images)."""
         return self.encode_text_with_images(texts, images), self.encode_images(images)
 

@@ -52,7 +52,8 @@ _NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 _NEUTRAL_WARPERS = {"typical_p": 1.0, "min_p": 0.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
-# LoRA default: the attention and MLP projections of the language model (vision tower, lm_head untouched)
+# LoRA default: the attention and MLP projections of the language model (vision tower, lm_head
+# untouched)
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -87,7 +88,8 @@ def _words(text: str) -> str:
 
 
 def _format_ok(text: str) -> bool:
-    """Exactly one think block, at the start, with non-empty reasoning and a non-empty instruction after it."""
+    """Exactly one think block, at the start, with non-empty reasoning and a non-empty
+    instruction after it."""
     head = text.lstrip()
     if (
         not head.startswith(THINK_OPEN)
@@ -120,7 +122,8 @@ def parse_reflection(text: str) -> tuple[str | None, bool]:
 
 @dataclass
 class Reflection:
-    """One sampled reflection; token_ids/logprobs cover the real completion tokens (incl. the stop token)."""
+    """One sampled reflection; token_ids/logprobs cover the real completion tokens (incl. the
+    stop token)."""
 
     text: str
     token_ids: list[int]
@@ -143,7 +146,8 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _distribution(temperature: float, top_k: int, top_p: float) -> tuple[float, int, float]:
-    """The sampling settings whose log-probs are reported; greedy (temperature 0) reports the plain model."""
+    """The sampling settings whose log-probs are reported; greedy (temperature 0) reports the
+    plain model."""
     return (temperature, top_k, top_p) if temperature > 0 else (1.0, 0, 1.0)
 
 
@@ -166,7 +170,11 @@ def image_only_processor(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
             **kwargs,
         )
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__, "__module__": cls.__module__})
+    return type(
+        cls.__name__,
+        (cls,),
+        {"__init__": __init__, "__doc__": cls.__doc__, "__module__": cls.__module__},
+    )
 
 
 def load_processor(path: str | Path, *, trust_remote_code: bool = False) -> ProcessorMixin:
@@ -221,7 +229,8 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 
 
 class HFReflector:
-    """A transformers chat VLM (optionally a peft LoRA model) plus its processor, as a GRPO text policy."""
+    """A transformers chat VLM (optionally a peft LoRA model) plus its processor, as a GRPO text
+    policy."""
 
     def __init__(self, model: torch.nn.Module, processor: ProcessorMixin) -> None:
         self.model, self.processor = model, processor
@@ -254,7 +263,8 @@ class HFReflector:
         lora: dict | None = None,
         gradient_checkpointing: bool = False,
     ) -> HFReflector:
-        """Load a model folder or a saved LoRA adapter folder (its base is read from adapter_config.json).
+        """Load a model folder or a saved LoRA adapter folder (its base is read from
+        adapter_config.json).
 
         `lora` (LoraConfig kwargs) adds a fresh adapter to a full model; a saved adapter is
         resumed as it is (trainable).
@@ -279,12 +289,14 @@ class HFReflector:
         return cls(model, load_processor(path, trust_remote_code=trust_remote_code))
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Model (or just the adapter, for a peft model) and processor, loadable by `from_pretrained`."""
+        """Model (or just the adapter, for a peft model) and processor, loadable by
+        `from_pretrained`."""
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
 
     def frozen_copy(self) -> HFReflector:
-        """A deep-copied, grad-free reference policy (for full fine-tuning; LoRA uses `disable_adapter`)."""
+        """A deep-copied, grad-free reference policy (for full fine-tuning; LoRA uses
+        `disable_adapter`)."""
         model = copy.deepcopy(self.model).requires_grad_(False).eval()
         return HFReflector(model, self.processor)
 
@@ -299,7 +311,8 @@ class HFReflector:
     def prompt_inputs(
         self, prompts: Sequence[str], images: Sequence[Image.Image]
     ) -> dict[str, torch.Tensor]:
-        """Processor outputs for the user turn (image + REFLECTION_PROMPT), left-padded for generation."""
+        """Processor outputs for the user turn (image + REFLECTION_PROMPT), left-padded for
+        generation."""
         messages = [
             [
                 {
@@ -401,7 +414,8 @@ class HFReflector:
         *,
         disable_adapter: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Teacher-forced logits (B, T, V) predicting each completion token, its ids (B, T), mask (B, T).
+        """Teacher-forced logits (B, T, V) predicting each completion token, its ids (B, T), mask
+        (B, T).
 
         Prompts stay left-padded as in `reflect`, completions are right-padded after them, so
         positions (incl. multimodal RoPE) are exactly the ones generation used. Banned

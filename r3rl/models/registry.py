@@ -17,8 +17,12 @@ from r3rl.models.flux import FluxModel
 from r3rl.models.qwen_image import EDIT_PIPELINES, QwenImageEditModel, QwenImageModel
 from r3rl.models.sd3 import SD3Model
 
-FAMILIES: dict[str, type] = {"flux": FluxModel, "sd3": SD3Model, "qwen_image": QwenImageModel,
-                             "qwen_image_edit": QwenImageEditModel}
+FAMILIES: dict[str, type] = {
+    "flux": FluxModel,
+    "sd3": SD3Model,
+    "qwen_image": QwenImageModel,
+    "qwen_image_edit": QwenImageEditModel,
+}
 _BY_TRANSFORMER = {
     "FluxTransformer2DModel": "flux",
     "SD3Transformer2DModel": "sd3",
@@ -35,22 +39,39 @@ def detect_family(path: str | Path) -> str:
         raise UserError(f"{path}: not a diffusers checkpoint (no transformer/config.json)")
     name = json.loads(config.read_text()).get("_class_name", "")
     if name not in _BY_TRANSFORMER:
-        raise UserError(f"{path}: transformer class {name!r} is not supported "
-                        f"(expected one of {', '.join(sorted(_BY_TRANSFORMER))})")
+        raise UserError(
+            f"{path}: transformer class {name!r} is not supported "
+            f"(expected one of {', '.join(sorted(_BY_TRANSFORMER))})"
+        )
     family = _BY_TRANSFORMER[name]
     index = Path(path) / "model_index.json"
-    if family == "qwen_image" and index.exists() and json.loads(index.read_text()).get("_class_name") in EDIT_PIPELINES:
+    if (
+        family == "qwen_image"
+        and index.exists()
+        and json.loads(index.read_text()).get("_class_name") in EDIT_PIPELINES
+    ):
         return "qwen_image_edit"
     return family
 
 
-def load_flow_model(path: str | Path, *, family: str = "auto", image_size: int, dtype: str = "float32",
-                    max_text_len: int | None = None, **settings):
+def load_flow_model(
+    path: str | Path,
+    *,
+    family: str = "auto",
+    image_size: int,
+    dtype: str = "float32",
+    max_text_len: int | None = None,
+    **settings,
+):
     """The family's adapter loaded from `path`; `settings` are its sampling options (CFG, guidance);
     `max_text_len` None keeps the checkpoint's or the family's text length."""
     if max_text_len is not None:
         settings["max_text_len"] = max_text_len
     found = detect_family(path)
     if family != "auto" and family != found:
-        raise UserError(f"{path}: family={family!r} but the checkpoint's transformer is a {found!r} model")
-    return FAMILIES[found].from_pretrained(path, image_size=image_size, dtype=DTYPES[dtype], **settings)
+        raise UserError(
+            f"{path}: family={family!r} but the checkpoint's transformer is a {found!r} model"
+        )
+    return FAMILIES[found].from_pretrained(
+        path, image_size=image_size, dtype=DTYPES[dtype], **settings
+    )

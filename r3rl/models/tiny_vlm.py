@@ -58,8 +58,8 @@ def _qwen3_vl(corpus: Sequence[str], image_size: int) -> HFReflector:
     patch = image_size // PATCHES_PER_SIDE
     text = _text(tokenizer) | {
         # 8 rotary frequencies interleaved over (time, height, width) as Qwen3 splits 64
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                            "mrope_interleaved": True},
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                            "mrope_section": [2, 3, 3], "mrope_interleaved": True},
     }  # fmt: skip
     vision = {
         "depth": 2,
@@ -119,7 +119,8 @@ def _gemma3(corpus: Sequence[str], image_size: int) -> HFReflector:
 
 
 def _siglip(image_size: int) -> dict:
-    """A two-layer SigLIP-style vision tower seeing PATCHES_PER_SIDE² patches (Gemma 3, Idefics3)."""
+    """A two-layer SigLIP-style vision tower seeing PATCHES_PER_SIDE² patches (Gemma 3,
+    Idefics3)."""
     return {
         "hidden_size": VISION_HIDDEN,
         "intermediate_size": 2 * VISION_HIDDEN,
@@ -136,13 +137,24 @@ def _idefics3(corpus: Sequence[str], image_size: int) -> HFReflector:
     tokenizer = train_chat_tokenizer(corpus, style=SMOLVLM)
     text = _text(tokenizer) | {"model_type": "llama", "bos_token_id": tokenizer.bos_token_id}
     vision = _siglip(image_size)
-    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=IDEFICS3_SCALE,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                            pad_token_id=tokenizer.pad_token_id)
-    images = Idefics3ImageProcessorPil(size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size},
-                                       do_image_splitting=False)
-    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
-                                  image_seq_len=(PATCHES_PER_SIDE // IDEFICS3_SCALE) ** 2)
+    config = Idefics3Config(
+        text_config=text,
+        vision_config=vision,
+        scale_factor=IDEFICS3_SCALE,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    images = Idefics3ImageProcessorPil(
+        size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size},
+        do_image_splitting=False,
+    )
+    processor = Idefics3Processor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        image_seq_len=(PATCHES_PER_SIDE // IDEFICS3_SCALE) ** 2,
+    )
     return HFReflector(Idefics3ForConditionalGeneration(config), processor)
 
 

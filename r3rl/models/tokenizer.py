@@ -86,7 +86,8 @@ GEMMA = ChatStyle(
     specials=("<pad>", "<eos>", "<bos>", UNK, "<start_of_turn>", "<end_of_turn>",
               "<start_of_image>", "<end_of_image>", "<image_soft_token>"),
     pad="<pad>", eos="<eos>", bos="<bos>", template=GEMMA_TEMPLATE,
-    named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+           "image_token": "<image_soft_token>"},
     words=("system", "user", "model"),
 )  # fmt: skip
 
@@ -107,8 +108,8 @@ SMOLVLM_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 SMOLVLM = ChatStyle(
-    specials=("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", UNK, "<fake_token_around_image>", "<image>",
-              "<global-img>"),
+    specials=("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", UNK,
+              "<fake_token_around_image>", "<image>", "<global-img>"),
     pad="<|endoftext|>", eos="<end_of_utterance>", bos="<|im_start|>", template=SMOLVLM_TEMPLATE,
     words=("system", "user", "assistant"),
 )  # fmt: skip

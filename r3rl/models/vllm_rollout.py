@@ -129,22 +129,32 @@ class VLLMRollout:
         try:
             resp = httpx.post(url, json=body, headers=self.headers, timeout=self.timeout_s)
         except httpx.TransportError as e:
-            raise RolloutError(f"rollout server {url} unreachable ({type(e).__name__}): is it running?") from None
+            raise RolloutError(
+                f"rollout server {url} unreachable ({type(e).__name__}): is it running?"
+            ) from None
         if resp.status_code != 200:
-            raise RolloutError(f"rollout server {url} answered HTTP {resp.status_code}: {resp.text[:200]}")
+            raise RolloutError(
+                f"rollout server {url} answered HTTP {resp.status_code}: {resp.text[:200]}"
+            )
         try:
             return resp.json() if resp.content else None  # the cache resets answer an empty body
         except ValueError:
-            raise RolloutError(f"rollout server {url} answered something that is not JSON") from None
+            raise RolloutError(
+                f"rollout server {url} answered something that is not JSON"
+            ) from None
 
     async def _chat(self, client: httpx.AsyncClient, body: dict) -> dict:
         url = self.base + "/chat/completions"
         try:
             resp = await client.post(url, json=body, headers=self.headers)
         except httpx.TransportError as e:
-            raise RolloutError(f"rollout server {url} unreachable ({type(e).__name__}): is it running?") from None
+            raise RolloutError(
+                f"rollout server {url} unreachable ({type(e).__name__}): is it running?"
+            ) from None
         if resp.status_code != 200:
-            raise RolloutError(f"rollout server {url} answered HTTP {resp.status_code}: {resp.text[:200]}")
+            raise RolloutError(
+                f"rollout server {url} answered HTTP {resp.status_code}: {resp.text[:200]}"
+            )
         return resp.json()
 
     # ------------------------------------------------------------------ sampling
@@ -178,8 +188,10 @@ class VLLMRollout:
                 ids = [int(p["token"].removeprefix("token_id:")) for p in content]
                 out.append((ids, [float(p["logprob"]) for p in content]))
         except (KeyError, TypeError, ValueError) as e:
-            raise RolloutError(f"rollout server answer without token ids and log-probs ({e!r}); "
-                               "serve it with launch/vllm/serve.sh ROLLOUT=1") from None  # fmt: skip
+            raise RolloutError(
+                f"rollout server answer without token ids and log-probs ({e!r}); "
+                "serve it with launch/vllm/serve.sh ROLLOUT=1"
+            ) from None
         if len(out) != n:
             raise RolloutError(f"rollout server returned {len(out)} samples, {n} asked")
         return out
@@ -241,8 +253,11 @@ class VLLMRollout:
         """Put the trainer's current weights on the server and verify them; metrics of the sync."""
         start = time.perf_counter()
         self._save()
-        self._post("/collective_rpc", {"method": "reload_weights",
-                                       "kwargs": {"weights_path": str(self.sync_dir)}}, root=True)  # fmt: skip
+        self._post(
+            "/collective_rpc",
+            {"method": "reload_weights", "kwargs": {"weights_path": str(self.sync_dir)}},
+            root=True,
+        )
         for path in ("/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache"):
             self._post(path, None, root=True)
         self._synced = _fingerprint(self.reflector.model)
@@ -254,8 +269,11 @@ class VLLMRollout:
                 f"trainer's by {diff:.2e} (> {self.verify_tol:g}); is the server serving the same "
                 "checkpoint family, and can it read the sync folder?"
             )
-        self.last_sync = {"rollout/sync_s": time.perf_counter() - start,
-                          "rollout/sync_max_diff": diff, "rollout/weight_version": float(self.version)}  # fmt: skip
+        self.last_sync = {
+            "rollout/sync_s": time.perf_counter() - start,
+            "rollout/sync_max_diff": diff,
+            "rollout/weight_version": float(self.version),
+        }
         return self.last_sync
 
     def check(self, n: int = 2, max_new_tokens: int = 8) -> float:

@@ -1,15 +1,13 @@
 """Refinement modes (design.md §1): how the refine step turns an image and a reflection into a
 new image. `edit` is the refiner itself; `regenerate` and `region` wrap it as FlowModels, so
-the rollout, FlowGRPO and the trainer run every mode unchanged.
+the rollout, FlowGRPO and the trainer run every mode unchanged. `r3rl.modes.load` loads the
+refiner a recipe's `refiner.mode` names.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from r3rl.config import RefinerConfig
 from r3rl.modes.region import Box, split_box
-from r3rl.modes.region_refiner import RegionRefiner, RegionSettings, record_box
+from r3rl.modes.region_refiner import record_box
 
 
 def refiner_texts(refiner, metas: list[dict], instructions: list[str]) -> list[str]:
@@ -22,31 +20,6 @@ def refiner_texts(refiner, metas: list[dict], instructions: list[str]) -> list[s
 
 
 def regions(texts: list[str], metas: list[dict]) -> list[Box | None]:
-    """The region each refinement applies to: the box in its conditioning text, else the record's."""
+    """The region each refinement applies to: the box in its conditioning text, else the
+    record's."""
     return [split_box(t)[1] or record_box(m) for t, m in zip(texts, metas, strict=True)]
-
-
-def refiner_folder(rc: RefinerConfig, folder: Path, world_root: Path | None, image_size: int, seed: int) -> Path:
-    """The refiner's weights: its own folder, or for the shapes world in regenerate mode the
-    cached regenerate stage trained on top of the world."""
-    if rc.mode == "regenerate" and world_root is not None and Path(folder).is_relative_to(world_root):
-        from r3rl.modes.shapes_regenerate import ensure_regenerate_stage
-
-        return ensure_regenerate_stage(world_root, rc.regenerate, image_size, seed)
-    return folder
-
-
-def wrap_refiner(model, rc: RefinerConfig, folder: Path):
-    """The loaded FLUX.1-Kontext or Qwen-Image-Edit refiner seen through the recipe's `refiner.mode`."""
-    if rc.mode == "region":
-        r = rc.region
-        box = tuple(r.box) if r.box else None
-        return RegionRefiner(model, RegionSettings(box, r.margin, r.dilate_px, r.blur_sigma))
-    if rc.mode == "regenerate":
-        from r3rl.modes.regenerate import RegenerateRefiner
-
-        refiner = RegenerateRefiner.around(model, folder, encoder=rc.regenerate.semantic_encoder,
-                                           append_critique=rc.regenerate.append_critique)
-        refiner.place_semantic(offload_encoder=rc.offload)
-        return refiner
-    return model

@@ -41,7 +41,8 @@ def masked_ssim(a: Image.Image, b: Image.Image, area: np.ndarray) -> float:
 def background_scores(
     before: list[Image.Image], after: list[Image.Image], boxes: list
 ) -> list[tuple[float, float]]:
-    """(MSE_bg, SSIM_bg) of each refinement that had a region (box); samples without one are skipped."""
+    """(MSE_bg, SSIM_bg) of each refinement that had a region (box); samples without one are
+    skipped."""
     from r3rl.modes.region import box_mask
 
     out = []

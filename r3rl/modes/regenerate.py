@@ -31,7 +31,8 @@ ENCODER_DIR, PROJECTION_DIR = "semantic_encoder", "semantic_projection"
 
 
 class SemanticProjection(torch.nn.Module, PyTorchModelHubMixin):
-    """Vision-language tokens -> the refiner's text-embedding space (saved as config + safetensors)."""
+    """Vision-language tokens -> the refiner's text-embedding space (saved as config +
+    safetensors)."""
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
@@ -50,8 +51,12 @@ class VLMSemanticEncoder:
         self.dim = model.config.get_text_config().hidden_size
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, trust_remote_code: bool = False) -> VLMSemanticEncoder:
-        model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=trust_remote_code)
+    def from_pretrained(
+        cls, path: str | Path, *, trust_remote_code: bool = False
+    ) -> VLMSemanticEncoder:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, trust_remote_code=trust_remote_code
+        )
         return cls(model, load_processor(path, trust_remote_code=trust_remote_code))
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -60,12 +65,16 @@ class VLMSemanticEncoder:
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        inputs = self.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        inputs = self.processor.image_processor(
+            images=[im.convert("RGB") for im in images], return_tensors="pt"
+        )
         dev = execution_device(self.model)
         inputs = {k: v.to(dev) for k, v in inputs.items() if torch.is_tensor(v)}
         tokens = self.model.get_image_features(**inputs).pooler_output
         if len({t.shape[0] for t in tokens}) != 1:
-            raise ValueError("semantic encoder: images gave different token counts; resize them to one size")
+            raise ValueError(
+                "semantic encoder: images gave different token counts; resize them to one size"
+            )
         return torch.stack(list(tokens))
 
 
@@ -77,7 +86,11 @@ class RegenerateRefiner:
     """
 
     def __init__(
-        self, inner: FlowModel, encoder: VLMSemanticEncoder | None, projection: SemanticProjection | None, *,
+        self,
+        inner: FlowModel,
+        encoder: VLMSemanticEncoder | None,
+        projection: SemanticProjection | None,
+        *,
         append_critique: bool = False,
     ) -> None:
         self.inner, self.encoder, self.projection = inner, encoder, projection
@@ -88,27 +101,45 @@ class RegenerateRefiner:
     # ------------------------------------------------------------------ loading
     @classmethod
     def around(
-        cls, inner: FlowModel, path: str | Path, *, encoder: str | Path | None = None, append_critique: bool = False,
+        cls,
+        inner: FlowModel,
+        path: str | Path,
+        *,
+        encoder: str | Path | None = None,
+        append_critique: bool = False,
     ) -> RegenerateRefiner:
         """Wrap a loaded FLUX(-Kontext) refiner with the `semantic_projection/` saved in its folder
         and the VLM at `encoder` (default: the folder's own `semantic_encoder/`); a Qwen-Image-Edit
         refiner is its own semantic encoder."""
         if hasattr(inner, "encode_edit"):
             if encoder is not None:
-                raise UserError(f"refiner.regenerate.semantic_encoder={str(encoder)!r}: a Qwen-Image-Edit refiner "
-                                "reads the image with its own text encoder; leave it unset (null)")
+                raise UserError(
+                    f"refiner.regenerate.semantic_encoder={str(encoder)!r}: a Qwen-Image-Edit "
+                    "refiner "
+                    "reads the image with its own text encoder; leave it unset (null)"
+                )
             return cls(inner, None, None, append_critique=append_critique)
         p = Path(path)
         enc_path = Path(encoder) if encoder is not None else p / ENCODER_DIR
         if not (p / PROJECTION_DIR).exists() or not enc_path.exists():
-            raise UserError(f"refiner.mode=regenerate needs {p / PROJECTION_DIR} and a semantic encoder at {enc_path}; "
-                            "train them with `r3rl sft` (refiner.mode=regenerate) first")
-        projection = SemanticProjection.from_pretrained(p / PROJECTION_DIR).requires_grad_(False).eval()
-        return cls(inner, VLMSemanticEncoder.from_pretrained(enc_path), projection, append_critique=append_critique)
+            raise UserError(
+                f"refiner.mode=regenerate needs {p / PROJECTION_DIR} and a semantic encoder at "
+                f"{enc_path}; "
+                "train them with `r3rl sft` (refiner.mode=regenerate) first"
+            )
+        projection = (
+            SemanticProjection.from_pretrained(p / PROJECTION_DIR).requires_grad_(False).eval()
+        )
+        return cls(
+            inner,
+            VLMSemanticEncoder.from_pretrained(enc_path),
+            projection,
+            append_critique=append_critique,
+        )
 
     def place_semantic(self, *, offload_encoder: bool) -> None:
-        """Put the semantic encoder and projection where the refiner runs; with `offload_encoder` the
-        VLM stays in host memory like the refiner's other frozen encoders."""
+        """Put the semantic encoder and projection where the refiner runs; with `offload_encoder`
+        the VLM stays in host memory like the refiner's other frozen encoders."""
         if self.encoder is not None:
             place_frozen(self.encoder.model, self.inner.device, offload_it=offload_encoder)
             self.projection.to(self.inner.device)
@@ -144,16 +175,28 @@ class RegenerateRefiner:
         """Projected semantic tokens (B, N, D_text) of the current images; no VAE involved."""
         return self.projection(self.encoder(images).to(self.inner.device))
 
-    def _encode_prompt_with_images(self, texts: list[str], images: list[Image.Image]) -> tuple[TextCond, None]:
-        """The refiner's own VLM text encoder reads each prompt with its image; no reference latents."""
+    def _encode_prompt_with_images(
+        self, texts: list[str], images: list[Image.Image]
+    ) -> tuple[TextCond, None]:
+        """The refiner's own VLM text encoder reads each prompt with its image; no reference
+        latents."""
         return self.inner.encode_text_with_images(texts, images), None
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None
+    ) -> torch.Tensor:
         if ref is not None:  # the image conditions both CFG branches: guidance is on the text only
             cat = lambda e: None if e is None else torch.cat([e, ref.to(e.dtype)], dim=1)
-            ones = lambda m: None if m is None else torch.cat([m, m.new_ones(m.shape[0], ref.shape[1])], dim=1)
-            cond = replace(cond, embeds=cat(cond.embeds), neg_embeds=cat(cond.neg_embeds), mask=ones(cond.mask),
-                           neg_mask=ones(cond.neg_mask))
+            ones = lambda m: (
+                None if m is None else torch.cat([m, m.new_ones(m.shape[0], ref.shape[1])], dim=1)
+            )
+            cond = replace(
+                cond,
+                embeds=cat(cond.embeds),
+                neg_embeds=cat(cond.neg_embeds),
+                mask=ones(cond.mask),
+                neg_mask=ones(cond.neg_mask),
+            )
         return self.inner.velocity(x, sigma, cond, None)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

@@ -73,7 +73,8 @@ def crop_window(mask: np.ndarray, margin: float) -> Window:
 
 def soft_mask(mask: np.ndarray, window: Window, *, dilate_px: int, blur_sigma: float) -> np.ndarray:
     """Paste weights in [0, 1]: the mask dilated by `dilate_px` (eroded when negative), blurred
-    (kernel cut at 2 sigma), and forced to 0 outside the window, the only pixels the refiner produced.
+    (kernel cut at 2 sigma), and forced to 0 outside the window, the only pixels the refiner
+    produced.
 
     RefineAnything dilates, so the feather spills past the region; eroding by the blur radius
     instead keeps the feather inside it, and every pixel outside the region stays the input's."""
@@ -91,17 +92,22 @@ def soft_mask(mask: np.ndarray, window: Window, *, dilate_px: int, blur_sigma: f
 
 
 def crop(image: Image.Image, window: Window, size: int) -> Image.Image:
-    """The window, upsampled to the refiner's working resolution (focus: all its pixels on the region)."""
+    """The window, upsampled to the refiner's working resolution (focus: all its pixels on the
+    region)."""
     return image.convert("RGB").crop(window).resize((size, size), Image.BICUBIC)
 
 
-def paste(original: Image.Image, refined: Image.Image, window: Window, alpha: np.ndarray) -> Image.Image:
+def paste(
+    original: Image.Image, refined: Image.Image, window: Window, alpha: np.ndarray
+) -> Image.Image:
     """Blend the refined window back: out = alpha*refined + (1-alpha)*original, and exactly the
     original wherever alpha == 0."""
     base = np.asarray(original.convert("RGB"))
     left, top, right, bottom = window
     patch = np.zeros_like(base)
-    patch[top:bottom, left:right] = np.asarray(refined.convert("RGB").resize((right - left, bottom - top), Image.BICUBIC))
+    patch[top:bottom, left:right] = np.asarray(
+        refined.convert("RGB").resize((right - left, bottom - top), Image.BICUBIC)
+    )
     a = alpha[..., None]
     blended = np.rint(a * patch + (1.0 - a) * base).clip(0, 255).astype(np.uint8)
     return Image.fromarray(np.where(a > 0, blended, base))

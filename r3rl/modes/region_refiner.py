@@ -76,9 +76,13 @@ class RegionRefiner:
             return (0, 0, w, h), np.ones((h, w))
         mask = box_mask(box, w, h)
         window = crop_window(mask, self.settings.margin)
-        return window, soft_mask(mask, window, dilate_px=self.settings.dilate_px, blur_sigma=self.settings.blur_sigma)
+        return window, soft_mask(
+            mask, window, dilate_px=self.settings.dilate_px, blur_sigma=self.settings.blur_sigma
+        )
 
-    def encode_edit(self, texts: list[str], images: list[Image.Image]) -> tuple[TextCond, torch.Tensor]:
+    def encode_edit(
+        self, texts: list[str], images: list[Image.Image]
+    ) -> tuple[TextCond, torch.Tensor]:
         """The wrapped refiner's conditioning on (instruction without its box, focused crop)."""
         split = [split_box(t) for t in texts]
         plans = [self.plan(im, box) for im, (_, box) in zip(images, split, strict=True)]
@@ -89,7 +93,9 @@ class RegionRefiner:
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         crops = self.inner.decode(latents)
         if self._pending is None or len(self._pending[0]) != len(crops):
-            raise ValueError("RegionRefiner: decode needs the input images of the same batch (encode_edit first)")
+            raise ValueError(
+                "RegionRefiner: decode needs the input images of the same batch (encode_edit first)"
+            )
         images, plans = self._pending
         self._pending = None
         return [paste(im, c, window, alpha) for im, c, (window, alpha) in zip(images, crops, plans)]
@@ -100,5 +106,7 @@ class RegionRefiner:
     def sigmas(self, num_steps: int) -> torch.Tensor:
         return self.inner.sigmas(num_steps)
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: TextCond, ref: torch.Tensor | None
+    ) -> torch.Tensor:
         return self.inner.velocity(x, sigma, cond, ref)

@@ -14,28 +14,39 @@ import os
 import random
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from r3rl.algos.flow_matching import Example, fit
 from r3rl.config import RegenerateConfig
+from r3rl.models.base import encode_condition
 from r3rl.models.flux import FluxModel
 from r3rl.modes.regenerate import RegenerateRefiner, SemanticProjection, VLMSemanticEncoder
-from r3rl.sft import Example, fit
 from r3rl.shapes.prompts import split_prompts
 from r3rl.shapes.scene import make_edit_pair, render
 
 STAGE_VERSION = 1
-KEEP_PROB = 0.25  # share of pairs whose input already satisfies the prompt (regenerate it faithfully)
+KEEP_PROB = (
+    0.25  # share of pairs whose input already satisfies the prompt (regenerate it faithfully)
+)
 
 
 def stage_dir(world_root: Path, rc: RegenerateConfig) -> Path:
-    fields = {"steps": rc.pretrain_steps, "pairs": rc.pretrain_pairs, "lr": rc.pretrain_lr, "version": STAGE_VERSION}
+    fields = {
+        "steps": rc.pretrain_steps,
+        "pairs": rc.pretrain_pairs,
+        "lr": rc.pretrain_lr,
+        "version": STAGE_VERSION,
+    }
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
     return world_root.with_name(f"{world_root.name}-regenerate-{key}")
 
 
-def ensure_regenerate_stage(world_root: Path, rc: RegenerateConfig, image_size: int, seed: int, *, log=print) -> Path:
+def ensure_regenerate_stage(
+    world_root: Path, rc: RegenerateConfig, image_size: int, seed: int, *, log=print
+) -> Path:
     """The regenerate refiner folder for this world, trained (once, a CPU minute) if missing."""
     root = stage_dir(world_root, rc)
     if (root / "COMPLETE").exists():
@@ -56,17 +67,35 @@ def ensure_regenerate_stage(world_root: Path, rc: RegenerateConfig, image_size: 
         meta = rng.choice(train)
         flawed, _, fixed = make_edit_pair(meta, rng)
         source = fixed if rng.random() < KEEP_PROB else flawed
-        examples.append(Example(meta["prompt"], render(source, image_size), render(fixed, image_size)))
+        examples.append(
+            Example(meta["prompt"], render(source, image_size), render(fixed, image_size))
+        )
     params = [*inner.transformer.parameters(), *projection.parameters()]
-    losses = fit(model, examples, params, steps=rc.pretrain_steps, batch_size=32, lr=rc.pretrain_lr, seed=seed)
+    encode = partial(encode_condition, model, cache=False)  # as rollouts condition it
+    losses = fit(
+        model,
+        examples,
+        params,
+        encode=encode,
+        steps=rc.pretrain_steps,
+        batch_size=32,
+        lr=rc.pretrain_lr,
+        seed=seed,
+    )
     tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    stats = {"seconds": round(time.time() - t0, 1), "first_loss": losses[0] if losses else None,
-             "last_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+    stats = {
+        "seconds": round(time.time() - t0, 1),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+    }
     (tmp / "stage.json").write_text(json.dumps(stats))
     (tmp / "COMPLETE").touch()
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
-    log(f"regenerate stage done in {stats['seconds']:.0f}s (loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f})")
+    log(
+        f"regenerate stage done in {stats['seconds']:.0f}s (loss {stats['first_loss']:.3f} -> "
+        f"{stats['last_loss']:.3f})"
+    )
     return root

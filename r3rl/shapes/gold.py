@@ -125,7 +125,9 @@ def gold_objects(image: Image.Image) -> list[GoldObject]:
             weights = cover[ys, xs]
             cy = float((ys + 0.5) @ weights / area)
             cx = float((xs + 0.5) @ weights / area)
-            ious = {k: _soft_iou(cover, t) for k, t in _templates(*cover.shape, cy, cx, area).items()}
+            ious = {
+                k: _soft_iou(cover, t) for k, t in _templates(*cover.shape, cy, cx, area).items()
+            }
             shape, iou = max(ious.items(), key=lambda kv: kv[1])
             extent = _box_side(shape, area)  # GenEval reads boxes: their centre and size
             if iou < MIN_IOU or not lo <= extent / w <= hi:

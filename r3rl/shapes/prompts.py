@@ -98,7 +98,8 @@ def _eval_quota(sizes: dict[str, int], n_eval: int) -> dict[str, int]:
     caps = {t: n // 3 for t, n in sizes.items()}
     if not len(sizes) <= n_eval <= sum(caps.values()) or min(caps.values()) < 1:
         raise ValueError(
-            f"n_eval={n_eval}: expected {len(sizes)}..{sum(caps.values())} (one per tag, a third of each tag at most)"
+            f"n_eval={n_eval}: expected {len(sizes)}..{sum(caps.values())} (one per tag, a third "
+            "of each tag at most)"
         )
     quota = dict.fromkeys(sizes, 0)
     while n_eval:

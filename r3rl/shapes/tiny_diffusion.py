@@ -1,4 +1,5 @@
-"""Tiny FLUX.1-Kontext-style generator/refiner for the shapes world, and its flow-matching pretraining.
+"""Tiny FLUX.1-Kontext-style generator/refiner for the shapes world, and its flow-matching
+pretraining.
 
 Built from the real diffusers/transformers classes (FluxTransformer2DModel, AutoencoderKL,
 CLIPTextModel, T5EncoderModel) with tiny configs, so the default recipe runs the same
@@ -28,28 +29,59 @@ def build_tiny_flux(tokenizer, image_size: int, seed: int = 0) -> FluxModel:
     torch.manual_seed(seed)
     blocks = (16, 32, 32)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
-        down_block_types=("DownEncoderBlock2D",) * len(blocks), up_block_types=("UpDecoderBlock2D",) * len(blocks),
-        block_out_channels=blocks, layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
-        scaling_factor=1.0, shift_factor=0.0,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=LATENT_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        block_out_channels=blocks,
+        layers_per_block=1,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
+        scaling_factor=1.0,
+        shift_factor=0.0,
     )
     vocab = len(tokenizer)
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab, hidden_size=TEXT_DIM, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.pad_token_id,
-        projection_dim=TEXT_DIM,
-    ))
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=vocab, d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-        pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-    ))
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=TEXT_DIM,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.pad_token_id,
+            projection_dim=TEXT_DIM,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab,
+            d_model=TEXT_DIM,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=tokenizer.pad_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=LATENT_CHANNELS * 4, num_layers=2, num_single_layers=2, attention_head_dim=32,
-        num_attention_heads=4, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+        patch_size=1,
+        in_channels=LATENT_CHANNELS * 4,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=TEXT_DIM,
         axes_dims_rope=(8, 12, 12),
     )
-    return FluxModel(transformer, vae, clip, tokenizer, t5, tokenizer, image_size=image_size, max_text_len=16)
+    return FluxModel(
+        transformer, vae, clip, tokenizer, t5, tokenizer, image_size=image_size, max_text_len=16
+    )
 
 
 def _object_weight(x: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
@@ -70,7 +102,8 @@ def pretrain_vae(
     lr: float = 2e-3,
     on_step: Callable[[int, float], None] | None = None,
 ) -> None:
-    """Reconstruction + tiny KL; then set scaling_factor so latents have unit std (as SD/FLUX do)."""
+    """Reconstruction + tiny KL; then set scaling_factor so latents have unit std (as SD/FLUX
+    do)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     vae.train()
@@ -94,7 +127,8 @@ def pretrain_vae(
 
 @dataclass
 class FlowPairs:
-    """Pre-encoded flow-matching data: conditioning texts, target latents, reference latents (edits)."""
+    """Pre-encoded flow-matching data: conditioning texts, target latents, reference latents
+    (edits)."""
 
     texts: list[str]
     x0: torch.Tensor
@@ -103,11 +137,16 @@ class FlowPairs:
 
 @torch.no_grad()
 def encode_pairs(
-    model: FluxModel, texts: list[str], targets: list[Image.Image], refs: list[Image.Image] | None = None,
+    model: FluxModel,
+    texts: list[str],
+    targets: list[Image.Image],
+    refs: list[Image.Image] | None = None,
     chunk: int = 256,
 ) -> FlowPairs:
     """Encode once with the frozen VAE, so training steps never render or encode images."""
-    enc = lambda ims: torch.cat([model.encode_images(ims[i : i + chunk]) for i in range(0, len(ims), chunk)])
+    enc = lambda ims: torch.cat(
+        [model.encode_images(ims[i : i + chunk]) for i in range(0, len(ims), chunk)]
+    )
     return FlowPairs(texts, enc(targets), enc(refs) if refs is not None else None)
 
 
@@ -122,7 +161,8 @@ def pretrain_flow(
     cond_dropout: float = 0.1,
     on_step: Callable[[int, float], None] | None = None,
 ) -> None:
-    """Rectified-flow matching: x_t = (1-s) x0 + s eps, target v = eps - x0 (FlowMatchEuler convention).
+    """Rectified-flow matching: x_t = (1-s) x0 + s eps, target v = eps - x0 (FlowMatchEuler
+    convention).
 
     Batches cycle through `datasets` (text-to-image and edit pairs have different sequence
     lengths, so they never share a batch); the transformer and both text encoders train,
@@ -135,7 +175,9 @@ def pretrain_flow(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
     # 5% warm-up; OneCycleLR divides by pct_start * total_steps - 1, which is 0 at exactly 20 steps
     warmup = 0.05 if steps != 20 else 0.1
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=warmup)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(1, steps), pct_start=warmup
+    )
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         data = datasets[step % len(datasets)]
@@ -145,11 +187,17 @@ def pretrain_flow(
         eps = torch.randn(x0.shape, generator=g)
         # half logit-normal (SD3/FLUX), half uniform: the uniform share trains the high-noise
         # steps where layout and colour are decided, which logit-normal rarely visits
-        s = torch.where(torch.rand(batch_size, generator=g) < 0.5, torch.sigmoid(torch.randn(batch_size, generator=g)),
-                        torch.rand(batch_size, generator=g))
+        s = torch.where(
+            torch.rand(batch_size, generator=g) < 0.5,
+            torch.sigmoid(torch.randn(batch_size, generator=g)),
+            torch.rand(batch_size, generator=g),
+        )
         xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps
         # drop the text 10% of the time so the model also learns the unconditional velocity (CFG)
-        texts = [data.texts[i] if float(u) >= cond_dropout else "" for i, u in zip(idx.tolist(), torch.rand(batch_size, generator=g))]
+        texts = [
+            data.texts[i] if float(u) >= cond_dropout else ""
+            for i, u in zip(idx.tolist(), torch.rand(batch_size, generator=g))
+        ]
         cond = model.encode_text(texts, cache=False)
         v = model.velocity(xt, s, cond, ref)
         loss = (v - (eps - x0)).pow(2).mean()
@@ -165,7 +213,12 @@ def pretrain_flow(
 
 
 def generate(
-    model: FluxModel, texts: Sequence[str], refs: Sequence[Image.Image] | None, *, steps: int, seed: int
+    model: FluxModel,
+    texts: Sequence[str],
+    refs: Sequence[Image.Image] | None,
+    *,
+    steps: int,
+    seed: int,
 ) -> list[Image.Image]:
     """Deterministic ODE sampling (used to build the reflector's SFT set and in tests)."""
     from r3rl.algos.flow_grpo import sigma_schedule

@@ -83,7 +83,8 @@ def _config(tokenizer, image_size: int) -> Qwen2_5_VLConfig:
 
 
 def build_tiny_reflector(corpus: Sequence[str], image_size: int, *, seed: int = 0) -> HFReflector:
-    """A random-weight tiny Qwen2.5-VL reflector whose tokenizer is trained on `corpus` (+ the prompt).
+    """A random-weight tiny Qwen2.5-VL reflector whose tokenizer is trained on `corpus` (+ the
+    prompt).
 
     `image_size` must be a multiple of 8 (patch size image_size/8).
     """
@@ -108,7 +109,8 @@ def sft_reflector(
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Supervised fine-tuning on (prompt, image, target reflection) triples; returns per-step losses.
+    """Supervised fine-tuning on (prompt, image, target reflection) triples; returns per-step
+    losses.
 
     AdamW on all trainable parameters; batches are drawn without replacement per epoch.
     `progress(step, loss)` is called after every step.

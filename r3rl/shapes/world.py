@@ -57,12 +57,19 @@ class WorldPaths:
 
 
 def cache_root(cfg: WorldConfig) -> Path:
-    base = cfg.cache_dir or os.environ.get("R3RL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "r3rl"
+    base = (
+        cfg.cache_dir
+        or os.environ.get("R3RL_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "r3rl"
+    )
     return Path(base).expanduser()
 
 
 def world_key(cfg: WorldConfig, seed: int) -> str:
-    fields = cfg.model_dump(exclude={"cache_dir", "seed"}) | {"seed": seed, "version": WORLD_VERSION}
+    fields = cfg.model_dump(exclude={"cache_dir", "seed"}) | {
+        "seed": seed,
+        "version": WORLD_VERSION,
+    }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -90,8 +97,12 @@ def ensure_world(cfg: WorldConfig, seed: int = 0, *, log=print) -> WorldPaths:
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
     )
 
 
@@ -113,6 +124,7 @@ def _pretrain(cfg: WorldConfig, seed: int, out: WorldPaths) -> dict:
     edits = [make_edit_pair(rng.choice(train), rng) for _ in range(cfg.pretrain_pairs)]
 
     with _progress() as bar:
+
         def tracker(name: str, total: int):
             task = bar.add_task(name, total=total, loss=float("nan"))
             t = time.time()
@@ -123,21 +135,46 @@ def _pretrain(cfg: WorldConfig, seed: int, out: WorldPaths) -> dict:
 
             return on_step
 
-        pretrain_vae(flux.vae, lambda n: [scene_image(rng)[1] for _ in range(n)], image_size=size,
-                     steps=cfg.pretrain_vae_steps, batch_size=cfg.pretrain_vae_batch_size,
-                     on_step=tracker("vae", cfg.pretrain_vae_steps))
+        pretrain_vae(
+            flux.vae,
+            lambda n: [scene_image(rng)[1] for _ in range(n)],
+            image_size=size,
+            steps=cfg.pretrain_vae_steps,
+            batch_size=cfg.pretrain_vae_batch_size,
+            on_step=tracker("vae", cfg.pretrain_vae_steps),
+        )
         t2i_pairs = encode_pairs(flux, [m["prompt"] for m in metas], t2i_images)
-        edit_pairs = encode_pairs(flux, [ins for _, ins, _ in edits], [render(fixed, size) for _, _, fixed in edits],
-                                  [render(flawed, size) for flawed, _, _ in edits])
+        edit_pairs = encode_pairs(
+            flux,
+            [ins for _, ins, _ in edits],
+            [render(fixed, size) for _, _, fixed in edits],
+            [render(flawed, size) for flawed, _, _ in edits],
+        )
         data = [t2i_pairs, t2i_pairs, edit_pairs]  # generation is the harder task: 2 of 3 batches
-        pretrain_flow(flux, data, steps=cfg.pretrain_diffusion_steps, batch_size=cfg.pretrain_batch_size, seed=seed,
-                      on_step=tracker("flow matching", cfg.pretrain_diffusion_steps))
+        pretrain_flow(
+            flux,
+            data,
+            steps=cfg.pretrain_diffusion_steps,
+            batch_size=cfg.pretrain_batch_size,
+            seed=seed,
+            on_step=tracker("flow matching", cfg.pretrain_diffusion_steps),
+        )
         examples, frac_correct = _critique_set(flux, train, cfg.reflector_sft_examples, size, rng)
-        sft_reflector(reflector, examples, steps=cfg.pretrain_reflector_steps, batch_size=cfg.pretrain_batch_size,
-                      seed=seed, progress=tracker("reflector sft", cfg.pretrain_reflector_steps))
+        sft_reflector(
+            reflector,
+            examples,
+            steps=cfg.pretrain_reflector_steps,
+            batch_size=cfg.pretrain_batch_size,
+            seed=seed,
+            progress=tracker("reflector sft", cfg.pretrain_reflector_steps),
+        )
     flux.save_pretrained(out.flux)
     reflector.save_pretrained(out.reflector)
-    return {"stages": stages, "sft_examples": len(examples), "generator_train_accuracy": frac_correct}
+    return {
+        "stages": stages,
+        "sft_examples": len(examples),
+        "generator_train_accuracy": frac_correct,
+    }
 
 
 def _critique_set(flux: FluxModel, train: list[dict], n: int, size: int, rng: random.Random):
@@ -148,7 +185,9 @@ def _critique_set(flux: FluxModel, train: list[dict], n: int, size: int, rng: ra
     flux.true_cfg_scale = SFT_CFG_SCALE
     for i in range(0, len(metas), 64):
         chunk = metas[i : i + 64]
-        images += generate(flux, [m["prompt"] for m in chunk], None, steps=10, seed=rng.randrange(2**31))
+        images += generate(
+            flux, [m["prompt"] for m in chunk], None, steps=10, seed=rng.randrange(2**31)
+        )
     flux.true_cfg_scale = 1.0
     for _ in range(n - len(metas)):
         meta = rng.choice(train)
@@ -164,7 +203,9 @@ def _critique_set(flux: FluxModel, train: list[dict], n: int, size: int, rng: ra
 
 
 def load_world_models(paths: WorldPaths, image_size: int) -> tuple[HFReflector, FluxModel]:
-    return HFReflector.from_pretrained(paths.reflector), FluxModel.from_pretrained(paths.flux, image_size=image_size)
+    return HFReflector.from_pretrained(paths.reflector), FluxModel.from_pretrained(
+        paths.flux, image_size=image_size
+    )
 
 
 __all__ = ["REFLECTION_PROMPT", "SHAPES_MODEL", "WorldPaths", "ensure_world", "load_world_models"]

@@ -1,0 +1,80 @@
+"""What a rollout hands the loss: its loss terms (this rank's rows of a group, with their
+advantages and the counts that weight its share) and its metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from r3rl.algos.advantages import divide_by_batch_std
+from r3rl.models.reflector import Reflection
+from r3rl.rollout import DiffusionRollout
+from r3rl.run import Policy
+
+
+@dataclass
+class TextTerm:
+    """Reflections of one rollout that this rank trains, with their advantages (R rows)."""
+
+    prompts: list[str]  # (R,)
+    images: list[Image.Image]  # (R,) the image each reflection read
+    reflections: list[Reflection]  # (R,) with their tokens and behaviour log-probs
+    adv: torch.Tensor  # (R,) float
+    valid: torch.Tensor  # (R,) bool: the reward could be computed
+    total: int | None = None  # rows of this term on all ranks (None: equal shards, weighted alike)
+    tokens: int | None = None  # valid completion tokens of this term on all ranks (dapo)
+    pool: torch.Tensor | None = None  # (G,) the group's rewards `adv` was centred on ('batch')
+
+
+@dataclass
+class ImageTerm:
+    """Samples of one diffusion rollout that this rank trains, with their advantages (R rows)."""
+
+    policy: Policy
+    rollout: DiffusionRollout  # its trajectory holds the R rows (and maybe a stand-in)
+    adv: torch.Tensor  # (R,) float
+    valid: torch.Tensor  # (R,) bool
+    total: int | None = None  # samples of this term on all ranks (None: these ones)
+    pool: torch.Tensor | None = None  # (G,) the group's rewards `adv` was centred on ('batch')
+
+    @classmethod
+    def stand_in(
+        cls,
+        policy: Policy,
+        rollout: DiffusionRollout,
+        *,
+        total: int,
+        pool: torch.Tensor | None = None,
+    ) -> ImageTerm:
+        """A rank without a sample of its own in this term: it runs the same forwards as the other
+        ranks (ZeRO needs every rank in step) on one row at weight 0."""
+        zero = torch.zeros(1)
+        return cls(policy, rollout, zero, torch.zeros(1, dtype=torch.bool), total=total, pool=pool)
+
+    @property
+    def size(self) -> int:
+        return len(self.valid) if self.total is None else self.total
+
+
+@dataclass
+class Batch:
+    """One rollout: its loss terms and its metrics (rewards, stop rate, ...)."""
+
+    metrics: dict[str, float]
+    text_terms: list[TextTerm] = field(default_factory=list)
+    image_terms: list[ImageTerm] = field(default_factory=list)
+
+
+def scale_by_batch_std(batches: list[Batch]) -> None:
+    """`scale_rewards: batch`: divide every term's group-centred advantages by the std of all the
+    step's groups' rewards, text and image apart (their rewards differ). Every rank pools the same
+    whole groups (stand-in terms included), so every rank divides by the same number."""
+    text = [t for b in batches for t in b.text_terms]
+    image = [t for b in batches for t in b.image_terms]
+    for terms in (text, image):
+        pools = [t.pool for t in terms if t.pool is not None]
+        scaled = divide_by_batch_std([t.adv for t in terms], pools)
+        for t, adv in zip(terms, scaled, strict=True):
+            t.adv = adv
