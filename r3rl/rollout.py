@@ -21,7 +21,7 @@ from r3rl.models.base import TextCond, encode_condition
 from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector, Reflection
 from r3rl.modes import refiner_texts, regions
-from r3rl.rewards import CombinedReward
+from r3rl.rewards import CombinedReward, chat_completions, chat_prompts
 from r3rl.sampling import SDEConfig, Trajectory, sample
 
 
@@ -43,6 +43,23 @@ class TextSettings:
     top_k: int
     top_p: float
     max_new_tokens: int
+
+
+def reflection_text_scores(
+    reward: CombinedReward, metas: list[dict], reflections: list[Reflection]
+) -> torch.Tensor | None:
+    """The recipe's text rewards (TRL-style) on each reflection, called as TRL's GRPOTrainer calls
+    them for a chat model (prompt = the target description); NaN where unscored. None when the
+    recipe has no text reward. They shape the reflector's reward only, never an image's."""
+    if not reward.has_text:
+        return None
+    res = reward.score_text(
+        chat_prompts([m["prompt"] for m in metas]),
+        chat_completions([r.text for r in reflections]),
+        metas,
+        completion_ids=[r.token_ids for r in reflections],
+    )
+    return torch.tensor([math.nan if x is None else float(x) for x in res.total])
 
 
 def nanmean(x: torch.Tensor) -> float:

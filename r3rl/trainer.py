@@ -54,6 +54,7 @@ from r3rl.rollout import (
     gather_scores,
     nanmean,
     reflect_and_refine,
+    reflection_text_scores,
     reward_metrics,
     run_diffusion,
     score,
@@ -204,6 +205,9 @@ def _refine_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
         format_weight=rc.format_weight,
         perfect_stop_bonus=rc.perfect_stop_bonus,
     )
+    text_scores = reflection_text_scores(run.reward, metas, refl)
+    if text_scores is not None:  # the recipe's TRL-style text rewards shape the reflector too
+        text_r = text_r + text_scores
     ids = torch.zeros(g)
     t_adv, t_valid, zero, groups = group_advantages(text_r, ids, scale_std=_group_std(run))
     tokens = sum(len(r.token_ids) for r, v in zip(refl, t_valid.tolist()) if v)  # on all ranks

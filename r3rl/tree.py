@@ -32,6 +32,7 @@ from r3rl.rollout import (
     TextSettings,
     gather_scores,
     nanmean,
+    reflection_text_scores,
     run_diffusion,
     score,
 )
@@ -116,6 +117,7 @@ def grow_tree(
     refl_info: list[
         tuple[int, int, float, bool, bool]
     ] = []  # (node, parent, input reward, stopped, format ok)
+    refl_all: list[Reflection] = []  # the reflection of each refl_info entry, on every rank
     for level in range(cfg.max_rounds):
         if not frontier:
             break
@@ -142,6 +144,7 @@ def grow_tree(
             )  # stop: value = unchanged image
             lengths.append((rid, len(rf.token_ids)))
             refl_info.append((rid, node, r, rf.instruction is None, bool(rf.format_ok)))
+            refl_all.append(rf)
             if j in own:
                 reflections.append((rid, rf, image))
             if rf.instruction is None:
@@ -166,6 +169,9 @@ def grow_tree(
         text_r = reflection_rewards(
             values[ids], refl_info, reward.is_perfect, cfg.format_weight, cfg.perfect_stop_bonus
         )
+        text_scores = reflection_text_scores(reward, [meta] * len(refl_all), refl_all)
+        if text_scores is not None:  # the recipe's TRL-style text rewards shape the reflector too
+            text_r = text_r + text_scores.to(text_r.dtype)
         t_adv, _, _, _ = group_advantages(
             text_r, [p for _, p, *_ in refl_info], scale_std=cfg.scale_rewards == "group"
         )

@@ -170,3 +170,36 @@ def test_max_minutes_stops_evaluates_and_saves_at_the_step_the_budget_runs_out(r
     assert "eval/final_mean" in rows[1] and "eval/gold/final_acc" in rows[1]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-1"]
     assert (tmp_path / "grids" / "step0_vs_final.png").exists()
+
+
+@pytest.mark.parametrize("credit", ["r3", "tree"])
+def test_trl_text_rewards_shape_the_reflector_in_r3_and_tree_credit(recipe: Path, tmp_path: Path, credit: str) -> None:
+    """A TRL-style reward on completion_ids, weighted heavily: the reflector's advantages follow the
+    reflections' lengths (they would not with image rewards alone, which ignore the text)."""
+    from r3rl.run import build_run
+    from r3rl.trainer import _refine_rollout, _tree_rollout
+
+    (tmp_path / "length.py").write_text(
+        "def length(prompts, completions, completion_ids, **kwargs):\n"
+        "    return [float(len(ids)) for ids in completion_ids]\n"
+    )
+    rewards = f"rewards=[{{name: '{FIXTURES / 'noisy_reward.py'}:noisy_reward'}}, " \
+              f"{{name: '{tmp_path / 'length.py'}:length', weight: 1000.0}}]"
+    cfg = load_config(recipe, [f"output_dir={tmp_path}", f"rollout.credit={credit}", "rollout.group_size=4",
+                               "rollout.tree_k=4", "rollout.tree_m=1", "rollout.max_rounds=1",
+                               "rollout.scale_rewards=none", rewards])
+    run = build_run(cfg)
+    gen = torch.Generator().manual_seed(0)
+    if credit == "r3":
+        from r3rl.trainer import _generate_rollout
+
+        _generate_rollout(run, gen, train=False)  # feeds the buffer
+        batch = _refine_rollout(run, gen, 1)
+    else:
+        batch = _tree_rollout(run, gen, 1)
+    (term,) = batch.text_terms
+    lengths = torch.tensor([float(len(r.token_ids)) for r in term.reflections])
+    assert lengths.std() > 0, "the test needs reflections of different lengths"
+    # the length reward (x1000) dominates: advantages rank the reflections as their lengths do
+    longest, shortest = int(lengths.argmax()), int(lengths.argmin())
+    assert float(term.adv[longest]) > float(term.adv[shortest]) + 500
