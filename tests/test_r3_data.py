@@ -10,7 +10,6 @@ R3 reads TIIF with `TIIFDataset(file, key="short_description")`, which sets
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections import Counter
 from pathlib import Path
@@ -99,12 +98,9 @@ def test_data_config_keys() -> None:
 
 
 def test_run_prompts_use_the_data_config() -> None:
-    """`r3rl train`/`r3rl eval` load prompts through run._prompts; it must pass data.prompt_field
-    and data.tag_field (the run.py change is in the report of issue 17 item 10)."""
+    """`r3rl train`/`r3rl eval` load prompts through run._prompts with data.prompt_field and
+    data.tag_field."""
     from r3rl import run
 
-    params = inspect.signature(run._prompts).parameters
-    if "prompt_field" not in params:
-        pytest.skip("r3rl/run.py does not pass data.prompt_field to load_prompts yet")
     records = run._prompts(str(TIIF_TEST), "eval", None, prompt_field="short_description", tag_field="type")
     assert records[0]["prompt"] == "A cat is situated beneath a microwave."
