@@ -42,6 +42,8 @@ class FakeReflector:
 class FakeReward:
     """Scores an image by its red level / 100 (None above 250: a judge failure); top score 1."""
 
+    has_text = False  # image rewards only
+
     def __init__(self) -> None:
         self.calls: list[dict] = []
 
