@@ -29,8 +29,10 @@ from r3rl.models.sd3 import SD3Model
 LATENT_CHANNELS = 16
 
 
-def _vae() -> AutoencoderKL:
-    blocks = (16, 32)  # /2 downsampling
+def tiny_vae(
+    blocks: tuple[int, ...] = (16, 32), scaling_factor: float = 1.5, shift_factor: float = 0.1
+) -> AutoencoderKL:
+    """A random-weight AutoencoderKL that downsamples by 2 ** (len(blocks) - 1)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -41,8 +43,8 @@ def _vae() -> AutoencoderKL:
         layers_per_block=1,
         norm_num_groups=8,
         mid_block_add_attention=False,
-        scaling_factor=1.5,
-        shift_factor=0.1,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     )
 
 
@@ -97,7 +99,7 @@ def build_tiny_sd3(tokenizer, image_size: int, *, seed: int = 0, text_len: int =
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(),
+        vae=tiny_vae(),
         text_encoder=_clip(tokenizer, 32),
         tokenizer=tokenizer,
         text_encoder_2=_clip(tokenizer, 32),

@@ -19,28 +19,15 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from r3rl.models.flux import FluxModel, to_tensor
+from r3rl.models.tiny import LATENT_CHANNELS, tiny_vae
 
-LATENT_CHANNELS = 16
 TEXT_DIM = 64
 
 
 def build_tiny_flux(tokenizer, image_size: int, seed: int = 0) -> FluxModel:
     """Random-weight tiny FLUX components: VAE /4, 16 image tokens at 32 px."""
     torch.manual_seed(seed)
-    blocks = (16, 32, 32)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=LATENT_CHANNELS,
-        down_block_types=("DownEncoderBlock2D",) * len(blocks),
-        up_block_types=("UpDecoderBlock2D",) * len(blocks),
-        block_out_channels=blocks,
-        layers_per_block=1,
-        norm_num_groups=8,
-        mid_block_add_attention=False,
-        scaling_factor=1.0,
-        shift_factor=0.0,
-    )
+    vae = tiny_vae((16, 32, 32), scaling_factor=1.0, shift_factor=0.0)  # /4
     vocab = len(tokenizer)
     clip = CLIPTextModel(
         CLIPTextConfig(
