@@ -132,3 +132,23 @@ def test_bad_arguments_raise():
         grpo_loss(LOGPS, LOGPS, ADV, MASK, loss_type="bnpo")
     with pytest.raises(ValueError):
         grpo_loss(LOGPS, LOGPS, ADV, MASK, beta=0.1)
+
+
+def test_importance_weights_scale_the_policy_term_per_token_not_the_kl():
+    """TRL's vllm_importance_sampling_correction: per_token_loss *= is_ratio before the KL is added."""
+    logps = torch.tensor([[LN(0.5), LN(0.25), 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False]])
+    adv = torch.tensor([2.0])
+    weights = torch.tensor([[1.5, 0.5, 7.0]])  # the padding's weight is ignored
+    ref = logps.detach() + LN(2)
+    loss, m = grpo_loss(logps, logps.detach(), adv, mask, is_weights=weights, ref_logps=ref, beta=0.1,
+                        loss_type="dapo")  # fmt: skip
+    k3 = 1 - LN(2)  # per token, unweighted
+    # on-policy ratio 1: policy term -adv per token, weighted 1.5 and 0.5
+    assert loss.item() == pytest.approx((-2.0 * 1.5 - 2.0 * 0.5) / 2 + 0.1 * k3, rel=1e-6)
+    loss.backward()
+    # d/dlogp of -ratio*adv*w is -adv*w (ratio 1); the KL's gradient is unweighted
+    kl_grad = 0.1 * (1 - math.exp(LN(2))) / 2  # d k3/d logp = 1 - exp(ref - logp), over 2 tokens
+    assert logps.grad[0, :2].tolist() == pytest.approx([-3.0 / 2 + kl_grad, -1.0 / 2 + kl_grad], rel=1e-6)
+    unweighted, _ = grpo_loss(logps, logps.detach(), adv, mask, loss_type="dapo")
+    assert unweighted.item() == pytest.approx(-2.0)

@@ -77,6 +77,7 @@ def grpo_loss(
     beta: float = 0.0,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level clipped policy loss (+ β·k3 KL) over completions, aggregated like TRL.
 
@@ -90,6 +91,9 @@ def grpo_loss(
         mask: (B, T), true on completion tokens; values elsewhere are ignored (may be inf/NaN).
         loss_type: "grpo" (mean over each sequence's tokens, then over sequences), "dr_grpo"
             (sum / (B · max_completion_length), default T), "dapo" (sum / tokens in the batch).
+        is_weights: (B, T) per-token weights of the clipped policy term (not of the KL), TRL's
+            vllm_importance_sampling_correction: `min(p_trainer / p_sampler, cap)` when another
+            engine (vLLM) sampled the tokens (`r3rl.models.vllm_rollout`).
 
     Metrics: clip_ratio/low_mean, /high_mean, /region_mean (TRL: tokens whose ratio left the
     range on the side where clipping removes the gradient), ratio_mean, and kl when ref given.
@@ -106,6 +110,8 @@ def grpo_loss(
     ratio = torch.exp(lp - old)
     clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
+    if is_weights is not None:  # before the KL is added, as TRL does
+        per_token = per_token * torch.where(mask, is_weights.float().detach(), zero)
     kl = None
     if ref_logps is not None:
         kl_lp = lp if kl_logps is None else torch.where(mask, kl_logps.float(), zero)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,25 @@ def vllm_python(venv: str | Path | None = None) -> Path:
             f"or set {VENV_ENV} to a virtual env with vllm installed"
         )
     return python
+
+
+def _parent_death_signal():
+    """`prctl(PR_SET_PDEATHSIG, SIGTERM)` bound in the parent (Linux; None elsewhere): run in
+    the child before exec, it SIGTERMs the server when the process that started it dies, so a
+    killed trainer leaves no server behind (vLLM's API process then stops its engine). Only a
+    bound C call runs between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+
+
+_DIE_WITH_PARENT = _parent_death_signal()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -105,6 +125,22 @@ class VLLMServer:
         self.proc: subprocess.Popen | None = None
         self.start_s: float | None = None  # seconds from launch to a healthy /health
 
+    @classmethod
+    def from_command(
+        cls, command: str, url: str, *, log_path: str | Path | None = None
+    ) -> VLLMServer:
+        """A server that a shell command starts (e.g. `launch/vllm/serve.sh MODEL` with its
+        settings), reached at `url`; `start()` runs it in its own process group, `stop()` ends
+        that group."""
+        where = httpx.URL(url)
+        server = cls.__new__(cls)
+        server.python, server.model, server.name, server.gpu = None, command, None, False
+        server.host, server.port = where.host, where.port or 80
+        server.args, server.env = ["/bin/sh", "-c", command], dict(os.environ)
+        server.log_path = Path(log_path) if log_path else None
+        server.proc, server.start_s = None, None
+        return server
+
     @property
     def root(self) -> str:
         return f"http://{self.host}:{self.port}"
@@ -125,6 +161,7 @@ class VLLMServer:
         self.proc = subprocess.Popen(
             self.args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
             start_new_session=True,  # its own process group: stop() ends the engine and worker too
+            preexec_fn=_DIE_WITH_PARENT,  # noqa: PLW1509 (one bound C call, no Python locks)
         )  # fmt: skip
         if out is not subprocess.DEVNULL:
             out.close()

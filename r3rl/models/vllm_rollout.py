@@ -46,9 +46,17 @@ from PIL import Image
 from r3rl.errors import UserError
 from r3rl.judges.chat import image_data_url
 from r3rl.judges.http import json_headers
+from r3rl.judges.vllm_server import VLLMServer, free_port
 from r3rl.models.reflector import REFLECTION_PROMPT, HFReflector, Reflection
 
 PROBE_PROMPT = "a red circle"
+# the probe samples at a temperature other than 1: a server that reports raw log-probs (not
+# `--logprobs-mode processed_logprobs`) then fails the check instead of skewing every IS weight
+PROBE_TEMPERATURE = 0.7
+DEV_MODE_HINT = (
+    "serve it with VLLM_SERVER_DEV_MODE=1 and --logprobs-mode processed_logprobs "
+    "(launch/vllm/serve.sh with ROLLOUT=1, or reflector.vllm.launch=true)"
+)
 
 
 def rollout_server_args() -> tuple[list[str], dict[str, str]]:
@@ -87,6 +95,15 @@ def truncated_importance_weights(
     return weights, metrics
 
 
+def served_logprobs(reflections: Sequence[Reflection], like: torch.Tensor) -> torch.Tensor:
+    """(B, T) the sampler's log-probs of each reflection's tokens, zero-padded to `like`'s shape
+    (the trainer's log-probs of the same tokens)."""
+    out = torch.zeros(like.shape, dtype=torch.float32)
+    for i, r in enumerate(reflections):
+        out[i, : len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
+    return out.to(like.device)
+
+
 def _fingerprint(model: torch.nn.Module) -> tuple[int, ...]:
     """In-place version counters of the trainable (else all) parameters: they move on every
     optimiser step, so a changed fingerprint means the server's weights are stale."""
@@ -107,6 +124,7 @@ class VLLMRollout:
         timeout_s: float = 120.0,
         verify_tol: float = 1e-3,
         api_key_env: str | None = None,
+        server: VLLMServer | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise UserError(f"rollout base_url {base_url!r} is not an http:// or https:// URL")
@@ -122,6 +140,28 @@ class VLLMRollout:
         self.version = 0  # syncs done; the server holds the trainer's weights as of `_synced`
         self._synced: tuple[int, ...] | None = None
         self.last_sync: dict[str, float] = {}
+        self.server = server  # one this run started (launch / command): close() stops it
+
+    def close(self) -> None:
+        """Stop the server this run started (a server given by URL is left running)."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def _unreachable(self, url: str, error: Exception) -> RolloutError:
+        """One line: the server is gone (with a launched server's exit code and log) or silent."""
+        proc = self.server.proc if self.server is not None else None
+        if proc is not None and proc.poll() is not None:
+            log = self.server.log_path or "(no log)"
+            return RolloutError(
+                f"the rollout server exited with code {proc.returncode} (log: {log}); "
+                f"request to {url} failed"
+            )
+        what = "timed out" if isinstance(error, httpx.TimeoutException) else "unreachable"
+        return RolloutError(
+            f"rollout server {url} {what} ({type(error).__name__}, limit "
+            f"{self.timeout_s:g} s: reflector.vllm.timeout_s): is it running?"
+        )
 
     # ------------------------------------------------------------------ HTTP
     def _post(self, path: str, body: dict | None, *, root: bool = False) -> Any:
@@ -129,13 +169,12 @@ class VLLMRollout:
         try:
             resp = httpx.post(url, json=body, headers=self.headers, timeout=self.timeout_s)
         except httpx.TransportError as e:
-            raise RolloutError(
-                f"rollout server {url} unreachable ({type(e).__name__}): is it running?"
-            ) from None
+            raise self._unreachable(url, e) from None
+        if resp.status_code == 404 and root:
+            raise RolloutError(f"rollout server has no {path} route: {DEV_MODE_HINT}")
         if resp.status_code != 200:
-            raise RolloutError(
-                f"rollout server {url} answered HTTP {resp.status_code}: {resp.text[:200]}"
-            )
+            text = " ".join(resp.text[:200].split())
+            raise RolloutError(f"rollout server {url} answered HTTP {resp.status_code}: {text}")
         try:
             return resp.json() if resp.content else None  # the cache resets answer an empty body
         except ValueError:
@@ -148,13 +187,10 @@ class VLLMRollout:
         try:
             resp = await client.post(url, json=body, headers=self.headers)
         except httpx.TransportError as e:
-            raise RolloutError(
-                f"rollout server {url} unreachable ({type(e).__name__}): is it running?"
-            ) from None
+            raise self._unreachable(url, e) from None
         if resp.status_code != 200:
-            raise RolloutError(
-                f"rollout server {url} answered HTTP {resp.status_code}: {resp.text[:200]}"
-            )
+            text = " ".join(resp.text[:200].split())
+            raise RolloutError(f"rollout server {url} answered HTTP {resp.status_code}: {text}")
         return resp.json()
 
     # ------------------------------------------------------------------ sampling
@@ -189,8 +225,7 @@ class VLLMRollout:
                 out.append((ids, [float(p["logprob"]) for p in content]))
         except (KeyError, TypeError, ValueError) as e:
             raise RolloutError(
-                f"rollout server answer without token ids and log-probs ({e!r}); "
-                "serve it with launch/vllm/serve.sh ROLLOUT=1"
+                f"rollout server answer without token ids and log-probs ({e!r}); {DEV_MODE_HINT}"
             ) from None
         if len(out) != n:
             raise RolloutError(f"rollout server returned {len(out)} samples, {n} asked")
@@ -263,11 +298,12 @@ class VLLMRollout:
         self._synced = _fingerprint(self.reflector.model)
         self.version += 1
         diff = self.check()
-        if diff > self.verify_tol:
+        if not diff <= self.verify_tol:  # NaN fails too
             raise RolloutError(
                 f"weight sync {self.version} did not take: the server's log-probs differ from the "
-                f"trainer's by {diff:.2e} (> {self.verify_tol:g}); is the server serving the same "
-                "checkpoint family, and can it read the sync folder?"
+                f"trainer's by {diff:.2e} (> {self.verify_tol:g}: reflector.vllm.verify_tol); does "
+                f"it serve the reflector's checkpoint, read {self.sync_dir}, and report processed "
+                "log-probs (--logprobs-mode processed_logprobs)?"
             )
         self.last_sync = {
             "rollout/sync_s": time.perf_counter() - start,
@@ -278,15 +314,103 @@ class VLLMRollout:
 
     def check(self, n: int = 2, max_new_tokens: int = 8) -> float:
         """Largest |server - trainer| log-prob over a probe: the server samples `n` sequences
-        (seeded, temperature 1, no filters), the trainer scores the same tokens."""
+        (seeded, temperature PROBE_TEMPERATURE, no filters), the trainer scores the same tokens."""
         image = Image.new("RGB", (32, 32), (200, 30, 30))
-        body = self._body(PROBE_PROMPT, image, n, 1.0, 0, 1.0, max_new_tokens, 0)
+        t = PROBE_TEMPERATURE
+        body = self._body(PROBE_PROMPT, image, n, t, 0, 1.0, max_new_tokens, 0)
         pairs = self._parse(self._post("/chat/completions", body), n)
         logps, mask, _ = self.reflector.completion_logprobs(
             [PROBE_PROMPT] * n, [image] * n, [ids for ids, _ in pairs],
-            temperature=1.0, top_k=0, top_p=1.0, with_grad=False,
+            temperature=t, top_k=0, top_p=1.0, with_grad=False,
         )  # fmt: skip
         served = torch.zeros_like(logps)
         for i, (_, lp) in enumerate(pairs):
             served[i, : len(lp)] = torch.tensor(lp)
         return float((logps.float().cpu() - served.cpu()).abs()[mask.cpu()].max())
+
+
+# ---------------------------------------------------------------------- from a recipe
+
+
+def _get(url: str, timeout_s: float, headers: dict[str, str]) -> httpx.Response | None:
+    try:
+        return httpx.get(url, timeout=timeout_s, headers=headers)
+    except httpx.TransportError:
+        return None
+
+
+def open_rollout(
+    vc: Any, reflector: HFReflector, model_path: str | Path, output_dir: str | Path
+) -> VLLMRollout:
+    """The rollout client a recipe's `reflector.vllm` section (`VLLMRolloutConfig`) describes:
+    a running server at `url`, one r3rl launches from the vLLM env with the reflector's
+    checkpoint (`launch`), or one a shell `command` starts. Every failure is one `RolloutError`
+    line; a server this function started is stopped before it raises."""
+    modes = [m for m, on in (("url", vc.url and not (vc.launch or vc.command)),
+                             ("launch", vc.launch), ("command", vc.command)) if on]  # fmt: skip
+    if len(modes) != 1:
+        raise UserError(
+            "reflector.rollout=vllm needs exactly one of reflector.vllm.url (a running server), "
+            "reflector.vllm.launch=true or reflector.vllm.command (with url); got "
+            + (", ".join(modes) if modes else "none")
+        )
+    out = Path(output_dir)
+    log = out / "vllm-rollout.log"
+    server: VLLMServer | None = None
+    if vc.launch:
+        host, port = "127.0.0.1", None
+        if vc.url:
+            where = httpx.URL(vc.url)
+            host, port = where.host, where.port
+        args, env = rollout_server_args()
+        server = VLLMServer(
+            model_path, served_model_name=vc.model or "reflector", host=host,
+            port=port or free_port(host),
+            max_model_len=vc.max_model_len, extra_args=[*args, *vc.extra_args], venv=vc.venv,
+            log_path=log, threads=vc.threads, kv_cache_gib=vc.kv_cache_gib, env=env,
+        )  # fmt: skip
+    elif vc.command:
+        if not vc.url:
+            raise UserError("reflector.vllm.command needs reflector.vllm.url (where it serves)")
+        server = VLLMServer.from_command(vc.command, vc.url, log_path=log)
+    url = server.base_url if server is not None else vc.url
+    if server is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            server.start(timeout_s=vc.startup_timeout_s)
+        except RuntimeError as e:
+            why = str(e).split("; log tail:")[0]
+            raise RolloutError(f"the rollout server did not start: {why} (log: {log})") from None
+    try:
+        headers = json_headers(vc.api_key_env)
+        root = url.rstrip("/").removesuffix("/v1")
+        health = _get(f"{root}/health", min(vc.timeout_s, 30.0), headers)
+        if health is None or health.status_code != 200:
+            said = "no answer" if health is None else f"HTTP {health.status_code}"
+            raise RolloutError(
+                f"rollout server {url} is not up ({said} from /health): start it with "
+                "launch/vllm/serve.sh (ROLLOUT=1) or set reflector.vllm.launch=true"
+            )
+        model = vc.model or (server.name if server is not None and vc.launch else None)
+        if model is None:
+            resp = _get(url.rstrip("/") + "/models", min(vc.timeout_s, 30.0), headers)
+            names = (
+                [m.get("id") for m in resp.json().get("data", [])]
+                if resp is not None and resp.status_code == 200
+                else []
+            )
+            if len(names) != 1:
+                raise RolloutError(
+                    f"rollout server {url} serves {names or 'no models'}: set reflector.vllm.model"
+                )
+            model = names[0]
+        rollout = VLLMRollout(
+            reflector, url, model, sync_dir=vc.sync_dir or out / "vllm-sync",
+            timeout_s=vc.timeout_s, verify_tol=vc.verify_tol, api_key_env=vc.api_key_env,
+            server=server,
+        )  # fmt: skip
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    return rollout
