@@ -189,37 +189,11 @@ def vllm_env_or_fail() -> None:
 
 
 def build_tiny_vllm_vlm(path: Path, corpus: list[str], *, image_size: int = 32, seed: int = 0) -> None:
-    """A random-weight Idefics3 (SmolVLM's class) that vLLM's CPU build serves, saved with its
-    processor and a tokenizer trained on `corpus`. Built like r3rl.models.tiny_vlm's idefics3
-    family, but with head_dim 32 and a 32-wide vision head: vLLM's CPU attention refuses
-    head_dim 16; Idefics3 needs no torchvision in vLLM (Qwen-VL families do)."""
-    import torch
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    """A random-weight Idefics3 that vLLM's CPU build serves (head_dim 32), saved with its
+    processor and a tokenizer trained on `corpus` (r3rl.models.tiny_vlm.save_servable_idefics3)."""
+    from r3rl.models.tiny_vlm import save_servable_idefics3
 
-    from r3rl.models.tokenizer import SMOLVLM, train_chat_tokenizer
-
-    tokenizer = train_chat_tokenizer(corpus, style=SMOLVLM)
-    patches, scale = 8, 4  # 8x8 patches, pixel shuffle by 4: 4 image tokens
-    text = {"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-            "max_position_embeddings": 4096, "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
-    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "image_size": image_size, "patch_size": image_size // patches}
-    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=scale,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                            pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Idefics3ForConditionalGeneration(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    images = Idefics3ImageProcessorPil(size={"longest_edge": image_size},
-                                       max_image_size={"longest_edge": image_size}, do_image_splitting=False)
-    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer,
-                                  chat_template=tokenizer.chat_template, image_seq_len=(patches // scale) ** 2)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    save_servable_idefics3(path, corpus, image_size=image_size, seed=seed)
 
 
 def start_vllm(model: Path, name: str, log: Path, **kwargs):

@@ -9,6 +9,7 @@ load through `HFReflector.from_pretrained`, exactly as a user's 7B checkpoint wo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -184,3 +185,73 @@ def build_tiny_vlm(
     reflector.model.generation_config.eos_token_id = reflector.stop_ids
     reflector.model.generation_config.pad_token_id = reflector.tokenizer.pad_token_id
     return reflector
+
+
+def save_servable_idefics3(
+    path: str | Path,
+    corpus: Sequence[str],
+    *,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    image_size: int = 32,
+    seed: int = 0,
+) -> int:
+    """Save a random-weight Idefics3 (SmolVLM's class) that vLLM's CPU build serves, with its
+    processor and a tokenizer trained on `corpus`; returns its parameter count.
+
+    Unlike `build_tiny_vlm`'s families: head_dim `hidden / heads` must be >= 32 (vLLM's CPU
+    attention refuses 16) and the vision head is 32 wide; Idefics3 needs no torchvision in vLLM
+    (its Qwen-VL model files do). The defaults are the tests' tiny model (hidden 128, 2 layers);
+    bench/vllm_rollout_bench.py also builds a ~30M one."""
+    tokenizer = train_chat_tokenizer(corpus, style=SMOLVLM)
+    patches, scale = PATCHES_PER_SIDE, IDEFICS3_SCALE  # 8x8 patches, pixel shuffle by 4: 4 tokens
+    text = {
+        "model_type": "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": intermediate or 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "max_position_embeddings": 4096,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    vision = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": image_size // patches,
+    }
+    config = Idefics3Config(
+        text_config=text,
+        vision_config=vision,
+        scale_factor=scale,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    images = Idefics3ImageProcessorPil(
+        size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size},
+        do_image_splitting=False,
+    )
+    processor = Idefics3Processor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        image_seq_len=(patches // scale) ** 2,
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
