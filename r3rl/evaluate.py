@@ -1,6 +1,7 @@
 """Multi-round evaluation: generate, then reflect/refine with early stop, scoring every round.
 
-Used inside training (step 0 and every `trainer.eval_every` steps) and by `r3rl eval`.
+Used inside training (`TrainingEvals`: step 0 and every `trainer.eval_every` steps, their
+grids, the reward-hacking warning and the closing summary) and by `r3rl eval`.
 Sampling is deterministic (ODE, fixed seeds, low temperature) so rounds and checkpoints compare.
 """
 
@@ -326,33 +327,64 @@ def summary_lines(first: dict[str, float], last: dict[str, float], step: int) ->
     return lines
 
 
-def log_eval_images(logger: RunLogger, step: int, result: EvalResult, n: int = 8) -> None:
-    """TensorBoard image grids of the first `n` samples of every round."""
-    for k, (ims, caps) in enumerate(zip(result.images, result.captions)):
-        logger.log_images(step, f"eval/round{k}", ims[:n], caps[:n])
+class TrainingEvals:
+    """The evaluations of a training run: step 0's (kept to compare the end with) and the latest,
+    their TensorBoard images and grids, the reward-hacking warning, and the closing report."""
 
+    def __init__(self, run: Run, logger: RunLogger, out: Path) -> None:
+        self.run = run
+        self.logger = logger
+        self.out = out
+        self.first: EvalResult | None = None  # None when the run resumed
+        self.latest: EvalResult | None = None
 
-def report_run(
-    logger: RunLogger, out: Path, first: EvalResult | None, last: EvalResult | None, step: int
-) -> None:
-    """The end of a run: grids of step 0 vs the end, the summary table, where everything is."""
-    logger.info(f"finished {step} steps; checkpoints in {out / 'checkpoints'}")
-    if last is not None and last is not first:
-        grids = write_step_grids(last, out, step)
-        logger.info(f"evaluation grids per round: {grids}")
-    if first is not None and last is not None and last is not first:
-        path = out / "grids" / "step0_vs_final.png"
-        comparison_grid(first, last, step).save(path)
-        logger.info(
-            f"step 0 vs step {step}, every round: {path} (look at it before trusting a number)"
-        )
-    step0 = (
-        first.metrics if first is not None else _logged_row(out / "metrics.jsonl", 0)
-    )  # resumed: from the log
-    if step0 and last is not None and last is not first:
-        for line in summary_lines(step0, last.metrics, step):
-            logger.info(line)
-    logger.info(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    def step0(self) -> None:
+        """Evaluate the initial weights: logged as step 0, with its images and grids."""
+        self.first = self.latest = evaluate_run(self.run)
+        self.logger.log(0, {"step": 0, **self.first.metrics})
+        self._log_images(0, self.first)
+        if self.run.dist.is_main:
+            write_step_grids(self.first, self.out, 0)
+
+    def at(self, step: int) -> dict[str, float]:
+        """Evaluate after `step`: its metrics for the step's row; its images every time
+        (`trainer.log_images_every`), and a warning when the reward looks hacked."""
+        self.latest = evaluate_run(self.run)
+        if self.run.cfg.trainer.log_images_every:
+            self._log_images(step, self.latest)
+        if self.first is not None and (
+            warning := hacking_warning(self.first.metrics, self.latest.metrics, step)
+        ):
+            self.logger.info(warning)
+        return self.latest.metrics
+
+    def _log_images(self, step: int, result: EvalResult, n: int = 8) -> None:
+        """TensorBoard image grids of the first `n` samples of every round."""
+        for k, (ims, caps) in enumerate(zip(result.images, result.captions)):
+            self.logger.log_images(step, f"eval/round{k}", ims[:n], caps[:n])
+
+    def report(self, step: int) -> None:
+        """The end of a run (on the main rank): grids of step 0 vs the end, the summary table,
+        where everything is."""
+        if not self.run.dist.is_main:
+            return
+        first, last, out = self.first, self.latest, self.out
+        self.logger.info(f"finished {step} steps; checkpoints in {out / 'checkpoints'}")
+        if last is not None and last is not first:  # evaluated since step 0
+            grids = write_step_grids(last, out, step)
+            self.logger.info(f"evaluation grids per round: {grids}")
+            if first is not None:
+                path = out / "grids" / "step0_vs_final.png"
+                comparison_grid(first, last, step).save(path)
+                self.logger.info(
+                    f"step 0 vs step {step}, every round: {path} (look at it before trusting a "
+                    "number)"
+                )
+            # a resumed run reads step 0's figures from its log
+            step0 = first.metrics if first is not None else _logged_row(out / "metrics.jsonl", 0)
+            for line in summary_lines(step0, last.metrics, step) if step0 else []:
+                self.logger.info(line)
+        self.logger.info(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
 
 
 def _logged_row(path: Path, step: int) -> dict | None:

@@ -1,5 +1,6 @@
 """A recipe's loaded run: its policies (weights, frozen KL references, optimisers), rewards,
-prompts and the state a training run carries from step to step (RNG, image buffer, EMA).
+prompts and the state a training run carries from step to step (RNG, image buffer, EMA); and
+the group of processes a run trains in (`process_group`).
 
 `build_run` loads everything a recipe names; training (`r3rl.trainer`), evaluation
 (`r3rl.evaluate`), checkpoints (`r3rl.checkpoint`) and inference (`r3rl.inference`) all work
@@ -17,11 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from r3rl.algos.ema import EMA
 from r3rl.config import Config, adamw_kwargs, warn_low_precision_full_finetuning
 from r3rl.data import load_prompts
-from r3rl.distributed import Topology, barrier, deepspeed_config, deepspeed_engine, zero_stage
+from r3rl.distributed import (
+    Topology,
+    barrier,
+    deepspeed_config,
+    deepspeed_engine,
+    init_process_group,
+    launcher_env,
+    topology_from_env,
+    zero_stage,
+)
 from r3rl.errors import UserError
 from r3rl.logger import quiet_libraries
 from r3rl.models.flux import FluxModel
@@ -104,6 +115,47 @@ class Run:
         if name == "reflector":
             return self.reflector.trainable_parameters()
         return self.policy(name).trained_params()
+
+    def reference_logprobs(
+        self,
+        prompts: list[str],
+        images: list[Image.Image],
+        completions: list[list[int]],
+        temperature: float,
+    ) -> torch.Tensor:
+        """The reflector's frozen reference log-probs of `completions` (for KL): its full copy, or
+        with LoRA its base model (adapters off). Unfiltered: a token outside the reference's own
+        top-k would make k3 infinite."""
+        kw = {"temperature": temperature, "top_k": 0, "top_p": 1.0, "with_grad": False}
+        if self.ref_reflector is not None:
+            ref, _, _ = self.ref_reflector.completion_logprobs(prompts, images, completions, **kw)
+        else:
+            ref, _, _ = self.reflector.completion_logprobs(
+                prompts, images, completions, disable_adapter=True, **kw
+            )
+        return ref
+
+
+@contextlib.contextmanager
+def process_group(cfg: Config) -> Iterator[Topology]:
+    """This process's place among the run's processes (from the launcher's environment), inside
+    their process group while in the block; a recipe they cannot split is refused before any
+    model loads."""
+    topo = topology_from_env()
+    g = cfg.rollout.group_size
+    if g % topo.world:
+        raise UserError(
+            f"rollout.group_size={g} must be divisible by the number of processes ({topo.world})"
+        )
+    dc = cfg.distributed
+    if dc.deepspeed and not topo.distributed:  # DeepSpeed wants a launcher's setup
+        launcher_env()
+    joined = init_process_group(topo, dc.backend, dc.timeout_s, force=bool(dc.deepspeed))
+    try:
+        yield topo
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
 
 
 def build_run(

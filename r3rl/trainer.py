@@ -2,8 +2,9 @@
 
 Read top to bottom: `train_step` makes a step's rollouts (R3's `generate` or `refine` step, or
 a `tree`), each a `Batch` of loss terms; `_loss` turns a batch into the weighted GRPO +
-FlowGRPO loss; `_optimizer_step` applies it; `train` is the loop with evaluation, logging and
-checkpoints. The loaded policies and the state carried between steps live in `r3rl.run`.
+FlowGRPO loss, which an `Update` (`r3rl.update`) backpropagates and steps; `train` is the loop
+with evaluation (`r3rl.evaluate`), logging and checkpoints. The loaded policies and the state
+carried between steps live in `r3rl.run`.
 
 Every rollout follows one path between the ranks (`r3rl.distributed.Shard`): each rank
 simulates its block of a group, the scores are gathered (`gather_scores`), the group
@@ -14,10 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,25 +27,9 @@ from r3rl.algos.grpo import grpo_loss
 from r3rl.batch import Batch, ImageTerm, TextTerm, scale_by_batch_std
 from r3rl.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from r3rl.config import Config
-from r3rl.distributed import (
-    Shard,
-    Topology,
-    any_rank,
-    average_gradients,
-    gather,
-    init_process_group,
-    launcher_env,
-    mean_metrics,
-    topology_from_env,
-)
+from r3rl.distributed import Shard, any_rank, mean_metrics
 from r3rl.errors import UserError
-from r3rl.evaluate import (
-    evaluate_run,
-    hacking_warning,
-    log_eval_images,
-    report_run,
-    write_step_grids,
-)
+from r3rl.evaluate import TrainingEvals
 from r3rl.logger import RunLogger
 from r3rl.rollout import (
     BufferItem,
@@ -59,25 +42,18 @@ from r3rl.rollout import (
     run_diffusion,
     score,
 )
-from r3rl.run import Policy, Run, build_run
+from r3rl.run import Policy, Run, build_run, process_group
 from r3rl.sampling import transition_logprob
+from r3rl.stopping import StopRequested, reward_failures
 from r3rl.tree import Rows, grow_tree
+from r3rl.update import Loss, Update
 
 # --------------------------------------------------------------------------- one step
 
 
-@dataclass
-class Loss:
-    """The loss of one batch and what backpropagating it updates."""
-
-    value: torch.Tensor  # () text_loss_weight * GRPO + image_loss_weight * FlowGRPO
-    # policy name -> () its part of `value` (a DeepSpeed engine backpropagates each)
-    parts: dict[str, torch.Tensor]
-    optimizers: dict[str, tuple]  # policy name -> (optimiser, its trained parameters)
-    metrics: dict[str, float]
-
-
 def stage_for(run: Run, step: int) -> str:
+    """Tree credit grows a tree every step; R3 alternates generate (odd steps, while the
+    generator trains) and refine steps; a run without a refiner only generates."""
     if run.cfg.rollout.credit == "tree":
         return "tree"
     if run.refiner is None or (run.generator.trainable and step % 2 == 1):
@@ -91,28 +67,17 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     all the rollouts are made (and held) before their losses; the weights do not change in
     between, so the numbers are the same either way."""
     stage = stage_for(run, step)
-    n = run.cfg.trainer.grad_accum
-    rows, opts, finite, t_roll = [], {}, True, 0.0
+    update = Update(run)
+    t_roll = 0.0
     t0 = time.perf_counter()
-    rollouts = _rollouts(run, stage, step, n)
+    rollouts = _rollouts(run, stage, step, run.cfg.trainer.grad_accum)
     if run.cfg.rollout.scale_rewards == "batch":
         rollouts = list(rollouts)
         scale_by_batch_std([batch for batch, _ in rollouts])
     for batch, seconds in rollouts:
         t_roll += seconds
-        loss = _loss(run, batch)
-        if any_rank(not torch.isfinite(loss.value), run.dist):
-            finite = False
-        elif run.engines:
-            for name in loss.optimizers:  # one engine per policy; DeepSpeed divides by grad_accum
-                run.engines[name].backward(loss.parts[name])
-                run.engines[name].step()  # steps the optimiser at the accumulation boundary only
-        elif loss.optimizers:
-            (loss.value / n).backward()
-        opts.update(loss.optimizers)
-        rows.append({**loss.metrics, **batch.metrics})
-    out = _mean_rows(rows)
-    out.update(_optimizer_step(run, opts, finite))
+        update.add(_loss(run, batch), batch.metrics)
+    out = update.step()
     t_train = time.perf_counter() - t0 - t_roll
     out.update({"stage": stage, "time/rollout_s": t_roll, "time/train_s": t_train})
     out["time/step_s"] = t_roll + t_train
@@ -143,14 +108,9 @@ def _generate_rollout(run: Run, gen: torch.Generator, *, train: bool) -> Batch:
     meta = run.rng.choice(run.train_prompts)
     group = Shard(g, run.dist)  # noise is drawn for all g on every rank
     pol = run.generator
+    prompts = [meta["prompt"]] * g
     ro = run_diffusion(
-        pol.model,
-        [meta["prompt"]] * g,
-        None,
-        pol.settings,
-        train=train,
-        generator=gen,
-        keep=group.keep,
+        pol.model, prompts, None, pol.settings, train=train, generator=gen, keep=group.keep
     )
     s = gather_scores(score(run.reward, [meta] * len(ro.images), ro.images), group)
     if run.refiner is not None:  # the inputs of later refine steps
@@ -216,27 +176,17 @@ def _refine_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
         k = run.rng.choice(edited)  # one refined image goes on to the next round
         run.buffer.add(BufferItem(item.meta, out.images[k], float(s.total[k]), item.round + 1))
     batch = Batch(metrics=reward_metrics(s))
-    batch.metrics.update(
-        {
-            "reward/format_mean": float(fmt.mean()),
-            "reward/improvement_mean": nanmean(image_r),
-            "reward/input_mean": item.reward,
-            "refine/stop_rate": float(stopped.float().mean()),
-            "refine/input_round": item.round,
-            "frac_reward_zero_std": zero / groups,
-        }
-    )
+    batch.metrics |= {
+        "reward/format_mean": float(fmt.mean()),
+        "reward/improvement_mean": nanmean(image_r),
+        "reward/input_mean": item.reward,
+        "refine/stop_rate": float(stopped.float().mean()),
+        "refine/input_round": item.round,
+        "frac_reward_zero_std": zero / groups,
+    }
     prompts = [m["prompt"] for m in metas]
-    text = TextTerm(
-        group.take(prompts),
-        group.take(inputs),
-        group.take(refl),
-        group.take(t_adv),
-        group.take(t_valid),
-        tokens=tokens,
-        pool=text_r,
-    )
-    batch.text_terms.append(text)
+    text_rows = [group.take(x) for x in (prompts, inputs, refl, t_adv, t_valid)]  # this rank's
+    batch.text_terms.append(TextTerm(*text_rows, tokens=tokens, pool=text_r))
     if out.rollout is not None:
         mine = [edited[j] for j in out.edits.rows]  # the group rows of this rank's edits
         if mine:
@@ -276,18 +226,13 @@ def _tree_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
         ids = torch.tensor(rows.nodes)
         return ImageTerm(policy, ro, tree.adv[ids], valid[ids], total=rows.total)
 
-    if tree.reflections:
-        ids = torch.tensor([n for n, _, _ in tree.reflections])
-        images = [im for _, _, im in tree.reflections]
-        refl = [rf for _, rf, _ in tree.reflections]
+    if tree.reflections:  # this rank's (node, reflection, the image it read)
+        nodes, refl, images = (list(x) for x in zip(*tree.reflections))
+        ids = torch.tensor(nodes)
+        prompts = [meta["prompt"]] * len(ids)
+        total, tokens = tree.reflection_total, tree.reflection_tokens
         text = TextTerm(
-            [meta["prompt"]] * len(ids),
-            images,
-            refl,
-            tree.adv[ids],
-            valid[ids],
-            total=tree.reflection_total,
-            tokens=tree.reflection_tokens,
+            prompts, images, refl, tree.adv[ids], valid[ids], total=total, tokens=tokens
         )
         batch.text_terms.append(text)
     if run.generator.trainable:
@@ -350,14 +295,7 @@ def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str,
         old[i, : len(r.logprobs)] = torch.tensor(r.logprobs)
     ref = None
     if rc.beta > 0:
-        # unfiltered reference: a token outside the reference's own top-k would make k3 infinite
-        ref_kw = {"temperature": text.temperature, "top_k": 0, "top_p": 1.0, "with_grad": False}
-        if run.ref_reflector is not None:
-            ref, _, _ = run.ref_reflector.completion_logprobs(prompts, images, comp, **ref_kw)
-        else:
-            ref, _, _ = run.reflector.completion_logprobs(
-                prompts, images, comp, disable_adapter=True, **ref_kw
-            )
+        ref = run.reference_logprobs(prompts, images, comp, text.temperature)
     mask = mask & valid[:, None].to(mask.device)  # rewards and advantages live on the CPU
     loss, m = grpo_loss(
         logps,
@@ -461,124 +399,32 @@ def _image_loss(
     return total / n_terms, out, {name: part / n_terms for name, part in by_policy.items()}
 
 
-def _optimizer_step(run: Run, opts: dict[str, tuple], finite: bool) -> dict[str, float]:
-    """Clip and step every touched optimiser; a NaN/inf loss skips the step (K in a row stop
-    the run).
-
-    Several processes: gradients are averaged first (DDP's arithmetic), or DeepSpeed's
-    engines (which already stepped at the accumulation boundary) report their norm.
-    """
-    if run.dist.distributed and sorted(opts) != sorted(set(gather(sorted(opts), run.dist))):
-        raise RuntimeError(
-            f"rank {run.dist.rank} updated {sorted(opts)} but another rank updated others"
-        )
-    if not opts:
-        return {}
-    if not finite:
-        for opt, _ in opts.values():
-            opt.zero_grad(set_to_none=True)
-        run.nonfinite_in_row += 1
-        if run.nonfinite_in_row >= run.cfg.trainer.max_nonfinite_steps:
-            raise UserError(
-                f"loss was NaN/inf for {run.nonfinite_in_row} steps in a row; stopping "
-                "(lower the learning rates or check the rewards)"
-            )
-        return {"train/skipped_nonfinite": 1}
-    run.nonfinite_in_row = 0
-    grad_norm = 0.0
-    for name, (opt, params) in opts.items():
-        if name in run.engines:
-            grad_norm += float(run.engines[name].get_global_grad_norm() or 0.0)
-            continue
-        average_gradients(params, run.dist)
-        grad_norm += float(torch.nn.utils.clip_grad_norm_(params, run.cfg.trainer.max_grad_norm))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for name, (_, params) in opts.items():  # after every optimiser step, DeepSpeed's included
-        if name in run.ema:
-            run.ema[name].update(params)
-    return {"grad_norm": grad_norm}
-
-
-def _mean_rows(rows: list[dict]) -> dict:
-    """Average the numeric metrics of gradient-accumulation micro-batches (NaN-aware)."""
-    out: dict = {}
-    for key in dict.fromkeys(k for r in rows for k in r):
-        vals = [
-            r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])
-        ]
-        out[key] = sum(vals) / len(vals) if vals else math.nan
-    return out
-
-
 # --------------------------------------------------------------------------- the loop
-
-
-class _StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop finishes the step, checkpoints and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.flag = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.flag:  # second signal: give up immediately
-            raise KeyboardInterrupt
-        self.flag = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def train(cfg: Config) -> None:
     """`r3rl train`: pretrain (shapes world, cached), then RL with evaluation and checkpoints."""
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, torch.get_num_threads())))
-    topo = topology_from_env()
-    g = cfg.rollout.group_size
-    if g % topo.world:  # refused before any model loads
-        raise UserError(
-            f"rollout.group_size={g} must be divisible by the number of processes ({topo.world})"
-        )
-    if cfg.distributed.deepspeed and not topo.distributed:  # DeepSpeed wants a launcher's setup
-        launcher_env()
-    dc = cfg.distributed
-    if init_process_group(topo, dc.backend, dc.timeout_s, force=bool(dc.deepspeed)):
-        try:
-            _train(cfg, topo)
-        finally:
-            torch.distributed.destroy_process_group()
-    else:
-        _train(cfg, topo)
+    with process_group(cfg) as topo:
+        _train(build_run(cfg, topo=topo))
 
 
-def _train(cfg: Config, topo: Topology) -> None:
-    run = build_run(cfg, topo=topo)
+def _train(run: Run) -> None:
+    cfg, topo = run.cfg, run.dist
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    start = 0
     resume = find_resume(cfg.resume, out)
-    if resume is not None:
-        start = load_checkpoint(run, resume)
+    start = load_checkpoint(run, resume) if resume is not None else 0
     tc = cfg.trainer
     first_step = start + 1 if resume is not None else 0  # rows of completed steps survive a resume
     logger = RunLogger(out, total_steps=tc.max_steps, start_step=first_step, enabled=topo.is_main)
-    with logger, _StopRequested() as stop:
+    with logger, StopRequested() as stop:
         logger.save_config(cfg)
         if resume is not None:
             logger.info(f"resumed from {resume} at step {start}")
-        first = latest = None  # step 0's evaluation and the latest one
+        evals = TrainingEvals(run, logger, out)
         if start == 0:
-            first = latest = evaluate_run(run)
-            logger.log(0, {"step": 0, **first.metrics})
-            log_eval_images(logger, 0, first)
-            if topo.is_main:
-                write_step_grids(first, out, 0)
+            evals.step0()
         budget_s, trained_s = 60 * (tc.max_minutes or math.inf), 0.0
         step = start
         for step in range(start + 1, tc.max_steps + 1):
@@ -586,33 +432,17 @@ def _train(cfg: Config, topo: Topology) -> None:
             trained_s += row["time/step_s"]  # the ranks' mean: every rank stops at the same step
             last = step == tc.max_steps or trained_s >= budget_s
             if tc.eval_every and (step % tc.eval_every == 0 or last):
-                latest = evaluate_run(run)
-                row.update(latest.metrics)
-                if tc.log_images_every:
-                    log_eval_images(logger, step, latest)
-                if first is not None and (
-                    warning := hacking_warning(first.metrics, latest.metrics, step)
-                ):
-                    logger.info(warning)
+                row.update(evals.at(step))
             logger.log(step, row)
-            samples = row.get("judge/samples", cfg.rollout.group_size)  # a tree scores more
-            failure_rate = row.get("judge/failures", 0) / max(1, samples)
             stopping = any_rank(stop.flag, topo)  # every rank saves and stops at the same step
             if (tc.save_every and step % tc.save_every == 0) or last or stopping:
                 path = save_checkpoint(run, out, step, keep_last=tc.keep_last)
                 if stopping and not last:
-                    logger.info(
-                        f"stopped by signal at step {step}; checkpoint {path}. "
-                        f"Resume with: r3rl train <recipe> output_dir={out} resume=auto"
-                    )
+                    logger.info(stop.message(step, path, out))
                     return
-            if failure_rate > cfg.judge.max_failure_rate:
+            if failed := reward_failures(run, row, step):
                 path = save_checkpoint(run, out, step, keep_last=tc.keep_last)
-                raise UserError(
-                    f"reward failures {failure_rate:.0%} exceed judge.max_failure_rate="
-                    f"{cfg.judge.max_failure_rate} at step {step}; checkpoint saved to {path}"
-                )
+                raise UserError(f"{failed}; checkpoint saved to {path}")
             if last:
                 break
-        if topo.is_main:
-            report_run(logger, out, first, latest, step)
+        evals.report(step)
