@@ -167,6 +167,75 @@ class LoRAConfig(_Section):
     )
 
 
+class VLLMRolloutConfig(_Section):
+    """The vLLM server that samples the reflector's rollouts when `reflector.rollout: vllm`
+    (r3rl.models.vllm_rollout): one of `url` (a running server, `launch/vllm/serve.sh` with
+    ROLLOUT=1), `launch` (r3rl starts and stops it) or `command` (with `url`: a shell command
+    r3rl runs and stops)."""
+
+    url: str | None = Field(
+        None,
+        description="OpenAI base URL of the rollout server, e.g. http://127.0.0.1:8000/v1 (null "
+        "with launch=true: r3rl picks a free port on 127.0.0.1).",
+    )
+    launch: bool = Field(
+        False,
+        description="Start the server from the vLLM env (scripts/setup_vllm.sh) with the "
+        "reflector's checkpoint at the start of training and stop it at the end.",
+    )
+    command: str | None = Field(
+        None,
+        description="A shell command that starts the server at `url` (e.g. launch/vllm/serve.sh "
+        "with ROLLOUT=1); run at the start of training, its process group stopped at the end.",
+    )
+    model: str | None = Field(
+        None, description="Served model name requests use (null = the server's only model)."
+    )
+    venv: str | None = Field(
+        None, description="launch=true: the vLLM env (null = $R3RL_VLLM_VENV or .venv-vllm)."
+    )
+    threads: int | None = Field(
+        None, gt=0, description="launch=true on CPU: OpenMP threads, not pinned (null = vLLM's)."
+    )
+    kv_cache_gib: int = Field(1, gt=0, description="launch=true on CPU: KV-cache size in GiB.")
+    max_model_len: int = Field(
+        2048, gt=0, description="launch=true: the server's maximum sequence length in tokens."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="launch=true: more vLLM server arguments."
+    )
+    startup_timeout_s: float = Field(
+        300.0, gt=0.0, description="Seconds to wait for a launched server's /health."
+    )
+    timeout_s: float = Field(
+        120.0,
+        gt=0.0,
+        description="Seconds any one request (a group's samples, a weight reload) may take before "
+        "the run stops with a checkpoint.",
+    )
+    sync_dir: str | None = Field(
+        None,
+        description="Folder the trainer writes its weights to for the server to reload (it must "
+        "see it: same node or shared FS; null = <output_dir>/vllm-sync).",
+    )
+    verify_tol: float = Field(
+        1e-3,
+        gt=0.0,
+        description="After each sync the server's log-probs of a probe must equal the trainer's "
+        "within this, or the run stops.",
+    )
+    is_cap: float = Field(
+        3.0,
+        ge=1.0,
+        description="Truncated importance sampling (TRL's vllm_importance_sampling_correction, "
+        "token_truncate): each token's policy loss is weighted by min(p_trainer / p_vllm, "
+        "is_cap) (TRL 1.16's vllm_importance_sampling_clip_max is 3.0).",
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the server's bearer token (API_KEY)."
+    )
+
+
 class ReflectorConfig(_Section):
     """The vision-language model that critiques an image and writes the edit instruction."""
 
@@ -210,6 +279,17 @@ class ReflectorConfig(_Section):
         False,
         description="Keep the full-copy KL reference (full fine-tuning with beta > 0) in CPU "
         "memory, each layer copied to the GPU for its forward only.",
+    )
+    rollout: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Who samples the training rollouts' reflections: 'hf' (transformers' "
+        "generate in the trainer) or 'vllm' (a vLLM server, `reflector.vllm`; weights synced "
+        "and verified after every reflector step, truncated importance-sampling correction in "
+        "the loss). Evaluation samples with 'hf' either way.",
+    )
+    vllm: VLLMRolloutConfig = Field(
+        default_factory=VLLMRolloutConfig,
+        description="The rollout server (reflector.rollout=vllm).",
     )
 
 

@@ -40,6 +40,7 @@ from r3rl.models.lora import BaseView, add_lora
 from r3rl.models.placement import place_flow_model, place_frozen, resolve_device
 from r3rl.models.reflector import HFReflector, lora_kwargs
 from r3rl.models.registry import load_flow_model
+from r3rl.models.vllm_rollout import VLLMRollout, open_rollout
 from r3rl.modes.load import refiner_folder, wrap_refiner
 from r3rl.rewards import CombinedReward
 from r3rl.rollout import ImageBuffer, SamplerSettings, TextSettings
@@ -99,6 +100,18 @@ class Run:
     hf_zero3: object = None  # keeps transformers' ZeRO-3 flag alive: generate() then syncs ranks
     # policy name -> EMA of its trained weights (trainer.ema)
     ema: dict[str, EMA] = field(default_factory=dict)
+    # reflector.rollout=vllm: the server that samples training reflections (its weights synced)
+    rollout: VLLMRollout | None = None
+
+    @property
+    def sampler(self) -> HFReflector | VLLMRollout:
+        """Who samples the training rollouts' reflections: the vLLM server or the reflector."""
+        return self.rollout if self.rollout is not None else self.reflector
+
+    def close(self) -> None:
+        """Stop what the run started outside this process (a launched vLLM rollout server)."""
+        if self.rollout is not None:
+            self.rollout.close()
 
     @property
     def diffusion_policies(self) -> list[Policy]:
@@ -179,6 +192,8 @@ def build_run(
             "rollout.scale_rewards=batch is not defined for tree credit (its advantages are "
             "relative to siblings, not groups); use 'group' or 'none'"
         )
+    if for_training and cfg.reflector.rollout == "vllm":
+        _refuse_vllm_rollout(cfg, topo)
     ds = cfg.distributed.deepspeed
     if (
         for_training
@@ -264,7 +279,30 @@ def build_run(
         run.ema = {
             name: EMA(run.trained_params(name), decay=e.decay, every=e.every) for name in trained
         }
+    if for_training and rc.rollout == "vllm":  # last: nothing after it can fail and leave it up
+        path = _model_path(rc.model, world, "reflector")
+        run.rollout = open_rollout(rc.vllm, reflector, path, cfg.output_dir)
+        try:
+            run.rollout.sync()  # the server holds the trainer's weights, checked, before step 1
+        except BaseException:
+            run.close()
+            raise
     return run
+
+
+def _refuse_vllm_rollout(cfg: Config, topo: Topology) -> None:
+    """What `reflector.rollout=vllm` does not support yet, refused before any model loads."""
+    why = None
+    if cfg.rollout.credit in ("text", "flow_grpo"):
+        why = f"rollout.credit={cfg.rollout.credit} (it samples no reflections through R3's loop)"
+    elif topo.distributed:
+        why = f"{topo.world} processes (one process samples, syncs and trains for now)"
+    elif cfg.distributed.deepspeed:
+        why = "distributed.deepspeed (the sync saves the module as this process holds it)"
+    if why is not None:
+        raise UserError(
+            f"reflector.rollout=vllm is not supported with {why}; use reflector.rollout=hf"
+        )
 
 
 def _shapes_world(cfg: Config, topo: Topology) -> Path:

@@ -327,6 +327,11 @@ def train_text(cfg: Config) -> None:
     from r3rl.logger import RunLogger, quiet_libraries
 
     quiet_libraries()
+    if cfg.reflector.rollout == "vllm":
+        raise UserError(
+            "reflector.rollout=vllm is not supported with rollout.credit=text yet; use "
+            "reflector.rollout=hf"
+        )
     if topology_from_env().distributed:  # each rank would train its own copy into one output_dir
         raise UserError("rollout.credit=text runs in one process only; start it without a launcher")
     warn_low_precision_full_finetuning(cfg, ("reflector",))

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -31,6 +32,7 @@ from r3rl.distributed import Shard, any_rank, mean_metrics
 from r3rl.errors import UserError
 from r3rl.evaluate import TrainingEvals
 from r3rl.logger import RunLogger
+from r3rl.models.vllm_rollout import RolloutError, served_logprobs, truncated_importance_weights
 from r3rl.rollout import (
     BufferItem,
     DiffusionRollout,
@@ -81,7 +83,26 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     t_train = time.perf_counter() - t0 - t_roll
     out.update({"stage": stage, "time/rollout_s": t_roll, "time/train_s": t_train})
     out["time/step_s"] = t_roll + t_train
-    return mean_metrics(out, run.dist)
+    row = mean_metrics(out, run.dist)
+    if run.rollout is not None and "reflector" in update.optimizers:
+        _sync_rollout(run, row)
+    return row
+
+
+def _sync_rollout(run: Run, row: dict) -> None:
+    """After a reflector optimiser step: its weights onto the vLLM rollout server, verified; the
+    sync's version, probe log-prob difference and time join the step's row. A failure comes
+    after the update: the error carries the row, and the step counts as done."""
+    if row.get("train/skipped_nonfinite"):
+        return
+    try:
+        sync = run.rollout.sync()
+    except RolloutError as e:
+        e.row = row
+        raise
+    row |= sync
+    row["time/train_s"] += sync["rollout/sync_s"]
+    row["time/step_s"] += sync["rollout/sync_s"]
 
 
 def _rollouts(run: Run, stage: str, step: int, n: int) -> Iterator[tuple[Batch, float]]:
@@ -140,7 +161,7 @@ def _refine_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
     r_in = torch.full((g,), item.reward)
     pol = run.refiner
     out = reflect_and_refine(
-        run.reflector,
+        run.sampler,
         pol.model,
         run.reward,
         metas,
@@ -205,7 +226,7 @@ def _tree_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
     at weight 0."""
     meta = run.rng.choice(run.train_prompts)
     tree = grow_tree(
-        run.reflector,
+        run.sampler,
         run.generator,
         run.refiner,
         run.reward,
@@ -290,13 +311,21 @@ def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str,
     logps, mask, entropy, kl_logps = run.reflector.completion_logprobs(
         prompts, images, comp, **kw, with_unfiltered=True
     )
-    old = torch.zeros_like(logps)
-    for i, r in enumerate(refl):
-        old[i, : len(r.logprobs)] = torch.tensor(r.logprobs)
     ref = None
     if rc.beta > 0:
         ref = run.reference_logprobs(prompts, images, comp, text.temperature)
     mask = mask & valid[:, None].to(mask.device)  # rewards and advantages live on the CPU
+    is_weights, is_metrics = None, {}
+    if run.rollout is None:  # the reflector sampled them: generate's behaviour log-probs
+        old = served_logprobs(refl, logps)
+    else:  # vLLM sampled them (TRL's vllm_importance_sampling_correction, token_truncate): the
+        # PPO ratio's old log-probs are the trainer's own under the weights that sampled (one
+        # update per rollout), each token's loss weighted min(p_trainer / p_vllm, is_cap)
+        old = logps.detach()
+        mask = mask & torch.isfinite(old)  # a token vLLM kept but the trainer's filter drops
+        is_weights, is_metrics = truncated_importance_weights(
+            old, served_logprobs(refl, logps), mask, cap=rc.vllm.is_cap
+        )
     loss, m = grpo_loss(
         logps,
         old,
@@ -309,6 +338,7 @@ def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str,
         beta=rc.beta,
         loss_type=rc.loss_type,
         max_completion_length=rc.max_new_tokens,
+        is_weights=is_weights,
     )
     # this rank's share of the rows (grpo, dr_grpo: their normalisers count rows) or, for dapo, of
     # the valid tokens on all ranks, so the ranks' mean loss and gradient are the one-process ones
@@ -328,7 +358,7 @@ def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str,
     }
     if "kl" in m:
         out["kl/text"] = m["kl"]
-    return loss, out
+    return loss, out | is_metrics
 
 
 def _image_loss(
@@ -406,7 +436,11 @@ def train(cfg: Config) -> None:
     """`r3rl train`: pretrain (shapes world, cached), then RL with evaluation and checkpoints."""
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, torch.get_num_threads())))
     with process_group(cfg) as topo:
-        _train(build_run(cfg, topo=topo))
+        run = build_run(cfg, topo=topo)
+        try:
+            _train(run)
+        finally:
+            run.close()  # a launched vLLM rollout server
 
 
 def _train(run: Run) -> None:
@@ -422,13 +456,24 @@ def _train(run: Run) -> None:
         logger.save_config(cfg)
         if resume is not None:
             logger.info(f"resumed from {resume} at step {start}")
+        if run.rollout is not None:
+            r = run.rollout
+            logger.info(
+                f"reflector rollouts from vLLM at {r.base} ({r.model}): weights synced and "
+                f"verified (max |dlogp| {r.last_sync['rollout/sync_max_diff']:.1e})"
+            )
         evals = TrainingEvals(run, logger, out)
         if start == 0:
             evals.step0()
         budget_s, trained_s = 60 * (tc.max_minutes or math.inf), 0.0
         step = start
         for step in range(start + 1, tc.max_steps + 1):
-            row = train_step(run, step)
+            try:
+                row = train_step(run, step)
+            except RolloutError as e:  # the server died, hung or did not take the weights
+                if getattr(e, "row", None) is not None:  # after the step's update: logged, saved
+                    logger.log(step, e.row)
+                _stop_on_rollout_error(run, e, step, out)
             trained_s += row["time/step_s"]  # the ranks' mean: every rank stops at the same step
             last = step == tc.max_steps or trained_s >= budget_s
             if tc.eval_every and (step % tc.eval_every == 0 or last):
@@ -446,3 +491,17 @@ def _train(run: Run) -> None:
             if last:
                 break
         evals.report(step)
+
+
+def _stop_on_rollout_error(run: Run, error: RolloutError, step: int, out: Path) -> NoReturn:
+    """One line and a checkpoint of the last completed update: this step's if the failure came
+    after its optimiser step (the sync), else the previous one's (kept as saved, if it was)."""
+    tc = run.cfg.trainer
+    done = step if getattr(error, "row", None) is not None else step - 1
+    path = out / "checkpoints" / f"step-{done}"
+    if not (path / "COMPLETE").exists():
+        path = save_checkpoint(run, out, done, keep_last=tc.keep_last)
+    raise RolloutError(
+        f"{error} (step {step}); checkpoint {path}. Resume with: r3rl train <recipe> "
+        f"output_dir={out} resume=auto"
+    ) from None

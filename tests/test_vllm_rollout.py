@@ -138,3 +138,30 @@ def test_truncated_importance_weights_by_hand() -> None:
     assert m["rollout/is_ratio_max"] == pytest.approx(2.0)
     assert m["rollout/is_ratio_mean"] == pytest.approx(1.25)
     assert m["rollout/logprob_diff_mean"] == pytest.approx(math.log(2))
+
+
+def test_a_recipe_names_exactly_one_rollout_server(tmp_path) -> None:
+    from r3rl.config import VLLMRolloutConfig
+    from r3rl.errors import UserError
+    from r3rl.models.vllm_rollout import open_rollout
+
+    with pytest.raises(UserError, match="exactly one of reflector.vllm.url .* got none"):
+        open_rollout(VLLMRolloutConfig(), None, tmp_path, tmp_path)
+    with pytest.raises(UserError, match="got launch, command"):
+        open_rollout(VLLMRolloutConfig(launch=True, command="true"), None, tmp_path, tmp_path)
+
+
+def test_what_vllm_rollouts_do_not_support_is_refused_before_loading(tmp_path) -> None:
+    from r3rl.config import parse_config
+    from r3rl.distributed import Topology
+    from r3rl.errors import UserError
+    from r3rl.run import _refuse_vllm_rollout
+
+    def cfg(*overrides):
+        return parse_config({"output_dir": str(tmp_path)}, ["reflector.rollout=vllm", *overrides])
+
+    _refuse_vllm_rollout(cfg(), Topology())  # one process, R3 credit: fine
+    with pytest.raises(UserError, match="rollout.credit=flow_grpo"):
+        _refuse_vllm_rollout(cfg("rollout.credit=flow_grpo"), Topology())
+    with pytest.raises(UserError, match="2 processes"):
+        _refuse_vllm_rollout(cfg(), Topology(rank=0, world=2, local_rank=0))
