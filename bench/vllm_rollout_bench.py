@@ -16,8 +16,15 @@ every reflection runs to the token budget; tokens/s is printed beside reflection
 Both sides get the same thread count (--threads: torch threads for HF, OMP threads for the
 server, not pinned), and they run one after the other, never at once.
 
+With --r3-steps N it also times whole R3 refine steps both ways through the trainer
+(`r3rl.trainer.train_step`): two runs of one recipe that differ only in `reflector.rollout`
+(hf | vllm with launch=true), the same reflector (the size's Idefics3) beside a shapes world
+pretrained for a few steps (its generator and refiner; the world's quality does not matter for
+time), group 8, generator frozen so every step is a refine step; their steps alternate and the
+medians of `time/step_s` (the vLLM side includes its weight sync) and `time/rollout_s` are printed.
+
     python bench/vllm_rollout_bench.py [--sizes tiny,30M] [--group 8] [--max-new-tokens 48]
-                                       [--repeats 7] [--threads 2] [--no-results]
+                                       [--repeats 7] [--threads 2] [--r3-steps 0] [--no-results]
 """
 
 from __future__ import annotations
@@ -97,6 +104,41 @@ def bench_size(name: str, args: argparse.Namespace, root: Path) -> dict:
         server.stop()
 
 
+def bench_r3(name: str, args: argparse.Namespace, root: Path) -> dict:
+    """Median R3 refine-step times with reflector.rollout hf vs vllm (see the module doc)."""
+    from r3rl.config import parse_config
+    from r3rl.run import build_run
+    from r3rl.trainer import train_step
+
+    path = root / name  # built by bench_size
+    world = {"pretrain_vae_steps": 4, "pretrain_diffusion_steps": 4, "pretrain_pairs": 16,
+             "pretrain_reflector_steps": 2, "reflector_sft_examples": 8, "pretrain_batch_size": 8,
+             "cache_dir": str(root / "world")}  # fmt: skip
+    runs = {}
+    for side in ("hf", "vllm"):
+        raw = {
+            "output_dir": str(root / f"r3-{name}-{side}"), "world": world,
+            "reflector": {"model": str(path), "max_new_tokens": args.max_new_tokens, "rollout": side,
+                          "vllm": {"launch": True, "threads": args.threads, "timeout_s": 300}},
+            "generator": {"train": False}, "rollout": {"group_size": args.group, "max_rounds": 2},
+        }  # fmt: skip
+        runs[side] = build_run(parse_config(raw))
+    try:
+        times: dict[str, dict[str, list[float]]] = {s: {"step": [], "rollout": []} for s in runs}
+        for step in range(1, args.r3_steps + 2):
+            for side, run in runs.items():
+                row = train_step(run, step)
+                if step > 1:  # the first is warm-up
+                    times[side]["step"].append(row["time/step_s"])
+                    times[side]["rollout"].append(row["time/rollout_s"])
+        med = {s: {k: statistics.median(v) for k, v in t.items()} for s, t in times.items()}
+        return {"size": name, **{f"{s}_{k}": v for s, m in med.items() for k, v in m.items()},
+                "step_ratio": med["hf"]["step"] / med["vllm"]["step"]}  # fmt: skip
+    finally:
+        for run in runs.values():
+            run.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="tiny,30M")
@@ -105,13 +147,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--r3-steps", type=int, default=0, help="also time N R3 refine steps each way")
     ap.add_argument("--no-results", action="store_true", help="print only; do not append to RESULTS.md")
     args = ap.parse_args()
-    rows = []
+    rows, r3 = [], []
     with tempfile.TemporaryDirectory(prefix="vllm-bench-") as tmp:
         for name in args.sizes.split(","):
             rows.append(bench_size(name, args, Path(tmp)))
             print(rows[-1], file=sys.stderr)
+            if args.r3_steps:
+                r3.append(bench_r3(name, args, Path(tmp)))
+                print(r3[-1], file=sys.stderr)
     cpu = platform.machine()
     lines = [
         f"## Reflector rollouts: vLLM server vs HF generate ({date.today()}, {os.cpu_count()} CPU cores, "
@@ -134,6 +180,22 @@ def main() -> None:
             f"**{r['ratio']:.2f}x** | {r['hf_tok_s']:.0f} | {r['vllm_tok_s']:.0f} | "
             f"{r['hf_tokens']:.1f}, {r['vllm_tokens']:.1f} | {r['sync_s']:.2f} ({r['sync_diff']:.1e}) |"
         )  # fmt: skip
+    if r3:
+        lines += [
+            "",
+            f"R3 refine steps through `r3rl.trainer.train_step` (group {args.group}, 2 rounds, "
+            f"generator frozen, shapes-world generator/refiner), median of {args.r3_steps} steps "
+            "each after 1 warm-up, the two runs alternating step by step; the vLLM step includes "
+            "its weight sync:",
+            "",
+            "| reflector | HF step s | vLLM step s | HF / vLLM | HF rollout s | vLLM rollout s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in r3:
+            lines.append(
+                f"| {r['size']} | {r['hf_step']:.2f} | {r['vllm_step']:.2f} | "
+                f"**{r['step_ratio']:.2f}x** | {r['hf_rollout']:.2f} | {r['vllm_rollout']:.2f} |"
+            )
     publish("\n".join(lines) + "\n", append=not args.no_results)
 
 
