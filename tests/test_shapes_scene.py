@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 
 from r3rl.shapes.scene import (
+    CELLS,
     COLORS,
     GAP,
+    JITTER,
     PALETTE,
     SHAPES,
+    SIZE_RANGE,
     Obj,
     apply_instruction,
     make_edit_pair,
@@ -243,23 +246,34 @@ def test_make_recolours_or_reshapes_in_place():
     assert reshaped == [RED_CIRCLE, Obj("triangle", "blue", 0.75, 0.5, 0.3), GREEN_TRIANGLE]
 
 
-def test_move_slides_into_the_named_half_as_far_as_it_fits_keeping_height():
+def test_move_goes_to_the_cell_of_the_named_half_keeping_the_other_coordinate():
     out = apply_instruction([BLUE_SQUARE], "move the blue square to the left", random.Random(0))
-    # size 0.3, margin 0.03: the leftmost centre is 0.03 + 0.15 = 0.18; y stays 0.5
-    assert out[0].x == pytest.approx(0.18) and out[0].y == 0.5 and out[0].size == 0.3
+    # two cells per side: the left half's cell centre is 0.25; y stays 0.5 (it fits there)
+    assert out[0].x == pytest.approx(0.25) and out[0].y == 0.5 and out[0].size == 0.3
     down = apply_instruction([RED_CIRCLE], "move the red circle to the bottom", random.Random(0))
-    assert down[0].y == pytest.approx(0.82) and down[0].x == 0.25
+    assert down[0].y == pytest.approx(0.75) and down[0].x == 0.25
 
 
 def test_move_goes_around_other_objects():
-    circle, square = Obj("circle", "red", 0.25, 0.6, 0.3), Obj("square", "blue", 0.25, 0.2, 0.22)
+    circle, square = Obj("circle", "red", 0.25, 0.75, 0.3), Obj("square", "blue", 0.25, 0.25, 0.3)
     out = apply_instruction([circle, square], "move the red circle to the top", random.Random(0))
-    # the square holds the top-left: the circle keeps clear of it by (0.3 + 0.22) / 2 + GAP = 0.33
-    # in x, on the 0.01 grid, and goes as high as it can (0.03 + 0.15 = 0.18)
-    moved = out[0]
+    # the square holds the top-left cell: the circle takes the top-right one
     assert out[1] == square
-    assert 0.58 - 1e-9 <= moved.x <= 0.6 and moved.y == pytest.approx(0.18)
+    assert (out[0].x, out[0].y) == (pytest.approx(0.75), pytest.approx(0.25))
     _separated(out)
+
+
+def test_sampled_objects_sit_in_distinct_cells_jittered_and_sized():
+    rng = random.Random(0)
+    for meta in METAS:
+        for _ in range(20):
+            objs = sample_scene(meta, rng)
+            cells = {(round(o.x * CELLS - 0.5), round(o.y * CELLS - 0.5)) for o in objs}
+            assert len(cells) == len(objs)
+            for o in objs:
+                for v in (o.x, o.y):
+                    assert abs(v - (round(v * CELLS - 0.5) + 0.5) / CELLS) <= JITTER + 1e-9
+                assert SIZE_RANGE[0] <= o.size <= SIZE_RANGE[1]
 
 
 def test_stop_verdict_returns_the_scene_unchanged():

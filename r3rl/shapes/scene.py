@@ -1,9 +1,12 @@
 """Shapes world: scenes of coloured shapes, their renderer and the closed edit vocabulary.
 
 A scene is a list of `Obj` in canvas fractions, so one scene renders at any resolution.
-Objects never overlap and keep a gap between them, which makes each object's pixels a
-function of that object alone: an edit that leaves an object untouched leaves its pixels
-bit-identical, and the refiner can learn "copy everything but the edit".
+Objects sit in the cells of a CELLS x CELLS grid (jittered), one per cell: at 32 px a cell is
+2 x 2 tokens of the tiny generator, so a cell's content is one of a few crisp prototypes that a
+small model learns in minutes (placed anywhere, it drew blobs: bench/RESULTS.md). Objects never
+overlap and keep a gap between them, which makes each object's pixels a function of that object
+alone: an edit that leaves an object untouched leaves its pixels bit-identical, and the refiner
+can learn "copy everything but the edit".
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ PALETTE = {
     "purple": (140, 70, 180),
     "orange": (240, 130, 30),
 }
-SIZE_RANGE = (0.22, 0.34)  # big enough to classify at 32 px (>= 7 px across)
-CROWDED_SIZE_RANGE = (0.22, 0.28)  # 3-4 objects must still fit without overlap
+SIZE_RANGE = (0.28, 0.34)  # 9-11 px at 32 px: classifiable, and a cell keeps a gap around it
+CELLS = 2  # cells per side: up to four objects, and every relation is a column or a row apart
+JITTER = 0.02  # of an object's centre around its cell's
 MARGIN = 0.03  # object box to canvas edge
 GAP = 0.07  # between object boxes: >= 2 px at 32 px, so supersampled pixels never mix
 SUPERSAMPLE = 4
@@ -147,22 +151,24 @@ def _excludes(meta: dict) -> list[dict]:
 # ---------------------------------------------------------------- sampling
 
 
-def _random_obj(shape: str, color: str, size_range: tuple[float, float], rng: random.Random) -> Obj:
-    size = rng.uniform(*size_range)
-    lo, hi = MARGIN + size / 2, 1 - MARGIN - size / 2
-    return Obj(shape, color, rng.uniform(lo, hi), rng.uniform(lo, hi), size)
+def _cell_centres() -> list[float]:
+    return [(k + 0.5) / CELLS for k in range(CELLS)]
+
+
+def _random_obj(shape: str, color: str, rng: random.Random) -> Obj:
+    """In a random cell, its centre jittered by up to JITTER."""
+    x, y = (rng.choice(_cell_centres()) + rng.uniform(-JITTER, JITTER) for _ in range(2))
+    return Obj(shape, color, x, y, rng.uniform(*SIZE_RANGE))
 
 
 def _place(
     wanted: Sequence[tuple[str, str]], others: Sequence[Obj], rng: random.Random, tries: int = 400
 ) -> list[Obj] | None:
-    """Random non-overlapping placement of (shape, colour) pairs next to `others`."""
-    total = len(wanted) + len(others)
-    size_range = CROWDED_SIZE_RANGE if total >= 3 else SIZE_RANGE
+    """Random placement of (shape, colour) pairs in cells free of `others`."""
     for _ in range(tries):
         placed: list[Obj] = []
         for shape, color in wanted:
-            obj = _random_obj(shape, color, size_range, rng)
+            obj = _random_obj(shape, color, rng)
             if not _fits(obj, [*others, *placed]):
                 break
             placed.append(obj)
@@ -206,18 +212,15 @@ def _check_words(color: str, shape: str) -> None:
 
 
 def _move(objs: Sequence[Obj], i: int, side: str) -> Obj:
-    """Slide object i into the named half, as far to that side as it fits, keeping the
-    other coordinate when possible, so that a relation to that side becomes true."""
+    """Move object i to a free cell centre of the named half, keeping its other coordinate
+    when it fits there, so that a relation to that side becomes true."""
     obj, others = objs[i], [o for j, o in enumerate(objs) if j != i]
-    half = obj.size / 2
-    lo, hi = MARGIN + half, 1 - MARGIN - half
-    steps = round((hi - lo) / 0.01)
-    grid = [lo + (hi - lo) * k / steps for k in range(steps + 1)]
-    toward = [v for v in grid if (v + half <= 0.5 if side in ("left", "top") else v - half >= 0.5)]
+    centres = _cell_centres()
+    toward = [c for c in centres if (c < 0.5 if side in ("left", "top") else c > 0.5)]
     if side in ("right", "bottom"):
         toward.reverse()
-    keep = min(max(obj.y if side in ("left", "right") else obj.x, lo), hi)
-    across = [keep, *sorted(grid, key=lambda v: abs(v - keep))]
+    keep = obj.y if side in ("left", "right") else obj.x
+    across = [keep, *sorted(centres, key=lambda v: abs(v - keep))]
     for a in across:
         for t in toward:
             x, y = (t, a) if side in ("left", "right") else (a, t)

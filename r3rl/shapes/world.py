@@ -37,7 +37,7 @@ from r3rl.shapes.tiny_reflector import build_tiny_reflector, sft_reflector
 from rewards.shapes_geneval import detect
 
 # Bump when pretraining code changes in a way that should invalidate caches.
-WORLD_VERSION = 5
+WORLD_VERSION = 6
 SHAPES_MODEL = "shapes:tiny"
 # The shapes recipe samples with true CFG at this scale; the reflector's SFT images match it.
 SFT_CFG_SCALE = 3.0
