@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from r3rl.algos.advantages import divide_by_batch_std
+from r3rl.algos.advantages import divide_by_batch_std, group_advantages, r3_generate_rewards
+from r3rl.distributed import Shard
 from r3rl.models.reflector import Reflection
+from r3rl.reason import Plans
 from r3rl.rollout import DiffusionRollout
 from r3rl.run import Policy
 
@@ -18,8 +20,10 @@ from r3rl.run import Policy
 class TextTerm:
     """Reflections of one rollout that this rank trains, with their advantages (R rows)."""
 
-    prompts: list[str]  # (R,)
-    images: list[Image.Image]  # (R,) the image each reflection read
+    prompts: list[str]  # (R,) the target prompts; a plan term: its planning turns
+    # (R,) the image each reflection read; None: a plan term (rollout.reason: text-only turns,
+    # trained apart as `loss/grpo_reason`)
+    images: list[Image.Image] | None
     reflections: list[Reflection]  # (R,) with their tokens and behaviour log-probs
     adv: torch.Tensor  # (R,) float
     valid: torch.Tensor  # (R,) bool: the reward could be computed
@@ -78,3 +82,21 @@ def scale_by_batch_std(batches: list[Batch]) -> None:
         scaled = divide_by_batch_std([t.adv for t in terms], pools)
         for t, adv in zip(terms, scaled, strict=True):
             t.adv = adv
+
+
+def plan_term(
+    plans: Plans,
+    image_rewards: torch.Tensor,
+    group: Shard,
+    *,
+    format_weight: float,
+    scale_std: bool,
+) -> TextTerm:
+    """`rollout.reason`: the GRPO term of a group's plans (this rank's rows). A plan's reward is
+    R3's generate-step text reward `f·(r + format_weight)` with r its image's reward (a tree's
+    root value) and f its format reward; advantages are relative to the group's."""
+    text_r, _ = r3_generate_rewards(image_rewards, plans.format, format_weight)
+    adv, valid, _, _ = group_advantages(text_r, torch.zeros(len(text_r)), scale_std=scale_std)
+    tokens = sum(len(r.token_ids) for r, v in zip(plans.reflections, valid.tolist()) if v)
+    turns, refl, adv, valid = (group.take(x) for x in (plans.turns, plans.reflections, adv, valid))
+    return TextTerm(turns, None, refl, adv, valid, tokens=tokens, pool=text_r)

@@ -516,6 +516,36 @@ class RolloutConfig(_Section):
     perfect_stop_bonus: float = Field(
         1.0, description="Improvement credited for stopping on an already perfect image."
     )
+    reason: bool = Field(
+        False,
+        description="R3's Reason stage: before generating, the reflector writes a plan per sample "
+        "(a text-only turn, `<think>plan</think>`); the generator reads the prompt and the plan "
+        "(`reason_template`) and GRPO trains the plan's tokens with the image's reward "
+        "(r3rl/reason.py). Generate steps then run even with a frozen generator.",
+    )
+    reason_prompt: str | None = Field(
+        None,
+        description="The planning turn, with {prompt}; null = R3's planning prompt "
+        "(GEN_THINK_SYSTEM_PROMPT), or the shapes world's own for its tiny reflector.",
+    )
+    reason_template: str = Field(
+        "{prompt}. {plan}",
+        description="The generator's text from the prompt and the plan (both placeholders).",
+    )
+    reason_max_new_tokens: int = Field(
+        128,
+        gt=0,
+        description="Plan length cap in tokens; keep plan + prompt within what the generator's "
+        "text encoders read (generator.max_text_len, CLIP's 77).",
+    )
+
+    @field_validator("reason_template")
+    @classmethod
+    def _template_fields(cls, value: str) -> str:
+        for key in ("{prompt}", "{plan}"):
+            if key not in value:
+                raise ValueError(f"must contain {key}, e.g. '{{prompt}}. {{plan}}'")
+        return value
 
     @field_validator("scale_rewards", mode="before")
     @classmethod

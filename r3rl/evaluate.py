@@ -25,6 +25,7 @@ from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import HFReflector, Reflection
 from r3rl.modes import regions
 from r3rl.modes.metrics import background_scores
+from r3rl.reason import Plans, Reasoner, plan_metrics, write_plans
 from r3rl.rewards import CombinedReward
 from r3rl.rollout import (
     SamplerSettings,
@@ -76,11 +77,13 @@ def evaluate_rounds(
     batch_size: int,
     seed: int,
     gold: GoldScorer | None = None,
+    reason: Reasoner | None = None,
 ) -> EvalResult:
     """Round 0 = the generator's image; round k = after k reflect/refine rounds (stopped samples
     keep their image). `final` is the score after the last round each sample reached. With
     `rounds=0` (a generator-only run) the reflector and refiner may be None. `gold`, when given,
-    adds the `eval/gold/*` figures (see `gold_metrics`)."""
+    adds the `eval/gold/*` figures (see `gold_metrics`). `reason` (rollout.reason): the reflector
+    plans each round-0 image (shown in its caption; `eval/reason/*` figures)."""
     settings = SamplerSettings(num_steps=num_steps, sde=SDEConfig())
     n = len(metas)
     scores = torch.full((rounds + 1, n), math.nan)
@@ -89,13 +92,20 @@ def evaluate_rounds(
     stopped_at = torch.full((n,), rounds)
     reflections: list[list[Reflection | None]] = [[None] * n for _ in range(rounds + 1)]
     background: list[list[tuple[float, float]]] = [[] for _ in range(rounds + 1)]
+    plans = Plans([], [], [])
     for start in range(0, n, batch_size):
         sl = slice(start, min(n, start + batch_size))
         batch = metas[sl]
         g = torch.Generator().manual_seed(seed + start)
-        gen = run_diffusion(
-            generator, [m["prompt"] for m in batch], None, settings, train=False, generator=g
-        )
+        texts = [m["prompt"] for m in batch]
+        if reason is not None:
+            p = write_plans(reflector, reason, batch, text, seed=seed + 104729 + start)
+            texts = p.texts
+            for field in ("turns", "reflections", "texts"):
+                getattr(plans, field).extend(getattr(p, field))
+            for i, r in enumerate(p.reflections):
+                captions[0][start + i] = f"{batch[i]['prompt']} | plan: {r.instruction}"
+        gen = run_diffusion(generator, texts, None, settings, train=False, generator=g)
         cur = gen.images
         cur_scores = score(reward, batch, cur).total
         images[0] += cur
@@ -175,6 +185,8 @@ def evaluate_rounds(
         metrics[f"eval/tag/{tag}"] = nanmean(torch.tensor(vals))
     perfect = torch.tensor([[reward.is_perfect(float(x)) for x in row] for row in scores])
     metrics.update(verdict_metrics(reflections, perfect))
+    if reason is not None:
+        metrics.update(plan_metrics(reason, plans, metas, prefix="eval/"))
     if gold is not None:
         metrics.update(gold_metrics(gold, metas, images, reflections))
     return EvalResult(metrics, images, captions, scores, reflections)
@@ -253,6 +265,7 @@ def evaluate_run(run: Run) -> EvalResult:
             batch_size=e.batch_size,
             seed=run.cfg.seed + 1,
             gold=gold_scorer(run.cfg),
+            reason=run.reason,
         )
 
 

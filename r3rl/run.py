@@ -42,6 +42,7 @@ from r3rl.models.reflector import HFReflector, lora_kwargs
 from r3rl.models.registry import load_flow_model
 from r3rl.models.vllm_rollout import VLLMRollout, open_rollout
 from r3rl.modes.load import refiner_folder, wrap_refiner
+from r3rl.reason import Reasoner, reasoner
 from r3rl.rewards import CombinedReward
 from r3rl.rollout import ImageBuffer, SamplerSettings, TextSettings
 from r3rl.sampling import SDEConfig
@@ -102,6 +103,8 @@ class Run:
     ema: dict[str, EMA] = field(default_factory=dict)
     # reflector.rollout=vllm: the server that samples training reflections (its weights synced)
     rollout: VLLMRollout | None = None
+    # rollout.reason: how the reflector plans before the generator draws (r3rl.reason)
+    reason: Reasoner | None = None
 
     @property
     def sampler(self) -> HFReflector | VLLMRollout:
@@ -206,6 +209,11 @@ def build_run(
             "weights to average); use launch/deepspeed/zero2.json or trainer.ema=null"
         )
     generator_only = cfg.rollout.credit == "flow_grpo"
+    if cfg.rollout.reason and cfg.rollout.credit in ("text", "flow_grpo"):
+        raise UserError(
+            f"rollout.reason=true needs rollout.credit r3 or tree (credit={cfg.rollout.credit} "
+            "loads no reflector to plan with)"
+        )
     if generator_only and for_training and not cfg.generator.train:
         raise UserError(
             "rollout.credit=flow_grpo trains the generator alone: set generator.train=true"
@@ -267,6 +275,7 @@ def build_run(
         rng=random.Random(cfg.seed),
         buffer=ImageBuffer(cfg.rollout.buffer_size),
         dist=topo,
+        reason=reasoner(cfg),
     )
     if for_training and cfg.distributed.deepspeed:
         _attach_engines(run)
@@ -299,6 +308,8 @@ def _refuse_vllm_rollout(cfg: Config, topo: Topology) -> None:
         why = f"{topo.world} processes (one process samples, syncs and trains for now)"
     elif cfg.distributed.deepspeed:
         why = "distributed.deepspeed (the sync saves the module as this process holds it)"
+    elif cfg.rollout.reason:
+        why = "rollout.reason (plans are text-only turns, which the server does not sample yet)"
     if why is not None:
         raise UserError(
             f"reflector.rollout=vllm is not supported with {why}; use reflector.rollout=hf"

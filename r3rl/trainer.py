@@ -25,7 +25,7 @@ import torch
 from r3rl.algos.advantages import group_advantages, r3_generate_rewards, r3_refine_rewards
 from r3rl.algos.flow_grpo import flow_grpo_loss
 from r3rl.algos.grpo import grpo_loss
-from r3rl.batch import Batch, ImageTerm, TextTerm, scale_by_batch_std
+from r3rl.batch import Batch, ImageTerm, TextTerm, plan_term, scale_by_batch_std
 from r3rl.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from r3rl.config import Config
 from r3rl.distributed import Shard, any_rank, mean_metrics
@@ -33,6 +33,7 @@ from r3rl.errors import UserError
 from r3rl.evaluate import TrainingEvals
 from r3rl.logger import RunLogger
 from r3rl.models.vllm_rollout import RolloutError, served_logprobs, truncated_importance_weights
+from r3rl.reason import Plans, plan_metrics, write_plans
 from r3rl.rollout import (
     BufferItem,
     DiffusionRollout,
@@ -55,10 +56,12 @@ from r3rl.update import Loss, Update
 
 def stage_for(run: Run, step: int) -> str:
     """Tree credit grows a tree every step; R3 alternates generate (odd steps, while the
-    generator trains) and refine steps; a run without a refiner only generates."""
+    generator trains or the reflector's plans do) and refine steps; a run without a refiner only
+    generates."""
     if run.cfg.rollout.credit == "tree":
         return "tree"
-    if run.refiner is None or (run.generator.trainable and step % 2 == 1):
+    plans_train = run.reason is not None and run.reflector_opt is not None
+    if run.refiner is None or ((run.generator.trainable or plans_train) and step % 2 == 1):
         return "generate"
     return "refine"
 
@@ -113,23 +116,32 @@ def _rollouts(run: Run, stage: str, step: int, n: int) -> Iterator[tuple[Batch, 
         seed = run.cfg.seed * 100003 + step + micro * 7919
         gen = torch.Generator().manual_seed(seed)
         if stage == "generate":
-            batch = _generate_rollout(run, gen, train=True)
+            batch = _generate_rollout(run, gen, seed, train=True)
         elif stage == "refine":
             if run.generator.trainable is False or len(run.buffer) == 0:
-                _generate_rollout(run, gen, train=False)  # keep the buffer fed with fresh images
+                _generate_rollout(run, gen, seed, train=False)  # keep the buffer fed
             batch = _refine_rollout(run, gen, seed)
         else:
             batch = _tree_rollout(run, gen, seed)
         yield batch, time.perf_counter() - t0
 
 
-def _generate_rollout(run: Run, gen: torch.Generator, *, train: bool) -> Batch:
-    """R3's generate step: a group of G images of one prompt, image reward = the reward."""
+def _plans(run: Run, metas: list[dict], seed: int) -> Plans | None:
+    """`rollout.reason`: the reflector's plan for each sample (None when it is off)."""
+    if run.reason is None:
+        return None
+    return write_plans(run.reflector, run.reason, metas, run.text, seed=seed + 104729)
+
+
+def _generate_rollout(run: Run, gen: torch.Generator, seed: int, *, train: bool) -> Batch:
+    """R3's generate step: a group of G images of one prompt, image reward = the reward; with
+    `rollout.reason` each image is drawn from the prompt and its plan, and the plans train too."""
     g = run.cfg.rollout.group_size
     meta = run.rng.choice(run.train_prompts)
     group = Shard(g, run.dist)  # noise is drawn for all g on every rank
     pol = run.generator
-    prompts = [meta["prompt"]] * g
+    plans = _plans(run, [meta] * g, seed)
+    prompts = [meta["prompt"]] * g if plans is None else plans.texts
     ro = run_diffusion(
         pol.model, prompts, None, pol.settings, train=train, generator=gen, keep=group.keep
     )
@@ -147,6 +159,11 @@ def _generate_rollout(run: Run, gen: torch.Generator, *, train: bool) -> Batch:
         term = ImageTerm(pol, ro, group.take(adv), group.take(valid), total=g, pool=image_r)
         batch.image_terms.append(term)
         batch.metrics["frac_reward_zero_std"] = zero / groups
+    if plans is not None:
+        batch.metrics |= plan_metrics(run.reason, plans, [meta] * g)
+        if train:
+            kw = {"format_weight": run.cfg.rollout.format_weight, "scale_std": _group_std(run)}
+            batch.text_terms.append(plan_term(plans, s.total, group, **kw))
     return batch
 
 
@@ -225,6 +242,8 @@ def _tree_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
     its count on all ranks; a rank without refinements of its own in a level trains a stand-in
     at weight 0."""
     meta = run.rng.choice(run.train_prompts)
+    g = run.cfg.rollout.group_size
+    plans = _plans(run, [meta] * g, seed)
     tree = grow_tree(
         run.sampler,
         run.generator,
@@ -236,8 +255,9 @@ def _tree_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
         generator_rng=gen,
         seed=seed,
         topo=run.dist,
+        texts=None if plans is None else plans.texts,
     )
-    roots = tree.values[: run.cfg.rollout.group_size].float()
+    roots = tree.values[:g].float()
     batch = Batch(metrics={**reward_metrics(tree.root_scores, roots), **tree.metrics})
     valid = ~torch.isnan(tree.values)
 
@@ -259,6 +279,10 @@ def _tree_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
     if run.generator.trainable:
         batch.image_terms.append(image_term(run.generator, tree.roots, tree.root_rows))
     batch.image_terms += [image_term(run.refiner, ro, rows) for rows, ro in tree.refinements]
+    if plans is not None:  # a plan's reward is its root's value (mean reward of its leaves)
+        batch.metrics |= plan_metrics(run.reason, plans, [meta] * g)
+        kw = {"format_weight": run.cfg.rollout.format_weight, "scale_std": _group_std(run)}
+        batch.text_terms.append(plan_term(plans, roots, Shard(g, run.dist), **kw))
     return batch
 
 
@@ -276,10 +300,15 @@ def _loss(run: Run, batch: Batch) -> Loss:
     tc = run.cfg.trainer
     loss = Loss(torch.zeros(()), {}, {}, {})
     if run.reflector_opt is not None and batch.text_terms:
-        l_text, m = _text_loss(run, batch.text_terms)
+        l_text = torch.zeros(())
+        for plans in (False, True):  # reflections, then plans (rollout.reason): apart
+            terms = [t for t in batch.text_terms if (t.images is None) == plans]
+            if terms:
+                part, m = _text_loss(run, terms)
+                l_text = l_text + part
+                loss.metrics.update(m)
         loss.parts["reflector"] = tc.text_loss_weight * l_text
         loss.value = loss.value + loss.parts["reflector"]
-        loss.metrics.update(m)
         loss.optimizers["reflector"] = (run.reflector_opt, run.trained_params("reflector"))
     terms = [t for t in batch.image_terms if t.policy.trainable and t.policy.opt is not None]
     if terms:
@@ -294,7 +323,8 @@ def _loss(run: Run, batch: Batch) -> Loss:
 
 
 def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRPO on the reflections of the text terms, weighted by this rank's share of them."""
+    """GRPO on the reflections of the text terms, weighted by this rank's share of them; plan
+    terms (`images` None) log as `loss/grpo_reason` and `reason/*`."""
     rc, text = run.cfg.reflector, run.text
     adv = torch.cat([t.adv for t in terms])
     valid = torch.cat([t.valid for t in terms])
@@ -302,7 +332,11 @@ def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str,
     if not keep:
         return torch.zeros(()), {}
     prompts = [[p for t in terms for p in t.prompts][i] for i in keep]
-    images = [[im for t in terms for im in t.images][i] for i in keep]
+    images = (
+        None
+        if terms[0].images is None
+        else [[im for t in terms for im in t.images][i] for i in keep]
+    )
     refl = [[r for t in terms for r in t.reflections][i] for i in keep]
     comp = [r.token_ids for r in refl]
     adv, valid = adv[keep], valid[keep]
@@ -358,6 +392,11 @@ def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str,
     }
     if "kl" in m:
         out["kl/text"] = m["kl"]
+    if images is None:  # plans: loss/grpo_reason, reason/entropy, reason/completion_length, ...
+        out = {
+            "loss/grpo_reason" if k == "loss/grpo" else "reason/" + k.replace("/", "_"): v
+            for k, v in out.items()
+        }
     return loss, out | is_metrics
 
 

@@ -82,6 +82,7 @@ def grow_tree(
     generator_rng: torch.Generator,
     seed: int,
     topo: Topology,
+    texts: list[str] | None = None,
 ) -> Tree:
     """G roots x K reflections x M refinements per level, `cfg.max_rounds` levels. A reflection
     that stops is a leaf whose reward is its unchanged input's. Every batch of the tree (the
@@ -92,12 +93,13 @@ def grow_tree(
     siblings: `f·(improvement + format_weight)` with f its format reward and improvement its
     value minus its input's reward, or `perfect_stop_bonus` when it stopped on a perfect input;
     with K = G, M = 1 and one level this is R3's reflect-refine step. `judge/failures` counts
-    every unscored sample of the tree (roots and refinements), `judge/samples` the samples."""
+    every unscored sample of the tree (roots and refinements), `judge/samples` the samples.
+    `texts` (G,): the roots' generator texts (`rollout.reason`: prompt + plan; default prompt)."""
     g, prompt = cfg.group_size, meta["prompt"]
     mine = Shard(g, topo)
     roots = run_diffusion(
         generator.model,
-        [prompt] * g,
+        [prompt] * g if texts is None else texts,
         None,
         generator.settings,
         train=generator.trainable,

@@ -309,10 +309,13 @@ class HFReflector:
 
     # ------------------------------------------------------------------ inputs
     def prompt_inputs(
-        self, prompts: Sequence[str], images: Sequence[Image.Image]
+        self, prompts: Sequence[str], images: Sequence[Image.Image] | None
     ) -> dict[str, torch.Tensor]:
         """Processor outputs for the user turn (image + REFLECTION_PROMPT), left-padded for
-        generation."""
+        generation. `images` None: a text-only turn whose user message is each prompt as it is
+        (the planning turn of `rollout.reason`, `r3rl.reason`)."""
+        if images is None:
+            return self._text_inputs(prompts)
         messages = [
             [
                 {
@@ -334,6 +337,17 @@ class HFReflector:
             padding=True,
             padding_side="left",
             return_tensors="pt",
+        )
+        return {k: v.to(self.device) for k, v in inputs.items() if torch.is_tensor(v)}
+
+    def _text_inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """A text-only user turn per text, left-padded for generation."""
+        messages = [[{"role": "user", "content": [{"type": "text", "text": t}]}] for t in texts]
+        rendered = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        inputs = self.processor(
+            text=rendered, padding=True, padding_side="left", return_tensors="pt"
         )
         return {k: v.to(self.device) for k, v in inputs.items() if torch.is_tensor(v)}
 
@@ -378,7 +392,7 @@ class HFReflector:
     def reflect(
         self,
         prompts: Sequence[str],
-        images: Sequence[Image.Image],
+        images: Sequence[Image.Image] | None,
         *,
         temperature: float,
         top_k: int,
@@ -386,7 +400,8 @@ class HFReflector:
         max_new_tokens: int,
         seed: int | None = None,
     ) -> list[Reflection]:
-        """Sample one reflection per (prompt, image); temperature 0 is greedy.
+        """Sample one reflection per (prompt, image); temperature 0 is greedy. `images` None:
+        text-only turns (see `prompt_inputs`).
 
         Behaviour log-probs come from generate's processed scores, i.e. the distribution the
         tokens were actually drawn from (temperature, top-k, top-p applied).
@@ -409,7 +424,7 @@ class HFReflector:
     def completion_logits(
         self,
         prompts: Sequence[str],
-        images: Sequence[Image.Image],
+        images: Sequence[Image.Image] | None,
         completions: Sequence[Sequence[int]],
         *,
         disable_adapter: bool = False,
@@ -445,7 +460,7 @@ class HFReflector:
     def completion_logprobs(
         self,
         prompts: Sequence[str],
-        images: Sequence[Image.Image],
+        images: Sequence[Image.Image] | None,
         completions: Sequence[Sequence[int]],
         *,
         temperature: float,
@@ -488,10 +503,11 @@ class HFReflector:
 def sft_loss(
     reflector: HFReflector,
     prompts: Sequence[str],
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image] | None,
     targets: Sequence[str],
 ) -> torch.Tensor:
-    """Token-mean cross-entropy of the assistant targets (+ end-of-turn) given image and prompt."""
+    """Token-mean cross-entropy of the assistant targets (+ end-of-turn) given image and prompt;
+    `images` None: text-only turns whose user message is the prompt as it is (planning)."""
     completions = [reflector.encode_completion(t) for t in targets]
     logits, ids, mask = reflector.completion_logits(prompts, images, completions)
     return F.cross_entropy(logits[mask], ids[mask])

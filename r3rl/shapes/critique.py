@@ -8,8 +8,9 @@ fixes it. It serves as SFT data for the reflector and as an oracle reflector bas
 from __future__ import annotations
 
 import random
-from itertools import combinations
+from itertools import combinations, pairwise
 
+from r3rl.shapes.plan import SHAPES_PLAN_PROMPT, plan_vocabulary
 from r3rl.shapes.prompts import all_prompts
 from r3rl.shapes.scene import (
     COLORS,
@@ -191,13 +192,24 @@ def _analyses() -> list[str]:
     return out
 
 
+def plan_text(plan: str) -> str:
+    """A planning turn's answer (R3's think mode): `<think>plan</think>`."""
+    return f"<think>{plan}</think>"
+
+
 def corpus() -> list[str]:
-    """Every prompt, instruction and analysis shape the world produces, plus complete
-    reflections, for training a word-level tokenizer."""
+    """Every prompt, instruction, analysis and plan item the world produces, plus complete
+    reflections, the planning prompt, complete plans and plan-conditioned generator texts
+    (`"{prompt}. {plan}"`), for training a word-level tokenizer."""
     records = all_prompts()
+    items = plan_vocabulary()
     return [
         *(r["prompt"] for r in records),
         *_instructions(),
         *_analyses(),
         *(reflection_text(_ok_analysis(r), None) for r in records),
+        SHAPES_PLAN_PROMPT.format(prompt=""),
+        *items,
+        *(plan_text(f"{a} , {b}") for a, b in pairwise(items)),
+        *(f"{r['prompt']}. {items[i % len(items)]}" for i, r in enumerate(records)),
     ]

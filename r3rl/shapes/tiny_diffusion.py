@@ -25,7 +25,8 @@ TEXT_DIM = 64
 
 
 def build_tiny_flux(tokenizer, image_size: int, seed: int = 0) -> FluxModel:
-    """Random-weight tiny FLUX components: VAE /4, 16 image tokens at 32 px."""
+    """Random-weight tiny FLUX components: VAE /4, 16 image tokens at 32 px; 32 text tokens (a
+    prompt of up to 10 words and a plan of up to 4 items, `r3rl.shapes.plan`, fit)."""
     torch.manual_seed(seed)
     vae = tiny_vae((16, 32, 32), scaling_factor=1.0, shift_factor=0.0)  # /4
     vocab = len(tokenizer)
@@ -67,7 +68,7 @@ def build_tiny_flux(tokenizer, image_size: int, seed: int = 0) -> FluxModel:
         axes_dims_rope=(8, 12, 12),
     )
     return FluxModel(
-        transformer, vae, clip, tokenizer, t5, tokenizer, image_size=image_size, max_text_len=16
+        transformer, vae, clip, tokenizer, t5, tokenizer, image_size=image_size, max_text_len=32
     )
 
 

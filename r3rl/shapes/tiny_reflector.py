@@ -108,25 +108,36 @@ def sft_reflector(
     lr: float = 1e-3,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
+    plan_examples: Sequence[tuple[str, str]] = (),
+    plan_every: int = 3,
 ) -> list[float]:
     """Supervised fine-tuning on (prompt, image, target reflection) triples; returns per-step
     losses.
 
     AdamW on all trainable parameters; batches are drawn without replacement per epoch.
-    `progress(step, loss)` is called after every step.
+    `plan_examples`, (planning turn, target plan) pairs of text-only turns (`rollout.reason`),
+    make every `plan_every`-th of the `steps` a planning batch (images and text-only turns never
+    share a batch). `progress(step, loss)` is called after every step.
     """
     rng = random.Random(seed)
     params = reflector.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=lr)
-    order: list[int] = []
+    orders: dict[bool, list[int]] = {False: [], True: []}
     losses = []
     reflector.model.train()
     for step in range(steps):
+        plans = bool(plan_examples) and step % plan_every == plan_every - 1
+        pool = plan_examples if plans else examples
+        order = orders[plans]
         if len(order) < batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
-        batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
-        prompts, images, targets = zip(*batch)
-        loss = sft_loss(reflector, prompts, images, targets)
+            order += rng.sample(range(len(pool)), len(pool))
+        batch, orders[plans] = [pool[i] for i in order[:batch_size]], order[batch_size:]
+        if plans:
+            turns, targets = zip(*batch)
+            loss = sft_loss(reflector, turns, None, targets)
+        else:
+            prompts, images, targets = zip(*batch)
+            loss = sft_loss(reflector, prompts, images, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,8 +1,11 @@
 """Build, pretrain and cache the shapes world's tiny models (no downloads, a few CPU minutes).
 
 Stages: tokenizer -> VAE reconstruction -> flow matching (text-to-image + instruction edits,
-one Kontext-style transformer) -> reflector SFT on checker-written critiques of the
-generator's own images. The result is saved in the diffusers / transformers layouts a user's
+one Kontext-style transformer; half the text-to-image texts carry the plan of the rendered
+scene, `"{prompt}. {plan}"`, so the generator follows plans) -> reflector SFT on
+checker-written critiques of the generator's own images, with every third batch a text-only
+planning turn (prompt -> plan of a valid scene, `r3rl.shapes.plan`) so `rollout.reason` starts
+from a reflector that plans. The result is saved in the diffusers / transformers layouts a user's
 checkpoint has, under a cache folder keyed by the world config, written atomically.
 """
 
@@ -23,7 +26,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from r3rl.config import WorldConfig
 from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import REFLECTION_PROMPT, HFReflector
-from r3rl.shapes.critique import corpus, critique, reflection_text
+from r3rl.reason import DEFAULT_TEMPLATE
+from r3rl.shapes.critique import corpus, critique, plan_text, reflection_text
+from r3rl.shapes.plan import SHAPES_PLAN_PROMPT, plan_of
 from r3rl.shapes.prompts import split_prompts
 from r3rl.shapes.scene import make_edit_pair, render, sample_scene
 from r3rl.shapes.tiny_diffusion import (
@@ -37,7 +42,7 @@ from r3rl.shapes.tiny_reflector import build_tiny_reflector, sft_reflector
 from rewards.shapes_geneval import detect
 
 # Bump when pretraining code changes in a way that should invalidate caches.
-WORLD_VERSION = 6
+WORLD_VERSION = 7
 SHAPES_MODEL = "shapes:tiny"
 # The shapes recipe samples with true CFG at this scale; the reflector's SFT images match it.
 SFT_CFG_SCALE = 3.0
@@ -120,7 +125,17 @@ def _pretrain(cfg: WorldConfig, seed: int, out: WorldPaths) -> dict:
         return meta, render(sample_scene(meta, r), size)
 
     metas = [rng.choice(train) for _ in range(cfg.pretrain_pairs)]
-    t2i_images = [render(sample_scene(m, rng), size) for m in metas]
+    scenes = [sample_scene(m, rng) for m in metas]
+    t2i_images = [render(scene, size) for scene in scenes]
+    # every other pair reads prompt + the plan of its scene, as `rollout.reason` conditions it
+    t2i_texts = [
+        DEFAULT_TEMPLATE.format(prompt=m["prompt"], plan=plan_of(scene)) if i % 2 else m["prompt"]
+        for i, (m, scene) in enumerate(zip(metas, scenes))
+    ]
+    plan_examples = [
+        (SHAPES_PLAN_PROMPT.format(prompt=m["prompt"]), plan_text(plan_of(sample_scene(m, rng))))
+        for m in (rng.choice(train) for _ in range(cfg.reflector_sft_examples))
+    ]
     edits = [make_edit_pair(rng.choice(train), rng) for _ in range(cfg.pretrain_pairs)]
 
     with _progress() as bar:
@@ -143,7 +158,7 @@ def _pretrain(cfg: WorldConfig, seed: int, out: WorldPaths) -> dict:
             batch_size=cfg.pretrain_vae_batch_size,
             on_step=tracker("vae", cfg.pretrain_vae_steps),
         )
-        t2i_pairs = encode_pairs(flux, [m["prompt"] for m in metas], t2i_images)
+        t2i_pairs = encode_pairs(flux, t2i_texts, t2i_images)
         edit_pairs = encode_pairs(
             flux,
             [ins for _, ins, _ in edits],
@@ -160,13 +175,15 @@ def _pretrain(cfg: WorldConfig, seed: int, out: WorldPaths) -> dict:
             on_step=tracker("flow matching", cfg.pretrain_diffusion_steps),
         )
         examples, frac_correct = _critique_set(flux, train, cfg.reflector_sft_examples, size, rng)
+        sft_steps = cfg.pretrain_reflector_steps * 3 // 2  # a third of them planning batches
         sft_reflector(
             reflector,
             examples,
-            steps=cfg.pretrain_reflector_steps,
+            steps=sft_steps,
             batch_size=cfg.pretrain_batch_size,
             seed=seed,
-            progress=tracker("reflector sft", cfg.pretrain_reflector_steps),
+            progress=tracker("reflector sft", sft_steps),
+            plan_examples=plan_examples,
         )
     flux.save_pretrained(out.flux)
     reflector.save_pretrained(out.reflector)
