@@ -350,8 +350,8 @@ def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str,
         ref = run.reference_logprobs(prompts, images, comp, text.temperature)
     mask = mask & valid[:, None].to(mask.device)  # rewards and advantages live on the CPU
     is_weights, is_metrics = None, {}
-    if run.rollout is None:  # the reflector sampled them: generate's behaviour log-probs
-        old = served_logprobs(refl, logps)
+    if run.rollout is None or images is None:  # the reflector sampled them (plans always):
+        old = served_logprobs(refl, logps)  # generate's behaviour log-probs
     else:  # vLLM sampled them (TRL's vllm_importance_sampling_correction, token_truncate): the
         # PPO ratio's old log-probs are the trainer's own under the weights that sampled (one
         # update per rollout), each token's loss weighted min(p_trainer / p_vllm, is_cap)
