@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import tiny_world_yaml
 from test_distributed import _train
+from test_recipes import tiny  # noqa: F401 (fixture)
 
 from r3rl.batch import plan_term
 from r3rl.config import load_config
@@ -247,3 +248,25 @@ def test_reason_on_two_processes_matches_one_process(tmp_path: Path) -> None:
                 continue
             b = two[step][key]
             assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6), (step, key, a, b)
+
+
+REAL = ["r3_qwen25vl_flux_kontext", "r3_qwen25vl_sd35_kontext", "r3_qwen25vl_qwen_image_edit"]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("recipe_name", REAL)
+def test_real_recipes_turn_reason_on_and_train_a_plan_step(recipe_name: str, tiny, tmp_path: Path) -> None:
+    """Each real recipe, its models swapped for tiny ones of the same families (tests/test_recipes.py),
+    trains one generate step with `rollout.reason=true` (R3's planning prompt, plans GRPO-trained)."""
+    from test_recipes import _overrides
+
+    path = Path(__file__).parents[1] / "recipes" / f"{recipe_name}.yaml"
+    args = _overrides(path, tiny, tmp_path / "run")
+    assert load_config(path, args).rollout.reason is False  # a switch, off as shipped
+    cfg = load_config(path, [*args, "rollout.reason=true"])
+    r = reasoner(cfg)
+    assert r.prompt == R3_PLAN_PROMPT and r.max_new_tokens == 256 and r.checker is None
+    assert r.turns(["a cat"])[0].endswith("image here.\na cat")
+    rows = _cli(path, tmp_path / "run", *args, "rollout.reason=true", "rollout.reason_max_new_tokens=8")
+    assert rows[1]["stage"] == "generate" and math.isfinite(rows[1]["loss/grpo_reason"])
+    assert rows[1]["reason/plan_length"] > 0 and "reason/plan_satisfied" not in rows[1]  # no parser: not logged

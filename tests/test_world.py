@@ -34,7 +34,7 @@ def test_world_is_cached_by_config_and_loads_through_the_real_classes(tmp_path: 
     flux = FluxModel.from_pretrained(paths.flux, image_size=cfg.image_size)
     assert type(reflector.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert type(flux.transformer).__name__ == "FluxTransformer2DModel"
-    assert flux.max_text_len == 16
+    assert flux.max_text_len == 32  # a prompt and its plan (rollout.reason) fit
 
 
 def test_world_key_changes_with_config_and_seed_but_not_cache_dir(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from r3rl.shapes.scene import CELLS, COLORS, SHAPES, SIZE_RANGE, Obj, satisfies
 # the shapes world's planning prompt: the words of its closed vocabulary (R3's long planning prompt
 # would be unknown words to a tokenizer trained on this world)
 SHAPES_PLAN_PROMPT = "plan the picture : {prompt}"
+# the generator's text in pretraining: rollout.reason_template's default (r3rl.reason)
+PLAN_TEMPLATE = "{prompt}. {plan}"
 ROWS, COLS = ("top", "bottom"), ("left", "right")
 SEPARATOR = " , "
 if CELLS != len(ROWS):  # names exist for the 2 x 2 grid only

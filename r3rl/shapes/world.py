@@ -26,9 +26,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from r3rl.config import WorldConfig
 from r3rl.models.flux import FluxModel
 from r3rl.models.reflector import REFLECTION_PROMPT, HFReflector
-from r3rl.reason import DEFAULT_TEMPLATE
 from r3rl.shapes.critique import corpus, critique, plan_text, reflection_text
-from r3rl.shapes.plan import SHAPES_PLAN_PROMPT, plan_of
+from r3rl.shapes.plan import PLAN_TEMPLATE, SHAPES_PLAN_PROMPT, plan_of
 from r3rl.shapes.prompts import split_prompts
 from r3rl.shapes.scene import make_edit_pair, render, sample_scene
 from r3rl.shapes.tiny_diffusion import (
@@ -129,7 +128,7 @@ def _pretrain(cfg: WorldConfig, seed: int, out: WorldPaths) -> dict:
     t2i_images = [render(scene, size) for scene in scenes]
     # every other pair reads prompt + the plan of its scene, as `rollout.reason` conditions it
     t2i_texts = [
-        DEFAULT_TEMPLATE.format(prompt=m["prompt"], plan=plan_of(scene)) if i % 2 else m["prompt"]
+        PLAN_TEMPLATE.format(prompt=m["prompt"], plan=plan_of(scene)) if i % 2 else m["prompt"]
         for i, (m, scene) in enumerate(zip(metas, scenes))
     ]
     plan_examples = [
