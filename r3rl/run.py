@@ -308,8 +308,6 @@ def _refuse_vllm_rollout(cfg: Config, topo: Topology) -> None:
         why = f"{topo.world} processes (one process samples, syncs and trains for now)"
     elif cfg.distributed.deepspeed:
         why = "distributed.deepspeed (the sync saves the module as this process holds it)"
-    elif cfg.rollout.reason:
-        why = "rollout.reason (plans are text-only turns, which the server does not sample yet)"
     if why is not None:
         raise UserError(
             f"reflector.rollout=vllm is not supported with {why}; use reflector.rollout=hf"

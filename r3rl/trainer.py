@@ -116,10 +116,10 @@ def _rollouts(run: Run, stage: str, step: int, n: int) -> Iterator[tuple[Batch, 
         seed = run.cfg.seed * 100003 + step + micro * 7919
         gen = torch.Generator().manual_seed(seed)
         if stage == "generate":
-            batch = _generate_rollout(run, gen, seed, train=True)
+            batch = _generate_rollout(run, gen, train=True, seed=seed)
         elif stage == "refine":
             if run.generator.trainable is False or len(run.buffer) == 0:
-                _generate_rollout(run, gen, seed, train=False)  # keep the buffer fed
+                _generate_rollout(run, gen, train=False, seed=seed)  # keep the buffer fed
             batch = _refine_rollout(run, gen, seed)
         else:
             batch = _tree_rollout(run, gen, seed)
@@ -127,13 +127,14 @@ def _rollouts(run: Run, stage: str, step: int, n: int) -> Iterator[tuple[Batch, 
 
 
 def _plans(run: Run, metas: list[dict], seed: int) -> Plans | None:
-    """`rollout.reason`: the reflector's plan for each sample (None when it is off)."""
+    """`rollout.reason`: the reflector's plan for each sample (None when it is off), sampled by
+    the reflector itself, also with `reflector.rollout=vllm`."""
     if run.reason is None:
         return None
     return write_plans(run.reflector, run.reason, metas, run.text, seed=seed + 104729)
 
 
-def _generate_rollout(run: Run, gen: torch.Generator, seed: int, *, train: bool) -> Batch:
+def _generate_rollout(run: Run, gen: torch.Generator, *, train: bool, seed: int = 0) -> Batch:
     """R3's generate step: a group of G images of one prompt, image reward = the reward; with
     `rollout.reason` each image is drawn from the prompt and its plan, and the plans train too."""
     g = run.cfg.rollout.group_size

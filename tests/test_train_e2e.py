@@ -187,7 +187,7 @@ def test_trl_text_rewards_shape_the_reflector_in_r3_and_tree_credit(recipe: Path
               f"{{name: '{tmp_path / 'length.py'}:length', weight: 1000.0}}]"
     cfg = load_config(recipe, [f"output_dir={tmp_path}", f"rollout.credit={credit}", "rollout.group_size=4",
                                "rollout.tree_k=4", "rollout.tree_m=1", "rollout.max_rounds=1",
-                               "rollout.scale_rewards=none", rewards])
+                               "rollout.scale_rewards=none", "reflector.max_new_tokens=32", rewards])
     run = build_run(cfg)
     gen = torch.Generator().manual_seed(0)
     if credit == "r3":
