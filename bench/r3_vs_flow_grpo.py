@@ -44,6 +44,12 @@ def run(out: Path, credit: str, seed: int, minutes: float, overrides: list[str])
     return evals[0], evals[-1], time.time() - t0
 
 
+def verdict_acc(row: dict) -> float:
+    """The reflector's gold verdict accuracy; NaN where no reflector ran (plain FlowGRPO logs None)."""
+    value = row.get("eval/gold/verdict_acc")
+    return float("nan") if value is None else value
+
+
 def rounds_of(row: dict) -> list[float]:
     ks = sorted(int(k[len("eval/gold/round"):-len("_acc")]) for k in row
                 if k.startswith("eval/gold/round") and k.endswith("_acc"))
@@ -86,7 +92,7 @@ def main() -> None:
         lines.append(
             f"| {seed} | {credit} | {last['step']} | {first[g]:.3f} -> **{last[g]:.3f}** | {per_round} "
             f"| {last['eval/gold/final_clutter']:.3f} | {first['eval/final_mean']:.3f} -> {last['eval/final_mean']:.3f} "
-            f"| {first.get('eval/gold/verdict_acc', float('nan')):.3f} -> {last.get('eval/gold/verdict_acc', float('nan')):.3f} |"
+            f"| {verdict_acc(first):.3f} -> {verdict_acc(last):.3f} |"
         )
     r3 = [res["r3", s] for s in args.seeds]
     fg = [res["flow_grpo", s] for s in args.seeds]
@@ -95,7 +101,7 @@ def main() -> None:
     refine = [rounds_of(last)[-1] - rounds_of(last)[0] for _, last, _ in r3]
     worst_drop = max(max((a - b for a, b in zip(rounds_of(last), rounds_of(last)[1:])), default=0.0)
                      for _, last, _ in r3)
-    verdict = [last.get("eval/gold/verdict_acc", 0) - first.get("eval/gold/verdict_acc", 0) for first, last, _ in r3]
+    verdict = [verdict_acc(last) - verdict_acc(first) for first, last, _ in r3]
     checks = [
         ("RL raises R3's final-round gold by >= 0.15 on every seed", min(gain) >= 0.15, f"min {min(gain):+.3f}"),
         ("R3 final gold >= FlowGRPO's + 0.05 (mean of seeds)", statistics.mean(vs) >= 0.05,
