@@ -145,18 +145,25 @@ def _idefics3(corpus: Sequence[str], image_size: int) -> HFReflector:
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
     )
+    return HFReflector(
+        Idefics3ForConditionalGeneration(config), _idefics3_processor(tokenizer, image_size)
+    )
+
+
+def _idefics3_processor(tokenizer, image_size: int) -> Idefics3Processor:
+    """Idefics3's processor showing the whole image once: no tiling into 4x4 sub-images at this
+    size, PATCHES_PER_SIDE² patches pixel-shuffled by IDEFICS3_SCALE."""
     images = Idefics3ImageProcessorPil(
         size={"longest_edge": image_size},
         max_image_size={"longest_edge": image_size},
         do_image_splitting=False,
     )
-    processor = Idefics3Processor(
+    return Idefics3Processor(
         image_processor=images,
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template,
         image_seq_len=(PATCHES_PER_SIDE // IDEFICS3_SCALE) ** 2,
     )
-    return HFReflector(Idefics3ForConditionalGeneration(config), processor)
 
 
 BUILDERS: dict[str, Callable[[Sequence[str], int], HFReflector]] = {
@@ -241,17 +248,6 @@ def save_servable_idefics3(
         torch.manual_seed(seed)
         model = Idefics3ForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    images = Idefics3ImageProcessorPil(
-        size={"longest_edge": image_size},
-        max_image_size={"longest_edge": image_size},
-        do_image_splitting=False,
-    )
-    processor = Idefics3Processor(
-        image_processor=images,
-        tokenizer=tokenizer,
-        chat_template=tokenizer.chat_template,
-        image_seq_len=(patches // scale) ** 2,
-    )
     model.save_pretrained(path)
-    processor.save_pretrained(path)
+    _idefics3_processor(tokenizer, image_size).save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
