@@ -29,8 +29,9 @@ from r3rl.models.reflector import REFLECTION_PROMPT, HFReflector
 from r3rl.shapes.critique import corpus, critique, plan_text, reflection_text
 from r3rl.shapes.plan import PLAN_TEMPLATE, SHAPES_PLAN_PROMPT, plan_of
 from r3rl.shapes.prompts import split_prompts
-from r3rl.shapes.scene import make_edit_pair, render, sample_scene
+from r3rl.shapes.scene import STOP, make_edit_pair, render, sample_scene
 from r3rl.shapes.tiny_diffusion import (
+    FlowPairs,
     build_tiny_flux,
     encode_pairs,
     generate,
@@ -41,7 +42,7 @@ from r3rl.shapes.tiny_reflector import build_tiny_reflector, sft_reflector
 from rewards.shapes_geneval import detect
 
 # Bump when pretraining code changes in a way that should invalidate caches.
-WORLD_VERSION = 7
+WORLD_VERSION = 8
 SHAPES_MODEL = "shapes:tiny"
 # The shapes recipe samples with true CFG at this scale; the reflector's SFT images match it.
 SFT_CFG_SCALE = 3.0
@@ -164,7 +165,11 @@ def _pretrain(cfg: WorldConfig, seed: int, out: WorldPaths) -> dict:
             [render(fixed, size) for _, _, fixed in edits],
             [render(flawed, size) for flawed, _, _ in edits],
         )
-        data = [t2i_pairs, t2i_pairs, edit_pairs]  # generation is the harder task: 2 of 3 batches
+        # "no further edit needed" gives back the reference: the plainest lesson in copying it,
+        # which the tiny Kontext transformer hardly learns from edits alone (oracle-instruction
+        # refines pass gold 0.17 with these batches, 0.06 without: bench/RESULTS.md)
+        keep_pairs = FlowPairs([STOP] * len(edits), edit_pairs.ref, edit_pairs.ref)
+        data = [t2i_pairs, edit_pairs, t2i_pairs, keep_pairs]
         pretrain_flow(
             flux,
             data,
