@@ -361,6 +361,7 @@ def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str,
         is_weights, is_metrics = truncated_importance_weights(
             old, served_logprobs(refl, logps), mask, cap=rc.vllm.is_cap
         )
+    budget = rc.max_new_tokens if images is not None else run.reason.max_new_tokens  # dr_grpo
     loss, m = grpo_loss(
         logps,
         old,
@@ -372,7 +373,7 @@ def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str,
         epsilon_high=rc.epsilon_high,
         beta=rc.beta,
         loss_type=rc.loss_type,
-        max_completion_length=rc.max_new_tokens,
+        max_completion_length=budget,
         is_weights=is_weights,
     )
     # this rank's share of the rows (grpo, dr_grpo: their normalisers count rows) or, for dapo, of

@@ -214,7 +214,7 @@ def test_reason_works_with_tree_credit_and_with_a_frozen_generator(recipe: Path,
     m = train_step(build_run(cfg), 1)
     assert m["stage"] == "tree" and "loss/grpo_reason" in m and "loss/grpo" in m and "reason/plan_length" in m
 
-    cfg = load_config(recipe, [f"output_dir={tmp_path}", "generator.train=false"])
+    cfg = load_config(recipe, [f"output_dir={tmp_path}", "generator.train=false", "reflector.loss_type=dr_grpo"])
     run = build_run(cfg)
     gen_before = [p.detach().clone() for p in run.generator.model.transformer.parameters()]
     refl_before = [p.detach().clone() for p in run.reflector.model.parameters()]
