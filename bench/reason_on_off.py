@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--minutes", type=float, default=4.0)
     ap.add_argument("--out", default="runs/reason")
+    ap.add_argument("--grids", default="reason", help="name prefix of the grids copied to bench/grids/")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     keys = [("gold r0", "eval/gold/round0_acc"), ("gold final", "eval/gold/final_acc"),
@@ -65,7 +66,7 @@ def main() -> None:
             grid = out / "grids" / "step0_vs_final.png"
             if grid.exists():
                 GRIDS.mkdir(parents=True, exist_ok=True)
-                shutil.copy(grid, GRIDS / f"reason_{arm}_seed{seed}.png")
+                shutil.copy(grid, GRIDS / f"{args.grids}_{arm}_seed{seed}.png")
     head = "| reason | seed | steps | " + " | ".join(f"{k} (step 0 -> end)" for k, _ in keys) + " |"
     print(head)
     print("|" + "---|" * (3 + len(keys)))
