@@ -40,7 +40,7 @@ from r3rl.models.lora import BaseView, add_lora
 from r3rl.models.placement import place_flow_model, place_frozen, resolve_device
 from r3rl.models.reflector import HFReflector, lora_kwargs
 from r3rl.models.registry import load_flow_model
-from r3rl.models.vllm_rollout import VLLMRollout, open_rollout
+from r3rl.models.vllm_rollout import RolloutError, VLLMRollout, open_rollout
 from r3rl.modes.load import refiner_folder, wrap_refiner
 from r3rl.reason import Reasoner, reasoner
 from r3rl.rewards import CombinedReward
@@ -131,6 +131,21 @@ class Run:
         if name == "reflector":
             return self.reflector.trainable_parameters()
         return self.policy(name).trained_params()
+
+    def sync_rollout(self, row: dict) -> None:
+        """After a reflector optimiser step: its weights onto the vLLM rollout server, verified;
+        the sync's version, probe log-prob difference and time join the step's row. A failure
+        comes after the update: the error carries the row, and the step counts as done."""
+        if row.get("train/skipped_nonfinite"):
+            return
+        try:
+            sync = self.rollout.sync()
+        except RolloutError as e:
+            e.row = row
+            raise
+        row |= sync
+        row["time/train_s"] += sync["rollout/sync_s"]
+        row["time/step_s"] += sync["rollout/sync_s"]
 
     def reference_logprobs(
         self,

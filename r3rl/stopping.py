@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import NoReturn
 
+from r3rl.checkpoint import save_checkpoint
 from r3rl.errors import UserError
+from r3rl.models.vllm_rollout import RolloutError
 from r3rl.run import Run
 
 
@@ -63,3 +66,17 @@ def reward_failures(run: Run, row: dict, step: int) -> str | None:
     if rate > limit:
         return f"reward failures {rate:.0%} exceed judge.max_failure_rate={limit} at step {step}"
     return None
+
+
+def stop_on_rollout_error(run: Run, error: RolloutError, step: int, out: Path) -> NoReturn:
+    """One line and a checkpoint of the last completed update: this step's if the failure came
+    after its optimiser step (the sync), else the previous one's (kept as saved, if it was)."""
+    tc = run.cfg.trainer
+    done = step if getattr(error, "row", None) is not None else step - 1
+    path = out / "checkpoints" / f"step-{done}"
+    if not (path / "COMPLETE").exists():
+        path = save_checkpoint(run, out, done, keep_last=tc.keep_last)
+    raise RolloutError(
+        f"{error} (step {step}); checkpoint {path}. Resume with: r3rl train <recipe> "
+        f"output_dir={out} resume=auto"
+    ) from None

@@ -1,10 +1,10 @@
 """The R3 trainer: one rollout and one optimiser step of each credit scheme, and the loop.
 
 Read top to bottom: `train_step` makes a step's rollouts (R3's `generate` or `refine` step, or
-a `tree`), each a `Batch` of loss terms; `_loss` turns a batch into the weighted GRPO +
-FlowGRPO loss, which an `Update` (`r3rl.update`) backpropagates and steps; `train` is the loop
-with evaluation (`r3rl.evaluate`), logging and checkpoints. The loaded policies and the state
-carried between steps live in `r3rl.run`.
+a `tree`), each a `Batch` of loss terms; `r3rl.losses.batch_loss` turns a batch into the
+weighted GRPO + FlowGRPO loss, which an `Update` (`r3rl.update`) backpropagates and steps;
+`train` is the loop with evaluation (`r3rl.evaluate`), logging and checkpoints. The loaded
+policies and the state carried between steps live in `r3rl.run`.
 
 Every rollout follows one path between the ranks (`r3rl.distributed.Shard`): each rank
 simulates its block of a group, the scores are gathered (`gather_scores`), the group
@@ -18,13 +18,10 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 
 from r3rl.algos.advantages import group_advantages, r3_generate_rewards, r3_refine_rewards
-from r3rl.algos.flow_grpo import flow_grpo_loss
-from r3rl.algos.grpo import grpo_loss
 from r3rl.batch import Batch, ImageTerm, TextTerm, plan_term, scale_by_batch_std
 from r3rl.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from r3rl.config import Config
@@ -32,7 +29,8 @@ from r3rl.distributed import Shard, any_rank, mean_metrics
 from r3rl.errors import UserError
 from r3rl.evaluate import TrainingEvals
 from r3rl.logger import RunLogger
-from r3rl.models.vllm_rollout import RolloutError, served_logprobs, truncated_importance_weights
+from r3rl.losses import batch_loss
+from r3rl.models.vllm_rollout import RolloutError
 from r3rl.reason import Plans, plan_metrics, write_plans
 from r3rl.rollout import (
     BufferItem,
@@ -46,10 +44,9 @@ from r3rl.rollout import (
     score,
 )
 from r3rl.run import Policy, Run, build_run, process_group
-from r3rl.sampling import transition_logprob
-from r3rl.stopping import StopRequested, reward_failures
+from r3rl.stopping import StopRequested, reward_failures, stop_on_rollout_error
 from r3rl.tree import Rows, grow_tree
-from r3rl.update import Loss, Update
+from r3rl.update import Update
 
 # --------------------------------------------------------------------------- one step
 
@@ -81,31 +78,15 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         scale_by_batch_std([batch for batch, _ in rollouts])
     for batch, seconds in rollouts:
         t_roll += seconds
-        update.add(_loss(run, batch), batch.metrics)
+        update.add(batch_loss(run, batch), batch.metrics)
     out = update.step()
     t_train = time.perf_counter() - t0 - t_roll
     out.update({"stage": stage, "time/rollout_s": t_roll, "time/train_s": t_train})
     out["time/step_s"] = t_roll + t_train
     row = mean_metrics(out, run.dist)
     if run.rollout is not None and "reflector" in update.optimizers:
-        _sync_rollout(run, row)
+        run.sync_rollout(row)
     return row
-
-
-def _sync_rollout(run: Run, row: dict) -> None:
-    """After a reflector optimiser step: its weights onto the vLLM rollout server, verified; the
-    sync's version, probe log-prob difference and time join the step's row. A failure comes
-    after the update: the error carries the row, and the step counts as done."""
-    if row.get("train/skipped_nonfinite"):
-        return
-    try:
-        sync = run.rollout.sync()
-    except RolloutError as e:
-        e.row = row
-        raise
-    row |= sync
-    row["time/train_s"] += sync["rollout/sync_s"]
-    row["time/step_s"] += sync["rollout/sync_s"]
 
 
 def _rollouts(run: Run, stage: str, step: int, n: int) -> Iterator[tuple[Batch, float]]:
@@ -161,11 +142,20 @@ def _generate_rollout(run: Run, gen: torch.Generator, *, train: bool, seed: int 
         batch.image_terms.append(term)
         batch.metrics["frac_reward_zero_std"] = zero / groups
     if plans is not None:
-        batch.metrics |= plan_metrics(run.reason, plans, [meta] * g)
-        if train:
-            kw = {"format_weight": run.cfg.rollout.format_weight, "scale_std": _group_std(run)}
-            batch.text_terms.append(plan_term(plans, s.total, group, **kw))
+        _add_plans(run, batch, plans, meta, s.total, train=train)
     return batch
+
+
+def _add_plans(
+    run: Run, batch: Batch, plans: Plans, meta: dict, rewards: torch.Tensor, *, train: bool
+) -> None:
+    """`rollout.reason`: the plans' metrics and, when training, their GRPO term; a plan's reward
+    is its image's (a tree's root value)."""
+    g = run.cfg.rollout.group_size
+    batch.metrics |= plan_metrics(run.reason, plans, [meta] * g)
+    if train:
+        kw = {"format_weight": run.cfg.rollout.format_weight, "scale_std": _group_std(run)}
+        batch.text_terms.append(plan_term(plans, rewards, Shard(g, run.dist), **kw))
 
 
 def _refine_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
@@ -281,193 +271,13 @@ def _tree_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
         batch.image_terms.append(image_term(run.generator, tree.roots, tree.root_rows))
     batch.image_terms += [image_term(run.refiner, ro, rows) for rows, ro in tree.refinements]
     if plans is not None:  # a plan's reward is its root's value (mean reward of its leaves)
-        batch.metrics |= plan_metrics(run.reason, plans, [meta] * g)
-        kw = {"format_weight": run.cfg.rollout.format_weight, "scale_std": _group_std(run)}
-        batch.text_terms.append(plan_term(plans, roots, Shard(g, run.dist), **kw))
+        _add_plans(run, batch, plans, meta, roots, train=True)
     return batch
 
 
 def _group_std(run: Run) -> bool:
     """Whether a group's advantages are divided by its own std ('batch' divides them later)."""
     return run.cfg.rollout.scale_rewards == "group"
-
-
-# --------------------------------------------------------------------------- the loss
-
-
-def _loss(run: Run, batch: Batch) -> Loss:
-    """Weighted GRPO + FlowGRPO loss of one rollout batch, the optimisers it touches and each
-    policy's part of the loss (one DeepSpeed engine backpropagates each part)."""
-    tc = run.cfg.trainer
-    loss = Loss(torch.zeros(()), {}, {}, {})
-    if run.reflector_opt is not None and batch.text_terms:
-        l_text = torch.zeros(())
-        for plans in (False, True):  # reflections, then plans (rollout.reason): apart
-            terms = [t for t in batch.text_terms if (t.images is None) == plans]
-            if terms:
-                part, m = _text_loss(run, terms)
-                l_text = l_text + part
-                loss.metrics.update(m)
-        loss.parts["reflector"] = tc.text_loss_weight * l_text
-        loss.value = loss.value + loss.parts["reflector"]
-        loss.optimizers["reflector"] = (run.reflector_opt, run.trained_params("reflector"))
-    terms = [t for t in batch.image_terms if t.policy.trainable and t.policy.opt is not None]
-    if terms:
-        l_img, m, by_policy = _image_loss(run, terms)
-        loss.value = loss.value + tc.image_loss_weight * l_img
-        loss.metrics.update(m)
-        for p in run.diffusion_policies:
-            if p.name in by_policy:
-                loss.parts[p.name] = tc.image_loss_weight * by_policy[p.name]
-                loss.optimizers[p.name] = (p.opt, p.trained_params())
-    return loss
-
-
-def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRPO on the reflections of the text terms, weighted by this rank's share of them; plan
-    terms (`images` None) log as `loss/grpo_reason` and `reason/*`."""
-    rc, text = run.cfg.reflector, run.text
-    adv = torch.cat([t.adv for t in terms])
-    valid = torch.cat([t.valid for t in terms])
-    keep = [i for i, r in enumerate(r for t in terms for r in t.reflections) if r.token_ids]
-    if not keep:
-        return torch.zeros(()), {}
-    prompts = [[p for t in terms for p in t.prompts][i] for i in keep]
-    images = (
-        None
-        if terms[0].images is None
-        else [[im for t in terms for im in t.images][i] for i in keep]
-    )
-    refl = [[r for t in terms for r in t.reflections][i] for i in keep]
-    comp = [r.token_ids for r in refl]
-    adv, valid = adv[keep], valid[keep]
-    kw = {"temperature": text.temperature, "top_k": text.top_k, "top_p": text.top_p}
-    # the ratio reads the sampled (filtered) distribution, the KL its unfiltered log-softmax
-    logps, mask, entropy, kl_logps = run.reflector.completion_logprobs(
-        prompts, images, comp, **kw, with_unfiltered=True
-    )
-    ref = None
-    if rc.beta > 0:
-        ref = run.reference_logprobs(prompts, images, comp, text.temperature)
-    mask = mask & valid[:, None].to(mask.device)  # rewards and advantages live on the CPU
-    is_weights, is_metrics = None, {}
-    if run.rollout is None or images is None:  # the reflector sampled them (plans always):
-        old = served_logprobs(refl, logps)  # generate's behaviour log-probs
-    else:  # vLLM sampled them (TRL's vllm_importance_sampling_correction, token_truncate): the
-        # PPO ratio's old log-probs are the trainer's own under the weights that sampled (one
-        # update per rollout), each token's loss weighted min(p_trainer / p_vllm, is_cap)
-        old = logps.detach()
-        mask = mask & torch.isfinite(old)  # a token vLLM kept but the trainer's filter drops
-        is_weights, is_metrics = truncated_importance_weights(
-            old, served_logprobs(refl, logps), mask, cap=rc.vllm.is_cap
-        )
-    budget = rc.max_new_tokens if images is not None else run.reason.max_new_tokens  # dr_grpo
-    loss, m = grpo_loss(
-        logps,
-        old,
-        torch.nan_to_num(adv).to(logps.device),
-        mask,
-        ref_logps=ref,
-        kl_logps=kl_logps,
-        epsilon_low=rc.epsilon_low,
-        epsilon_high=rc.epsilon_high,
-        beta=rc.beta,
-        loss_type=rc.loss_type,
-        max_completion_length=budget,
-        is_weights=is_weights,
-    )
-    # this rank's share of the rows (grpo, dr_grpo: their normalisers count rows) or, for dapo, of
-    # the valid tokens on all ranks, so the ranks' mean loss and gradient are the one-process ones
-    totals, tokens = [t.total for t in terms], [t.tokens for t in terms]
-    share = 1.0 if None in totals else len(keep) * run.dist.world / sum(totals)
-    loss_share = share
-    if rc.loss_type == "dapo" and None not in tokens:
-        loss_share = float(mask.sum()) * run.dist.world / max(1, sum(tokens))
-    loss = loss * loss_share
-    # completion_length weighted alike averages to the group's; mean_metrics weighs token means by
-    # it
-    out = {
-        "loss/grpo": loss.item(),
-        "entropy": entropy.detach()[mask].mean().item() if mask.any() else math.nan,
-        "completion_length": float(mask.sum(1).float().mean()) * share,
-        "clip_ratio": m.get("clip_ratio/region_mean", math.nan),
-    }
-    if "kl" in m:
-        out["kl/text"] = m["kl"]
-    if images is None:  # plans: loss/grpo_reason, reason/entropy, reason/completion_length, ...
-        out = {
-            "loss/grpo_reason" if k == "loss/grpo" else "reason/" + k.replace("/", "_"): v
-            for k, v in out.items()
-        }
-    return loss, out | is_metrics
-
-
-def _image_loss(
-    run: Run, terms: list[ImageTerm]
-) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
-    """FlowGRPO loss over the image terms, also split by policy name.
-
-    With several processes a term is weighted by its whole group's size and the rank count,
-    so the mean of the ranks' gradients is the one-process gradient; a rank without a valid
-    sample still runs the forwards at weight 0, as ZeRO needs every rank in step.
-    """
-    fg, dist = run.cfg.flow_grpo, run.dist
-    total = torch.zeros(())
-    by_policy: dict[str, torch.Tensor] = {}
-    kls, clips, losses = [], [], []
-    for t in terms:
-        live = bool(t.valid.any())
-        if (not live and not dist.distributed) or t.rollout.traj.states.shape[1] == 0:
-            continue
-        pol, ro = t.policy, t.rollout
-        idx = torch.nonzero(t.valid).flatten() if live else torch.zeros(1, dtype=torch.long)
-        scale = len(idx) / max(1, t.size) * dist.world if live else 0.0
-        traj, cond = ro.traj.index(idx), ro.cond.index(idx)
-        ref_lat = ro.ref[idx] if ro.ref is not None else None
-        adv = torch.nan_to_num(t.adv[idx])
-        sde = pol.settings.sde
-        k_steps = traj.states.shape[1]
-        for k in range(k_steps):
-            logp, mean, std = transition_logprob(pol.model, traj, k, cond, ref_lat, sde)
-            ref_mean = None
-            if fg.beta > 0 and pol.ref_transformer is not None:
-                with torch.no_grad(), pol.reference():
-                    _, ref_mean, _ = transition_logprob(pol.model, traj, k, cond, ref_lat, sde)
-            kl = ref_mean is not None
-            loss, m = flow_grpo_loss(
-                logp,
-                traj.logps[:, k],
-                adv.to(logp.device),
-                clip_range=fg.clip_range,
-                adv_clip_max=fg.adv_clip_max,
-                prev_mean=mean if kl else None,
-                ref_prev_mean=ref_mean,
-                std=std if kl else None,
-                beta=fg.beta if kl else 0.0,
-                reduction=fg.logprob_reduction,
-                sigma=traj.sigmas[:, k].to(logp.device),
-                sigma_next=traj.sigmas_next[:, k].to(logp.device),
-                sde_type=sde.sde_type,
-            )
-            part = loss * scale / k_steps
-            total = total + part
-            by_policy[pol.name] = by_policy[pol.name] + part if pol.name in by_policy else part
-            # several processes: a rank's metrics weighted like its gradient (stand-ins at 0), so
-            # the ranks' mean is the one-process mean even for uneven shards (exact when all are
-            # scored)
-            w = scale if dist.distributed else 1.0
-            losses.append(loss.item() * w)
-            clips.append(m["clip_ratio"] * w)
-            if "kl" in m:
-                kls.append(m["kl"] * w)
-    out = {
-        "loss/flow_grpo": sum(losses) / len(losses) if losses else math.nan,
-        "clip_ratio/image": sum(clips) / len(clips) if clips else math.nan,
-    }
-    if kls:
-        out["kl/image"] = sum(kls) / len(kls)
-    n_terms = max(1, len(terms))
-    return total / n_terms, out, {name: part / n_terms for name, part in by_policy.items()}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -498,11 +308,7 @@ def _train(run: Run) -> None:
         if resume is not None:
             logger.info(f"resumed from {resume} at step {start}")
         if run.rollout is not None:
-            r = run.rollout
-            logger.info(
-                f"reflector rollouts from vLLM at {r.base} ({r.model}): weights synced and "
-                f"verified (max |dlogp| {r.last_sync['rollout/sync_max_diff']:.1e})"
-            )
+            logger.info(run.rollout.describe())
         evals = TrainingEvals(run, logger, out)
         if start == 0:
             evals.step0()
@@ -514,7 +320,7 @@ def _train(run: Run) -> None:
             except RolloutError as e:  # the server died, hung or did not take the weights
                 if getattr(e, "row", None) is not None:  # after the step's update: logged, saved
                     logger.log(step, e.row)
-                _stop_on_rollout_error(run, e, step, out)
+                stop_on_rollout_error(run, e, step, out)
             trained_s += row["time/step_s"]  # the ranks' mean: every rank stops at the same step
             last = step == tc.max_steps or trained_s >= budget_s
             if tc.eval_every and (step % tc.eval_every == 0 or last):
@@ -532,17 +338,3 @@ def _train(run: Run) -> None:
             if last:
                 break
         evals.report(step)
-
-
-def _stop_on_rollout_error(run: Run, error: RolloutError, step: int, out: Path) -> NoReturn:
-    """One line and a checkpoint of the last completed update: this step's if the failure came
-    after its optimiser step (the sync), else the previous one's (kept as saved, if it was)."""
-    tc = run.cfg.trainer
-    done = step if getattr(error, "row", None) is not None else step - 1
-    path = out / "checkpoints" / f"step-{done}"
-    if not (path / "COMPLETE").exists():
-        path = save_checkpoint(run, out, done, keep_last=tc.keep_last)
-    raise RolloutError(
-        f"{error} (step {step}); checkpoint {path}. Resume with: r3rl train <recipe> "
-        f"output_dir={out} resume=auto"
-    ) from None

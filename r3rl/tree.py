@@ -8,7 +8,7 @@ same seed; images and rewards are gathered after each level. So every rank holds
 and computes the same advantages, whatever the split, and trains its block of each level's
 nodes. Each trained term carries its node count (and the reflections their valid token count)
 on all ranks, from which the trainer weights its share so that the mean of the ranks' gradients
-is the one-process gradient (see `r3rl.trainer._text_loss`).
+is the one-process gradient (see `r3rl.losses`).
 """
 
 from __future__ import annotations

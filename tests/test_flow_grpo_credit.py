@@ -118,8 +118,8 @@ def test_flow_grpo_recipe_settings_batch_std_and_t5_length(recipe, tmp_path, mon
     assert run.generator.model.max_text_len == 12
     # the two batches the step trains on, as the loss sees them
     seen = []
-    loss = trainer._loss
-    monkeypatch.setattr(trainer, "_loss", lambda run, batch: (seen.append(batch), loss(run, batch))[1])
+    loss = trainer.batch_loss
+    monkeypatch.setattr(trainer, "batch_loss", lambda run, batch: (seen.append(batch), loss(run, batch))[1])
     row = trainer.train_step(run, 1)
     assert len(seen) == 2 and math.isfinite(row["loss/flow_grpo"])
     pools = [b.image_terms[0].pool for b in seen]
@@ -150,8 +150,8 @@ def test_a_step_holds_one_rollout_at_a_time_unless_batch_scaling_needs_all(recip
     run = build_run(load_config(recipe, [f"output_dir={tmp_path}", f"rollout.scale_rewards={scale}",
                                          "trainer.grad_accum=3"]))
     made, seen = [], []
-    rollout, loss = trainer._generate_rollout, trainer._loss
+    rollout, loss = trainer._generate_rollout, trainer.batch_loss
     monkeypatch.setattr(trainer, "_generate_rollout", lambda *a, **kw: (made.append(1), rollout(*a, **kw))[1])
-    monkeypatch.setattr(trainer, "_loss", lambda run, batch: (seen.append(len(made)), loss(run, batch))[1])
+    monkeypatch.setattr(trainer, "batch_loss", lambda run, batch: (seen.append(len(made)), loss(run, batch))[1])
     trainer.train_step(run, 1)
     assert seen == ([1, 2, 3] if scale == "group" else [3, 3, 3])

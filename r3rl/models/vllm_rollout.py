@@ -104,6 +104,30 @@ def served_logprobs(reflections: Sequence[Reflection], like: torch.Tensor) -> to
     return out.to(like.device)
 
 
+def behaviour_logprobs(
+    reflections: Sequence[Reflection],
+    logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    from_vllm: bool,
+    cap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """(old log-probs for the PPO ratio, loss mask, per-token IS weights or None, metrics).
+
+    Sampled by the trainer's own `generate`: its behaviour log-probs. Sampled by vLLM (TRL's
+    vllm_importance_sampling_correction, token_truncate): the old log-probs are the trainer's own
+    under the weights that sampled (one update per rollout), each token's loss weighted
+    min(p_trainer / p_vllm, cap); a token vLLM kept but the trainer's filter drops is masked."""
+    if not from_vllm:
+        return served_logprobs(reflections, logps), mask, None, {}
+    old = logps.detach()
+    mask = mask & torch.isfinite(old)
+    weights, metrics = truncated_importance_weights(
+        old, served_logprobs(reflections, logps), mask, cap=cap
+    )
+    return old, mask, weights, metrics
+
+
 def _fingerprint(model: torch.nn.Module) -> tuple[int, ...]:
     """In-place version counters of the trainable (else all) parameters: they move on every
     optimiser step, so a changed fingerprint means the server's weights are stale."""
@@ -164,6 +188,12 @@ class VLLMRollout:
         )
 
     # ------------------------------------------------------------------ HTTP
+    def describe(self) -> str:
+        return (
+            f"reflector rollouts from vLLM at {self.base} ({self.model}): weights synced and "
+            f"verified (max |dlogp| {self.last_sync['rollout/sync_max_diff']:.1e})"
+        )
+
     def _post(self, path: str, body: dict | None, *, root: bool = False) -> Any:
         url = (self.root if root else self.base) + path
         try:

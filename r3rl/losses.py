@@ -1,0 +1,185 @@
+"""A rollout batch's loss: GRPO on its text terms (reflections, plans), FlowGRPO on its image
+terms, each weighted by this rank's share so that the ranks' mean gradient is the one-process
+gradient. `r3rl.update` backpropagates and steps what `batch_loss` returns."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from r3rl.algos.flow_grpo import flow_grpo_loss
+from r3rl.algos.grpo import grpo_loss
+from r3rl.batch import Batch, ImageTerm, TextTerm
+from r3rl.models.vllm_rollout import behaviour_logprobs
+from r3rl.run import Run
+from r3rl.sampling import transition_logprob
+from r3rl.update import Loss
+
+
+def batch_loss(run: Run, batch: Batch) -> Loss:
+    """Weighted GRPO + FlowGRPO loss of one rollout batch, the optimisers it touches and each
+    policy's part of the loss (one DeepSpeed engine backpropagates each part)."""
+    tc = run.cfg.trainer
+    loss = Loss(torch.zeros(()), {}, {}, {})
+    if run.reflector_opt is not None and batch.text_terms:
+        l_text = torch.zeros(())
+        for plans in (False, True):  # reflections, then plans (rollout.reason): apart
+            terms = [t for t in batch.text_terms if (t.images is None) == plans]
+            if terms:
+                part, m = _text_loss(run, terms)
+                l_text = l_text + part
+                loss.metrics.update(m)
+        loss.parts["reflector"] = tc.text_loss_weight * l_text
+        loss.value = loss.value + loss.parts["reflector"]
+        loss.optimizers["reflector"] = (run.reflector_opt, run.trained_params("reflector"))
+    terms = [t for t in batch.image_terms if t.policy.trainable and t.policy.opt is not None]
+    if terms:
+        l_img, m, by_policy = _image_loss(run, terms)
+        loss.value = loss.value + tc.image_loss_weight * l_img
+        loss.metrics.update(m)
+        for p in run.diffusion_policies:
+            if p.name in by_policy:
+                loss.parts[p.name] = tc.image_loss_weight * by_policy[p.name]
+                loss.optimizers[p.name] = (p.opt, p.trained_params())
+    return loss
+
+
+def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO on the reflections of the text terms, weighted by this rank's share of them; plan
+    terms (`images` None) log as `loss/grpo_reason` and `reason/*`."""
+    rc, text = run.cfg.reflector, run.text
+    adv = torch.cat([t.adv for t in terms])
+    valid = torch.cat([t.valid for t in terms])
+    keep = [i for i, r in enumerate(r for t in terms for r in t.reflections) if r.token_ids]
+    if not keep:
+        return torch.zeros(()), {}
+    prompts = [[p for t in terms for p in t.prompts][i] for i in keep]
+    images = (
+        None
+        if terms[0].images is None
+        else [[im for t in terms for im in t.images][i] for i in keep]
+    )
+    refl = [[r for t in terms for r in t.reflections][i] for i in keep]
+    comp = [r.token_ids for r in refl]
+    adv, valid = adv[keep], valid[keep]
+    kw = {"temperature": text.temperature, "top_k": text.top_k, "top_p": text.top_p}
+    # the ratio reads the sampled (filtered) distribution, the KL its unfiltered log-softmax
+    logps, mask, entropy, kl_logps = run.reflector.completion_logprobs(
+        prompts, images, comp, **kw, with_unfiltered=True
+    )
+    ref = None
+    if rc.beta > 0:
+        ref = run.reference_logprobs(prompts, images, comp, text.temperature)
+    mask = mask & valid[:, None].to(mask.device)  # rewards and advantages live on the CPU
+    vllm = run.rollout is not None and images is not None  # plans: the reflector sampled them
+    old, mask, is_weights, is_metrics = behaviour_logprobs(
+        refl, logps, mask, from_vllm=vllm, cap=rc.vllm.is_cap
+    )
+    budget = rc.max_new_tokens if images is not None else run.reason.max_new_tokens  # dr_grpo
+    loss, m = grpo_loss(
+        logps,
+        old,
+        torch.nan_to_num(adv).to(logps.device),
+        mask,
+        ref_logps=ref,
+        kl_logps=kl_logps,
+        epsilon_low=rc.epsilon_low,
+        epsilon_high=rc.epsilon_high,
+        beta=rc.beta,
+        loss_type=rc.loss_type,
+        max_completion_length=budget,
+        is_weights=is_weights,
+    )
+    # this rank's share of the rows (grpo, dr_grpo: their normalisers count rows) or, for dapo, of
+    # the valid tokens on all ranks, so the ranks' mean loss and gradient are the one-process ones
+    totals, tokens = [t.total for t in terms], [t.tokens for t in terms]
+    share = 1.0 if None in totals else len(keep) * run.dist.world / sum(totals)
+    loss_share = share
+    if rc.loss_type == "dapo" and None not in tokens:
+        loss_share = float(mask.sum()) * run.dist.world / max(1, sum(tokens))
+    loss = loss * loss_share
+    # completion_length weighted alike averages to the group's; mean_metrics weighs token means by
+    # it
+    out = {
+        "loss/grpo": loss.item(),
+        "entropy": entropy.detach()[mask].mean().item() if mask.any() else math.nan,
+        "completion_length": float(mask.sum(1).float().mean()) * share,
+        "clip_ratio": m.get("clip_ratio/region_mean", math.nan),
+    }
+    if "kl" in m:
+        out["kl/text"] = m["kl"]
+    if images is None:  # plans: loss/grpo_reason, reason/entropy, reason/completion_length, ...
+        out = {
+            "loss/grpo_reason" if k == "loss/grpo" else "reason/" + k.replace("/", "_"): v
+            for k, v in out.items()
+        }
+    return loss, out | is_metrics
+
+
+def _image_loss(
+    run: Run, terms: list[ImageTerm]
+) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+    """FlowGRPO loss over the image terms, also split by policy name.
+
+    With several processes a term is weighted by its whole group's size and the rank count,
+    so the mean of the ranks' gradients is the one-process gradient; a rank without a valid
+    sample still runs the forwards at weight 0, as ZeRO needs every rank in step.
+    """
+    fg, dist = run.cfg.flow_grpo, run.dist
+    total = torch.zeros(())
+    by_policy: dict[str, torch.Tensor] = {}
+    kls, clips, losses = [], [], []
+    for t in terms:
+        live = bool(t.valid.any())
+        if (not live and not dist.distributed) or t.rollout.traj.states.shape[1] == 0:
+            continue
+        pol, ro = t.policy, t.rollout
+        idx = torch.nonzero(t.valid).flatten() if live else torch.zeros(1, dtype=torch.long)
+        scale = len(idx) / max(1, t.size) * dist.world if live else 0.0
+        traj, cond = ro.traj.index(idx), ro.cond.index(idx)
+        ref_lat = ro.ref[idx] if ro.ref is not None else None
+        adv = torch.nan_to_num(t.adv[idx])
+        sde = pol.settings.sde
+        k_steps = traj.states.shape[1]
+        for k in range(k_steps):
+            logp, mean, std = transition_logprob(pol.model, traj, k, cond, ref_lat, sde)
+            ref_mean = None
+            if fg.beta > 0 and pol.ref_transformer is not None:
+                with torch.no_grad(), pol.reference():
+                    _, ref_mean, _ = transition_logprob(pol.model, traj, k, cond, ref_lat, sde)
+            kl = ref_mean is not None
+            loss, m = flow_grpo_loss(
+                logp,
+                traj.logps[:, k],
+                adv.to(logp.device),
+                clip_range=fg.clip_range,
+                adv_clip_max=fg.adv_clip_max,
+                prev_mean=mean if kl else None,
+                ref_prev_mean=ref_mean,
+                std=std if kl else None,
+                beta=fg.beta if kl else 0.0,
+                reduction=fg.logprob_reduction,
+                sigma=traj.sigmas[:, k].to(logp.device),
+                sigma_next=traj.sigmas_next[:, k].to(logp.device),
+                sde_type=sde.sde_type,
+            )
+            part = loss * scale / k_steps
+            total = total + part
+            by_policy[pol.name] = by_policy[pol.name] + part if pol.name in by_policy else part
+            # several processes: a rank's metrics weighted like its gradient (stand-ins at 0), so
+            # the ranks' mean is the one-process mean even for uneven shards (exact when all are
+            # scored)
+            w = scale if dist.distributed else 1.0
+            losses.append(loss.item() * w)
+            clips.append(m["clip_ratio"] * w)
+            if "kl" in m:
+                kls.append(m["kl"] * w)
+    out = {
+        "loss/flow_grpo": sum(losses) / len(losses) if losses else math.nan,
+        "clip_ratio/image": sum(clips) / len(clips) if clips else math.nan,
+    }
+    if kls:
+        out["kl/image"] = sum(kls) / len(kls)
+    n_terms = max(1, len(terms))
+    return total / n_terms, out, {name: part / n_terms for name, part in by_policy.items()}
