@@ -36,7 +36,9 @@ rewards: [{{name: "{FIXTURES / 'noisy_reward.py'}:noisy_reward"}}, {{name: backg
 
 
 def _train(recipe: Path, out: Path, *overrides: str) -> list[dict]:
-    proc = subprocess.run([sys.executable, "-m", "r3rl.cli", "train", str(recipe), f"output_dir={out}", *overrides],
+    # 120 SFT steps: with planning batches among them (world v7) 60 left the tiny reflector stopping on everything
+    proc = subprocess.run([sys.executable, "-m", "r3rl.cli", "train", str(recipe), f"output_dir={out}",
+                           "world.pretrain_reflector_steps=120", *overrides],
                           check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
