@@ -176,12 +176,10 @@ class FluxModel:
     # ------------------------------------------------------------------ text
     def _encode_uncached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device
+        # CLIP has 77 positions (FluxPipeline cuts it there); max_text_len (512) is T5's budget
+        clip_len = min(self.max_text_len, self.text_encoder.config.max_position_embeddings)
         tok = self.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=self.max_text_len,
-            truncation=True,
-            return_tensors="pt",
+            texts, padding="max_length", max_length=clip_len, truncation=True, return_tensors="pt"
         )
         pooled = self.text_encoder(input_ids=tok.input_ids.to(dev)).pooler_output
         tok2 = self.tokenizer_2(
