@@ -16,6 +16,7 @@ from r3rl.shapes.scene import PALETTE, Obj, make_edit_pair, render, sample_scene
 
 METAS = all_prompts()
 EXPLOITS = Path(__file__).parent / "fixtures" / "exploits"
+GOLD_EXPLOITS = Path(__file__).parent / "fixtures" / "exploits_gold"
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -45,6 +46,26 @@ def test_every_image_our_runs_drew_to_game_the_reward_is_clutter_to_gold(strip):
     for tile in tiles(strip):
         assert any(o.shape == "clutter" for o in gold_objects(tile))
         assert not any(gold_verdict(m, tile).passed for m in METAS[::5])
+
+
+def test_what_shared_noise_flow_grpo_drew_while_its_reward_rose_fails_gold():
+    """The milder exploit of session 6 (FlowGRPO with one initial noise per group): two-toned,
+    bulging objects and stray blobs. The checker's partial credit paid these final-step images
+    0.36 on average under their prompts (its trained reward rose 0.28 -> 0.40) and does not refuse
+    the pattern; gold must: none passes, and most hold clutter."""
+    import json
+
+    from rewards.shapes_geneval import detect, score
+
+    strip = Image.open(GOLD_EXPLOITS / "flow_grpo_shared_noise_step334.png").convert("RGB")
+    prompts = json.loads((GOLD_EXPLOITS / "flow_grpo_shared_noise_step334.json").read_text())
+    by_prompt = {m["prompt"]: m for m in METAS}
+    tiles = [strip.crop((32 * i, 0, 32 * i + 32, 32)) for i in range(len(prompts))]
+    verdicts = [gold_verdict(by_prompt[p], t) for p, t in zip(prompts, tiles, strict=True)]
+    assert not any(v.passed for v in verdicts)
+    assert sum(v.clutter > 0 for v in verdicts) >= 6
+    paid = [score(by_prompt[p], detect(t), partial_credit=True) for p, t in zip(prompts, tiles)]
+    assert sum(paid) / len(paid) > 0.3  # the gap gold covers: if the checker closes it, say so here
 
 
 def test_an_oval_a_bar_a_speck_and_an_off_palette_blob_are_not_objects():
