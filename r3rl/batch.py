@@ -17,6 +17,33 @@ from r3rl.run import Policy
 
 
 @dataclass
+class TextForwards:
+    """GRPO's forwards of a text term's rows `keep` (those with tokens), made before the
+    rewards are known (`r3rl.losses.text_forwards`): each (K, T) but `ref`, the frozen
+    reference's log-probs (None without KL)."""
+
+    keep: list[int]
+    logps: torch.Tensor
+    mask: torch.Tensor
+    entropy: torch.Tensor
+    kl_logps: torch.Tensor
+    ref: torch.Tensor | None
+
+
+@dataclass
+class ImageForwards:
+    """FlowGRPO's forwards of every row of an image term's rollout, made before the rewards are
+    known (`r3rl.losses.image_forwards`): per trained step, the policy's (log-prob, mean, std)
+    with grad and the frozen reference's mean (None without KL), each batch-first."""
+
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+    def rows(self, idx: torch.Tensor) -> ImageForwards:
+        """The forwards of rows `idx` (the valid ones, once the rewards are known)."""
+        return ImageForwards([tuple(None if x is None else x[idx] for x in s) for s in self.steps])
+
+
+@dataclass
 class TextTerm:
     """Reflections of one rollout that this rank trains, with their advantages (R rows)."""
 
@@ -30,6 +57,7 @@ class TextTerm:
     total: int | None = None  # rows of this term on all ranks (None: equal shards, weighted alike)
     tokens: int | None = None  # valid completion tokens of this term on all ranks (dapo)
     pool: torch.Tensor | None = None  # (G,) the group's rewards `adv` was centred on ('batch')
+    forwards: TextForwards | None = None  # made while the judge scored (None: by the loss)
 
 
 @dataclass
@@ -42,6 +70,7 @@ class ImageTerm:
     valid: torch.Tensor  # (R,) bool
     total: int | None = None  # samples of this term on all ranks (None: these ones)
     pool: torch.Tensor | None = None  # (G,) the group's rewards `adv` was centred on ('batch')
+    forwards: ImageForwards | None = None  # every rollout row's, made while the judge scored
 
     @classmethod
     def stand_in(
@@ -51,11 +80,13 @@ class ImageTerm:
         *,
         total: int,
         pool: torch.Tensor | None = None,
+        forwards: ImageForwards | None = None,
     ) -> ImageTerm:
         """A rank without a sample of its own in this term: it runs the same forwards as the other
         ranks (ZeRO needs every rank in step) on one row at weight 0."""
         zero = torch.zeros(1)
-        return cls(policy, rollout, zero, torch.zeros(1, dtype=torch.bool), total=total, pool=pool)
+        invalid = torch.zeros(1, dtype=torch.bool)
+        return cls(policy, rollout, zero, invalid, total=total, pool=pool, forwards=forwards)
 
     @property
     def size(self) -> int:

@@ -634,6 +634,13 @@ class JudgeConfig(_Section):
         le=1.0,
         description="Save and stop when a step's unscored fraction exceeds this.",
     )
+    overlap: bool = Field(
+        True,
+        description="Score each training rollout in a background thread while the trainer makes "
+        "the loss forwards that do not read the rewards (a slow judge off the critical path; "
+        "the same numbers either way). false: score inline, for a reward that must not run "
+        "beside the trainer's compute.",
+    )
 
 
 class DistributedConfig(_Section):

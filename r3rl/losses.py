@@ -1,19 +1,28 @@
 """A rollout batch's loss: GRPO on its text terms (reflections, plans), FlowGRPO on its image
 terms, each weighted by this rank's share so that the ranks' mean gradient is the one-process
-gradient. `r3rl.update` backpropagates and steps what `batch_loss` returns."""
+gradient. `r3rl.update` backpropagates and steps what `batch_loss` returns.
+
+The loss's forwards (the policies' log-probs with grad, the frozen references') read the rollout
+and never its rewards, so the trainer may make them while a slow judge scores the rollout
+(`image_forwards`, `text_forwards`, stored on the terms); `batch_loss` makes the ones a term
+does not carry. Either way the same forwards run on the same rows in the same order.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from PIL import Image
 
 from r3rl.algos.flow_grpo import flow_grpo_loss
 from r3rl.algos.grpo import grpo_loss
-from r3rl.batch import Batch, ImageTerm, TextTerm
+from r3rl.batch import Batch, ImageForwards, ImageTerm, TextForwards, TextTerm
+from r3rl.models.reflector import Reflection
 from r3rl.models.vllm_rollout import behaviour_logprobs
-from r3rl.run import Run
-from r3rl.sampling import transition_logprob
+from r3rl.rollout import DiffusionRollout
+from r3rl.run import Policy, Run
+from r3rl.sampling import Trajectory, transition_logprob
 from r3rl.update import Loss
 
 
@@ -45,33 +54,49 @@ def batch_loss(run: Run, batch: Batch) -> Loss:
     return loss
 
 
-def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRPO on the reflections of the text terms, weighted by this rank's share of them; plan
-    terms (`images` None) log as `loss/grpo_reason` and `reason/*`."""
-    rc, text = run.cfg.reflector, run.text
-    adv = torch.cat([t.adv for t in terms])
-    valid = torch.cat([t.valid for t in terms])
-    keep = [i for i, r in enumerate(r for t in terms for r in t.reflections) if r.token_ids]
+def text_forwards(
+    run: Run, prompts: list[str], images: list[Image.Image] | None, reflections: list[Reflection]
+) -> TextForwards | None:
+    """GRPO's forwards of the reflections (or plans: `images` None) that have tokens: the
+    reflector's log-probs with grad and, with KL, the frozen reference's. None when none has
+    tokens. They do not read the rewards: the trainer makes them while the judge scores."""
+    keep = [i for i, r in enumerate(reflections) if r.token_ids]
     if not keep:
-        return torch.zeros(()), {}
-    prompts = [[p for t in terms for p in t.prompts][i] for i in keep]
-    images = (
-        None
-        if terms[0].images is None
-        else [[im for t in terms for im in t.images][i] for i in keep]
-    )
-    refl = [[r for t in terms for r in t.reflections][i] for i in keep]
-    comp = [r.token_ids for r in refl]
-    adv, valid = adv[keep], valid[keep]
+        return None
+    text = run.text
+    prompts = [prompts[i] for i in keep]
+    images = None if images is None else [images[i] for i in keep]
+    comp = [reflections[i].token_ids for i in keep]
     kw = {"temperature": text.temperature, "top_k": text.top_k, "top_p": text.top_p}
     # the ratio reads the sampled (filtered) distribution, the KL its unfiltered log-softmax
     logps, mask, entropy, kl_logps = run.reflector.completion_logprobs(
         prompts, images, comp, **kw, with_unfiltered=True
     )
     ref = None
-    if rc.beta > 0:
+    if run.cfg.reflector.beta > 0:
         ref = run.reference_logprobs(prompts, images, comp, text.temperature)
-    mask = mask & valid[:, None].to(mask.device)  # rewards and advantages live on the CPU
+    return TextForwards(keep, logps, mask, entropy, kl_logps, ref)
+
+
+def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO on the reflections of the text terms, weighted by this rank's share of them; plan
+    terms (`images` None) log as `loss/grpo_reason` and `reason/*`."""
+    rc = run.cfg.reflector
+    adv = torch.cat([t.adv for t in terms])
+    valid = torch.cat([t.valid for t in terms])
+    if len(terms) == 1 and terms[0].forwards is not None:  # made while the judge scored
+        fwd = terms[0].forwards
+    else:
+        prompts = [p for t in terms for p in t.prompts]
+        images = None if terms[0].images is None else [im for t in terms for im in t.images]
+        fwd = text_forwards(run, prompts, images, [r for t in terms for r in t.reflections])
+    if fwd is None:
+        return torch.zeros(()), {}
+    keep, images = fwd.keep, terms[0].images
+    refl = [[r for t in terms for r in t.reflections][i] for i in keep]
+    adv, valid = adv[keep], valid[keep]
+    logps, entropy, kl_logps, ref = fwd.logps, fwd.entropy, fwd.kl_logps, fwd.ref
+    mask = fwd.mask & valid[:, None].to(fwd.mask.device)  # rewards and advantages live on the CPU
     vllm = run.rollout is not None and images is not None  # plans: the reflector sampled them
     old, mask, is_weights, is_metrics = behaviour_logprobs(
         refl, logps, mask, from_vllm=vllm, cap=rc.vllm.is_cap
@@ -117,6 +142,28 @@ def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str,
     return loss, out | is_metrics
 
 
+def image_forwards(
+    run: Run, policy: Policy, rollout: DiffusionRollout, rows: torch.Tensor | None = None
+) -> ImageForwards:
+    """FlowGRPO's forwards of `rows` (default: all) of a rollout at each trained step: the
+    policy's (log-prob, mean, std) with grad and, with KL, the frozen reference's mean. They do
+    not read the rewards: the trainer makes them while the judge scores."""
+    rows = torch.arange(rollout.traj.states.shape[0]) if rows is None else rows
+    traj: Trajectory = rollout.traj.index(rows)
+    cond = rollout.cond.index(rows)
+    ref_lat = rollout.ref[rows] if rollout.ref is not None else None
+    sde, kl = policy.settings.sde, run.cfg.flow_grpo.beta > 0 and policy.ref_transformer is not None
+    steps = []
+    for k in range(traj.states.shape[1]):
+        logp, mean, std = transition_logprob(policy.model, traj, k, cond, ref_lat, sde)
+        ref_mean = None
+        if kl:
+            with torch.no_grad(), policy.reference():
+                _, ref_mean, _ = transition_logprob(policy.model, traj, k, cond, ref_lat, sde)
+        steps.append((logp, mean, std, ref_mean))
+    return ImageForwards(steps)
+
+
 def _image_loss(
     run: Run, terms: list[ImageTerm]
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
@@ -137,17 +184,14 @@ def _image_loss(
         pol, ro = t.policy, t.rollout
         idx = torch.nonzero(t.valid).flatten() if live else torch.zeros(1, dtype=torch.long)
         scale = len(idx) / max(1, t.size) * dist.world if live else 0.0
-        traj, cond = ro.traj.index(idx), ro.cond.index(idx)
-        ref_lat = ro.ref[idx] if ro.ref is not None else None
+        traj = ro.traj.index(idx)
         adv = torch.nan_to_num(t.adv[idx])
         sde = pol.settings.sde
         k_steps = traj.states.shape[1]
+        # made while the judge scored (every row: the valid ones are taken), or here
+        fwd = t.forwards.rows(idx) if t.forwards is not None else image_forwards(run, pol, ro, idx)
         for k in range(k_steps):
-            logp, mean, std = transition_logprob(pol.model, traj, k, cond, ref_lat, sde)
-            ref_mean = None
-            if fg.beta > 0 and pol.ref_transformer is not None:
-                with torch.no_grad(), pol.reference():
-                    _, ref_mean, _ = transition_logprob(pol.model, traj, k, cond, ref_lat, sde)
+            logp, mean, std, ref_mean = fwd.steps[k]
             kl = ref_mean is not None
             loss, m = flow_grpo_loss(
                 logp,

@@ -3,6 +3,10 @@
 One file holds the episode logic for training (R3's two step kinds and tree credit) and for
 evaluation (multi-round, early stop). Images are PIL at the boundary; rewards come from the
 recipe's `CombinedReward`, with `None` turned into NaN so it is masked, never counted as 0.
+
+A slow judge need not stall the trainer: given an executor, `score_later` and
+`reflect_and_refine` score in its thread and hand back the scores as a future, so the caller can
+do the work that does not read them (the loss's forwards) before it waits.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 import torch
@@ -125,6 +130,24 @@ def score(
     return Scored(total, res.components, res.failures, res.latency_s)
 
 
+def score_later(
+    pool: Executor | None,
+    reward: CombinedReward,
+    metas: list[dict],
+    images: list[Image.Image],
+    texts: list[str] | None = None,
+    **extra,
+) -> Future[Scored]:
+    """`score` in `pool`'s thread (an HTTP judge waits on the network, not on the GIL), or now
+    when `pool` is None; `.result()` gives the scores or raises what scoring raised. Judge
+    failures are the reward's business either way (`None` -> NaN)."""
+    if pool is not None:
+        return pool.submit(score, reward, metas, images, texts, **extra)
+    done: Future[Scored] = Future()
+    done.set_result(score(reward, metas, images, texts, **extra))
+    return done
+
+
 @dataclass
 class DiffusionRollout:
     """Images from one diffusion policy with the trained transitions and their conditioning."""
@@ -231,8 +254,25 @@ class RefineRound:
     # this rank's block of the E edits (a stand-in row when its block is empty); None: no edit
     rollout: DiffusionRollout | None
     images: list[Image.Image]  # (G,) every row's image after the round (its input when it stopped)
-    # total (G,): every row's reward (its input's when it stopped); components (E,): the edits'
-    scores: Scored
+    input_rewards: torch.Tensor  # (G,) the reward of each row's input image
+    pending: Future[Scored]  # this rank's edits' scores, maybe still being computed
+    _scores: Scored | None = field(default=None, repr=False)
+
+    @property
+    def scores(self) -> Scored:
+        """total (G,): every row's reward (its input's when it stopped); components (E,): the
+        edits'. The first read waits for this rank's scores and gathers every rank's: a
+        collective, so every rank reads it at the same point."""
+        if self._scores is None:
+            total = self.input_rewards.clone()
+            if not self.edited:
+                self._scores = Scored(total, {}, {}, {})
+                return self._scores
+            s = gather_scores(self.pending.result(), self.edits)
+            for j, i in enumerate(self.edited):
+                total[i] = s.total[j]
+            self._scores = Scored(total, s.components, s.failures, s.latency_s)
+        return self._scores
 
 
 def reflect_and_refine(
@@ -249,6 +289,7 @@ def reflect_and_refine(
     generator: torch.Generator,
     seed: int,
     topo: Topology | None = None,
+    pool: Executor | None = None,
 ) -> RefineRound:
     """One reflect-refine round for a group; stopped rows keep their image and reward.
 
@@ -257,6 +298,7 @@ def reflect_and_refine(
     the ranks by `Shard`, the refiner's random draws made for all of them on every rank; each
     rank refines and scores its block and the blocks are gathered back, so every rank returns
     the whole round. A rank with no edit of its own refines a stand-in (see `Shard.keep`).
+    With `pool` the edits are scored in its thread: `RefineRound.scores` waits for them.
     """
     topo = topo or Topology()
     refl = reflector.reflect(
@@ -270,9 +312,11 @@ def reflect_and_refine(
     )
     edited = [i for i, r in enumerate(refl) if r.instruction is not None]
     edits = Shard(len(edited), topo)
-    out, total = list(images), input_rewards.clone()
+    out = list(images)
+    none: Future[Scored] = Future()
+    none.set_result(Scored(torch.zeros(0), {}, {}, {}))
     if not edited:
-        return RefineRound(refl, edited, edits, None, out, Scored(total, {}, {}, {}))
+        return RefineRound(refl, edited, edits, None, out, input_rewards, none)
     instructions = [refl[i].instruction for i in edited]
     texts = refiner_texts(refiner, [metas[i] for i in edited], instructions)  # per refiner.mode
     rollout = run_diffusion(
@@ -286,9 +330,11 @@ def reflect_and_refine(
     )
     mine = [edited[j] for j in edits.rows]
     refined = rollout.images[: len(mine)]  # without the stand-in row
+    pending = none
     if mine:
         metas_e, inputs = [metas[i] for i in mine], [images[i] for i in mine]
-        s = score(
+        pending = score_later(
+            pool,
             reward,
             metas_e,
             refined,
@@ -296,12 +342,6 @@ def reflect_and_refine(
             input_images=inputs,
             regions=regions(rollout.texts[: len(mine)], metas_e),
         )
-    else:
-        s = Scored(torch.zeros(0), {}, {}, {})
-    s = gather_scores(s, edits)
-    for j, (i, image) in enumerate(zip(edited, edits.gather(refined), strict=True)):
+    for i, image in zip(edited, edits.gather(refined), strict=True):
         out[i] = image
-        total[i] = s.total[j]
-    return RefineRound(
-        refl, edited, edits, rollout, out, Scored(total, s.components, s.failures, s.latency_s)
-    )
+    return RefineRound(refl, edited, edits, rollout, out, input_rewards, pending)

@@ -16,6 +16,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -105,6 +106,8 @@ class Run:
     rollout: VLLMRollout | None = None
     # rollout.reason: how the reflector plans before the generator draws (r3rl.reason)
     reason: Reasoner | None = None
+    # the next step's rollout, begun during this one while its judge scored (r3rl.trainer)
+    ahead: Any = None
 
     @property
     def sampler(self) -> HFReflector | VLLMRollout:
@@ -115,6 +118,9 @@ class Run:
         """Stop what the run started outside this process (a launched vLLM rollout server)."""
         if self.rollout is not None:
             self.rollout.close()
+        if self.ahead is not None:  # its scoring thread
+            self.ahead.close()
+            self.ahead = None
 
     @property
     def diffusion_policies(self) -> list[Policy]:

@@ -6,6 +6,19 @@ weighted GRPO + FlowGRPO loss, which an `Update` (`r3rl.update`) backpropagates 
 `train` is the loop with evaluation (`r3rl.evaluate`), logging and checkpoints. The loaded
 policies and the state carried between steps live in `r3rl.run`.
 
+A slow judge is kept off the critical path. Each rollout's images are scored in a scoring
+thread (`judge.overlap`) while the trainer goes on with work that does not read the scores:
+the loss's forwards, and, in a refine step followed by a generate step, the next step's
+generator rollout (`_Ahead`). That rollout stays exactly on-policy: a refine step updates the
+reflector and the refiner, never the generator, so the generator samples with the weights the
+generate step would have sampled with, and its draws (run.rng's prompt, the step's seeded noise)
+are the ones it would have made. Its scores may still be in flight when the refine step ends;
+the generate step waits for them before its advantages. Only the advantages wait, so the numbers
+are those of scoring inline (`judge.overlap: false`). Checkpoint rule: before an evaluation or a
+checkpoint the rollout begun for the next step is dropped (its scoring finished, its draw from
+run.rng undone), so a checkpoint holds the state after its step and nothing in flight, and the
+next step, resumed or not, makes the same rollout again.
+
 Every rollout follows one path between the ranks (`r3rl.distributed.Shard`): each rank
 simulates its block of a group, the scores are gathered (`gather_scores`), the group
 statistics are computed on the whole group on every rank, and each rank takes its rows back.
@@ -17,6 +30,8 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,19 +44,20 @@ from r3rl.distributed import Shard, any_rank, mean_metrics
 from r3rl.errors import UserError
 from r3rl.evaluate import TrainingEvals
 from r3rl.logger import RunLogger
-from r3rl.losses import batch_loss
+from r3rl.losses import batch_loss, image_forwards, text_forwards
 from r3rl.models.vllm_rollout import RolloutError
 from r3rl.reason import Plans, plan_metrics, write_plans
 from r3rl.rollout import (
     BufferItem,
     DiffusionRollout,
+    Scored,
     gather_scores,
     nanmean,
     reflect_and_refine,
     reflection_text_scores,
     reward_metrics,
     run_diffusion,
-    score,
+    score_later,
 )
 from r3rl.run import Policy, Run, build_run, process_group
 from r3rl.stopping import StopRequested, reward_failures, stop_on_rollout_error
@@ -67,44 +83,162 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     """`trainer.grad_accum` rollouts, each backpropagated after the last (so only one is held),
     then one optimiser step. `scale_rewards: batch` needs every group of the step first: then
     all the rollouts are made (and held) before their losses; the weights do not change in
-    between, so the numbers are the same either way."""
+    between, so the numbers are the same either way. A rollout scores in the step's scoring
+    thread; the next step's rollout may begin during this one (see the module's docstring)."""
     stage = stage_for(run, step)
     update = Update(run)
     t_roll = 0.0
     t0 = time.perf_counter()
-    rollouts = _rollouts(run, stage, step, run.cfg.trainer.grad_accum)
-    if run.cfg.rollout.scale_rewards == "batch":
-        rollouts = list(rollouts)
-        scale_by_batch_std([batch for batch, _ in rollouts])
-    for batch, seconds in rollouts:
-        t_roll += seconds
-        update.add(batch_loss(run, batch), batch.metrics)
+    n = run.cfg.trainer.grad_accum
+    held = run.cfg.rollout.scale_rewards == "batch" and n > 1
+    ahead = _take_ahead(run, step)
+    pool = ahead.pool if ahead is not None else _scoring_thread(run)
+    try:
+        # held rollouts wait for their losses: their forwards (graphs) are made then, not early
+        rollouts = _rollouts(run, stage, step, n, pool, forwards_early=not held, ahead=ahead)
+        if run.cfg.rollout.scale_rewards == "batch":
+            rollouts = list(rollouts)
+            scale_by_batch_std([batch for batch, _ in rollouts])
+        for batch, seconds in rollouts:
+            t_roll += seconds
+            update.add(batch_loss(run, batch), batch.metrics)
+    finally:  # the thread goes on only with the next step's rollout, begun in this one
+        if pool is not None and (run.ahead is None or run.ahead.pool is not pool):
+            pool.shutdown(wait=True)
+    # on-policy: the rollout begun for the next step sampled weights this update leaves alone
+    assert run.ahead is None or run.ahead.policy not in update.optimizers
     out = update.step()
     t_train = time.perf_counter() - t0 - t_roll
     out.update({"stage": stage, "time/rollout_s": t_roll, "time/train_s": t_train})
     out["time/step_s"] = t_roll + t_train
+    if ahead is not None:  # this step's rollout, made (and timed) in the step before
+        out["time/rollout_ahead_s"] = ahead.seconds
     row = mean_metrics(out, run.dist)
     if run.rollout is not None and "reflector" in update.optimizers:
         run.sync_rollout(row)
     return row
 
 
-def _rollouts(run: Run, stage: str, step: int, n: int) -> Iterator[tuple[Batch, float]]:
+def _scoring_thread(run: Run) -> ThreadPoolExecutor | None:
+    """A step's one scoring thread (`judge.overlap`; None: score inline). One thread, so the
+    recipe's rewards are never called twice at once (an HTTP judge's pool serves one call at a
+    time)."""
+    if not run.cfg.judge.overlap:
+        return None
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="r3rl-score")
+
+
+def _seed(run: Run, step: int, micro: int) -> int:
+    """The seed of a step's `micro`-th rollout (its noise and its text samples)."""
+    return run.cfg.seed * 100003 + step + micro * 7919
+
+
+def _rollouts(
+    run: Run,
+    stage: str,
+    step: int,
+    n: int,
+    pool: Executor | None = None,
+    *,
+    forwards_early: bool = True,
+    ahead: _Ahead | None = None,
+) -> Iterator[tuple[Batch, float]]:
     """The step's `n` rollouts of `stage`, made one at a time as they are asked for, with the
-    seconds each took."""
+    seconds each took (those of the loss forwards made while the judge scored included; `ahead`,
+    the first one, begun in the step before, counts there). Each is scored in `pool`'s thread
+    (None: inline) and returns once its scores are in; with `forwards_early` its loss forwards
+    are made meanwhile (always, whatever `pool` is, so the numbers do not depend on it)."""
     for micro in range(n):
         t0 = time.perf_counter()
-        seed = run.cfg.seed * 100003 + step + micro * 7919
+        seed = _seed(run, step, micro)
         gen = torch.Generator().manual_seed(seed)
         if stage == "generate":
-            batch = _generate_rollout(run, gen, train=True, seed=seed)
+            started = ahead.started if ahead is not None and micro == 0 else None
+            batch = _generate_rollout(
+                run, gen, train=True, seed=seed, pool=pool, forwards=forwards_early, started=started
+            )
         elif stage == "refine":
             if run.generator.trainable is False or len(run.buffer) == 0:
                 _generate_rollout(run, gen, train=False, seed=seed)  # keep the buffer fed
-            batch = _refine_rollout(run, gen, seed)
+            begin = step + 1 if pool is not None and _can_begin_next(run, step, n) else None
+            batch = _refine_rollout(run, gen, seed, pool=pool, forwards=forwards_early, begin=begin)
         else:
             batch = _tree_rollout(run, gen, seed)
         yield batch, time.perf_counter() - t0
+
+
+@dataclass
+class _Started:
+    """A generate rollout whose images are drawn and whose scores may still be in flight."""
+
+    meta: dict
+    plans: Plans | None
+    rollout: DiffusionRollout
+    pending: Future[Scored]
+    train: bool
+
+
+@dataclass
+class _Ahead:
+    """Step `step`'s generator rollout, begun by the refine step before it while that step's
+    judge scored; its scores may still be in flight in `pool`, the thread it hands on."""
+
+    step: int
+    rng_before: tuple  # run.rng's state before the rollout drew its prompt
+    started: _Started
+    pool: ThreadPoolExecutor
+    seconds: float
+    policy: str = "generator"  # the policy it sampled: no update before `step` may touch it
+
+    def close(self) -> None:
+        """Wait for its scoring to end (never two reward calls at once) and drop it."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _can_begin_next(run: Run, step: int, n: int) -> bool:
+    """Whether this refine step begins the next step's rollout: the next step is a generate step
+    of this run (not past max_steps) that samples only the generator (no plans: the reflector
+    writes them, and this step trains it), with one rollout a step, in one process."""
+    nxt = step + 1
+    return (
+        n == 1
+        and nxt <= run.cfg.trainer.max_steps
+        and stage_for(run, nxt) == "generate"
+        and run.reason is None
+        and not run.dist.distributed
+        and not run.engines
+    )
+
+
+def _begin_next(run: Run, step: int, pool: ThreadPoolExecutor) -> _Ahead:
+    """Step `step`'s generate rollout, drawn now and scored in `pool` (see `_Ahead`)."""
+    t0 = time.perf_counter()
+    rng_before = run.rng.getstate()
+    seed = _seed(run, step, 0)
+    gen = torch.Generator().manual_seed(seed)
+    started = _start_generate(run, gen, train=True, seed=seed, pool=pool)
+    return _Ahead(step, rng_before, started, pool, time.perf_counter() - t0)
+
+
+def _take_ahead(run: Run, step: int) -> _Ahead | None:
+    """The rollout begun for `step`, taken off the run; one begun for another step is dropped."""
+    ahead = run.ahead
+    if ahead is not None and ahead.step != step:
+        drop_ahead(run)
+        return None
+    run.ahead = None
+    return ahead
+
+
+def drop_ahead(run: Run) -> None:
+    """Drop the rollout begun for the next step, if any: its scoring is waited for, run.rng goes
+    back to before its draw (the next step draws the same again). Before an evaluation (which
+    calls the rewards) and a checkpoint (which then holds the state after its step, nothing in
+    flight)."""
+    ahead, run.ahead = run.ahead, None
+    if ahead is not None:
+        ahead.close()
+        run.rng.setstate(ahead.rng_before)
 
 
 def _plans(run: Run, metas: list[dict], seed: int) -> Plans | None:
@@ -115,9 +249,28 @@ def _plans(run: Run, metas: list[dict], seed: int) -> Plans | None:
     return write_plans(run.reflector, run.reason, metas, run.text, seed=seed + 104729)
 
 
-def _generate_rollout(run: Run, gen: torch.Generator, *, train: bool, seed: int = 0) -> Batch:
-    """R3's generate step: a group of G images of one prompt, image reward = the reward; with
-    `rollout.reason` each image is drawn from the prompt and its plan, and the plans train too."""
+def _generate_rollout(
+    run: Run,
+    gen: torch.Generator,
+    *,
+    train: bool,
+    seed: int = 0,
+    pool: Executor | None = None,
+    forwards: bool = False,
+    started: _Started | None = None,
+) -> Batch:
+    """R3's generate step (`started`: its images, drawn in the step before; see `_Ahead`)."""
+    if started is None:
+        started = _start_generate(run, gen, train=train, seed=seed, pool=pool)
+    return _finish_generate(run, started, forwards=forwards)
+
+
+def _start_generate(
+    run: Run, gen: torch.Generator, *, train: bool, seed: int = 0, pool: Executor | None = None
+) -> _Started:
+    """R3's generate step up to its scores: a group of G images of one prompt, sent to the
+    rewards in `pool`'s thread (None: scored now); with `rollout.reason` each image is drawn
+    from the prompt and its plan."""
     g = run.cfg.rollout.group_size
     meta = run.rng.choice(run.train_prompts)
     group = Shard(g, run.dist)  # noise is drawn for all g on every rank
@@ -127,7 +280,20 @@ def _generate_rollout(run: Run, gen: torch.Generator, *, train: bool, seed: int 
     ro = run_diffusion(
         pol.model, prompts, None, pol.settings, train=train, generator=gen, keep=group.keep
     )
-    s = gather_scores(score(run.reward, [meta] * len(ro.images), ro.images), group)
+    pending = score_later(pool, run.reward, [meta] * len(ro.images), ro.images)
+    return _Started(meta, plans, ro, pending, train)
+
+
+def _finish_generate(run: Run, started: _Started, *, forwards: bool = False) -> Batch:
+    """R3's generate step from its images: image reward = the reward; with `rollout.reason` the
+    plans train too. With `forwards` the image loss's forwards are made before the scores are
+    waited for."""
+    g = run.cfg.rollout.group_size
+    group = Shard(g, run.dist)
+    pol = run.generator
+    meta, plans, ro, train = started.meta, started.plans, started.rollout, started.train
+    fwd = image_forwards(run, pol, ro) if forwards and train and _trains(pol) else None
+    s = gather_scores(started.pending.result(), group)  # what follows reads the rewards
     if run.refiner is not None:  # the inputs of later refine steps
         for im, r in zip(group.gather(ro.images), s.total.tolist()):
             run.buffer.add(BufferItem(meta, im, r, 0))
@@ -138,7 +304,9 @@ def _generate_rollout(run: Run, gen: torch.Generator, *, train: bool, seed: int 
         adv, valid, zero, groups = group_advantages(
             image_r, torch.zeros(g), scale_std=_group_std(run)
         )
-        term = ImageTerm(pol, ro, group.take(adv), group.take(valid), total=g, pool=image_r)
+        term = ImageTerm(
+            pol, ro, group.take(adv), group.take(valid), total=g, pool=image_r, forwards=fwd
+        )
         batch.image_terms.append(term)
         batch.metrics["frac_reward_zero_std"] = zero / groups
     if plans is not None:
@@ -158,9 +326,19 @@ def _add_plans(
         batch.text_terms.append(plan_term(plans, rewards, Shard(g, run.dist), **kw))
 
 
-def _refine_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
+def _refine_rollout(
+    run: Run,
+    gen: torch.Generator,
+    seed: int,
+    *,
+    pool: Executor | None = None,
+    forwards: bool = False,
+    begin: int | None = None,
+) -> Batch:
     """R3's reflect-refine step: the group reflects on and refines one buffered image; reward =
-    improvement over it; text reward = format + improvement; no image advantage on a stop."""
+    improvement over it; text reward = format + improvement; no image advantage on a stop.
+    The refinements are scored in `pool`'s thread (None: inline) while step `begin`'s generate
+    rollout is begun (`run.ahead`) and, with `forwards`, the loss's forwards are made."""
     rc = run.cfg.rollout
     g = rc.group_size
     item = run.buffer.draw(run.rng, rc.perfect_prob, run.reward.is_perfect)
@@ -181,8 +359,21 @@ def _refine_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
         generator=gen,
         seed=seed,
         topo=run.dist,
+        pool=pool,
     )
-    refl, s, edited = out.reflections, out.scores, out.edited
+    refl, edited = out.reflections, out.edited
+    # the refined image that goes on to the next round, drawn before the next step's prompt
+    carry = run.rng.choice(edited) if item.round + 1 < rc.max_rounds and edited else None
+    if begin is not None:
+        run.ahead = _begin_next(run, begin, pool)
+    prompts = [m["prompt"] for m in metas]
+    t_fwd = i_fwd = None
+    if forwards:  # while the judge scores: they read the round, not its rewards
+        if run.reflector_opt is not None:
+            t_fwd = text_forwards(run, *(group.take(x) for x in (prompts, inputs, refl)))
+        if out.rollout is not None and _trains(pol):
+            i_fwd = image_forwards(run, pol, out.rollout)
+    s = out.scores  # waits for the judge
     stopped = torch.tensor([r.instruction is None for r in refl])
     fmt = torch.tensor([float(r.format_ok) for r in refl])
     text_r, image_r, image_mask = r3_refine_rewards(
@@ -201,9 +392,10 @@ def _refine_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
     t_adv, t_valid, zero, groups = group_advantages(text_r, ids, scale_std=_group_std(run))
     tokens = sum(len(r.token_ids) for r, v in zip(refl, t_valid.tolist()) if v)  # on all ranks
     i_adv, i_valid, _, _ = group_advantages(image_r, ids, scale_std=_group_std(run))
-    if item.round + 1 < rc.max_rounds and edited:
-        k = run.rng.choice(edited)  # one refined image goes on to the next round
-        run.buffer.add(BufferItem(item.meta, out.images[k], float(s.total[k]), item.round + 1))
+    if carry is not None:  # one refined image goes on to the next round
+        run.buffer.add(
+            BufferItem(item.meta, out.images[carry], float(s.total[carry]), item.round + 1)
+        )
     batch = Batch(metrics=reward_metrics(s))
     batch.metrics |= {
         "reward/format_mean": float(fmt.mean()),
@@ -213,17 +405,20 @@ def _refine_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
         "refine/input_round": item.round,
         "frac_reward_zero_std": zero / groups,
     }
-    prompts = [m["prompt"] for m in metas]
     text_rows = [group.take(x) for x in (prompts, inputs, refl, t_adv, t_valid)]  # this rank's
-    batch.text_terms.append(TextTerm(*text_rows, tokens=tokens, pool=text_r))
+    batch.text_terms.append(TextTerm(*text_rows, tokens=tokens, pool=text_r, forwards=t_fwd))
     if out.rollout is not None:
         mine = [edited[j] for j in out.edits.rows]  # the group rows of this rank's edits
         if mine:
             idx = torch.tensor(mine)
             valid = i_valid[idx] & image_mask[idx]
-            term = ImageTerm(pol, out.rollout, i_adv[idx], valid, total=len(edited), pool=image_r)
+            term = ImageTerm(
+                pol, out.rollout, i_adv[idx], valid, total=len(edited), pool=image_r, forwards=i_fwd
+            )
         else:  # every rank pools the group
-            term = ImageTerm.stand_in(pol, out.rollout, total=len(edited), pool=image_r)
+            term = ImageTerm.stand_in(
+                pol, out.rollout, total=len(edited), pool=image_r, forwards=i_fwd
+            )
         batch.image_terms.append(term)
     return batch
 
@@ -275,6 +470,11 @@ def _tree_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
     return batch
 
 
+def _trains(policy: Policy) -> bool:
+    """Whether `batch_loss` trains this diffusion policy (so its forwards are worth making)."""
+    return policy.trainable and policy.opt is not None
+
+
 def _group_std(run: Run) -> bool:
     """Whether a group's advantages are divided by its own std ('batch' divides them later)."""
     return run.cfg.rollout.scale_rewards == "group"
@@ -318,21 +518,27 @@ def _train(run: Run) -> None:
             try:
                 row = train_step(run, step)
             except RolloutError as e:  # the server died, hung or did not take the weights
+                drop_ahead(run)  # what is saved is the state after the step
                 if getattr(e, "row", None) is not None:  # after the step's update: logged, saved
                     logger.log(step, e.row)
                 stop_on_rollout_error(run, e, step, out)
             trained_s += row["time/step_s"]  # the ranks' mean: every rank stops at the same step
             last = step == tc.max_steps or trained_s >= budget_s
-            if tc.eval_every and (step % tc.eval_every == 0 or last):
+            evaluating = tc.eval_every and (step % tc.eval_every == 0 or last)
+            stopping = any_rank(stop.flag, topo)  # every rank saves and stops at the same step
+            saving = (tc.save_every and step % tc.save_every == 0) or last or stopping
+            failed = reward_failures(run, row, step)
+            if evaluating or saving or failed:  # the checkpoint rule (module docstring)
+                drop_ahead(run)
+            if evaluating:
                 row.update(evals.at(step))
             logger.log(step, row)
-            stopping = any_rank(stop.flag, topo)  # every rank saves and stops at the same step
-            if (tc.save_every and step % tc.save_every == 0) or last or stopping:
+            if saving:
                 path = save_checkpoint(run, out, step, keep_last=tc.keep_last)
                 if stopping and not last:
                     logger.info(stop.message(step, path, out))
                     return
-            if failed := reward_failures(run, row, step):
+            if failed:
                 path = save_checkpoint(run, out, step, keep_last=tc.keep_last)
                 raise UserError(f"{failed}; checkpoint saved to {path}")
             if last:
