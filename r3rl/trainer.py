@@ -198,14 +198,14 @@ class _Ahead:
 def _can_begin_next(run: Run, step: int, n: int) -> bool:
     """Whether this refine step begins the next step's rollout: the next step is a generate step
     of this run (not past max_steps) that samples only the generator (no plans: the reflector
-    writes them, and this step trains it), with one rollout a step, in one process."""
+    writes them, and this step trains it), with one rollout a step. Every rank decides alike.
+    Not under DeepSpeed engines (untested there)."""
     nxt = step + 1
     return (
         n == 1
         and nxt <= run.cfg.trainer.max_steps
         and stage_for(run, nxt) == "generate"
         and run.reason is None
-        and not run.dist.distributed
         and not run.engines
     )
 
