@@ -163,7 +163,7 @@ def _rollouts(
             begin = step + 1 if pool is not None and _can_begin_next(run, step, n) else None
             batch = _refine_rollout(run, gen, seed, pool=pool, forwards=forwards_early, begin=begin)
         else:
-            batch = _tree_rollout(run, gen, seed)
+            batch = _tree_rollout(run, gen, seed, pool)
         yield batch, time.perf_counter() - t0
 
 
@@ -423,10 +423,10 @@ def _refine_rollout(
     return batch
 
 
-def _tree_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
+def _tree_rollout(run: Run, gen: torch.Generator, seed: int, pool: Executor | None = None) -> Batch:
     """Tree credit (`r3rl.tree`): this rank's share of the tree's nodes as loss terms, each with
     its count on all ranks; a rank without refinements of its own in a level trains a stand-in
-    at weight 0."""
+    at weight 0. Each level's batch is scored in `pool`'s thread while the next level grows."""
     meta = run.rng.choice(run.train_prompts)
     g = run.cfg.rollout.group_size
     plans = _plans(run, [meta] * g, seed)
@@ -442,6 +442,7 @@ def _tree_rollout(run: Run, gen: torch.Generator, seed: int) -> Batch:
         seed=seed,
         topo=run.dist,
         texts=None if plans is None else plans.texts,
+        pool=pool,
     )
     roots = tree.values[:g].float()
     batch = Batch(metrics={**reward_metrics(tree.root_scores, roots), **tree.metrics})

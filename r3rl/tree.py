@@ -4,7 +4,9 @@ and give every node its value and sibling-relative advantage, on one or several 
 Several processes split the work as R3 credit does (`r3rl.distributed.Shard`): each rank simulates
 a contiguous block of the roots and of each level's refinements, with the diffusion draws made
 for the whole level on every rank; every rank samples the whole level's reflections with the
-same seed; images and rewards are gathered after each level. So every rank holds the whole tree
+same seed; images are gathered after each level, rewards once the tree is grown (a batch is
+scored in the scoring thread, when given, while the next level is reflected on and refined: a
+reflection reads images, not rewards). So every rank holds the whole tree
 and computes the same advantages, whatever the split, and trains its block of each level's
 nodes. Each trained term carries its node count (and the reflections their valid token count)
 on all ranks, from which the trainer weights its share so that the mean of the ranks' gradients
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +86,7 @@ def grow_tree(
     seed: int,
     topo: Topology,
     texts: list[str] | None = None,
+    pool: Executor | None = None,
 ) -> Tree:
     """G roots x K reflections x M refinements per level, `cfg.max_rounds` levels. A reflection
     that stops is a leaf whose reward is its unchanged input's. Every batch of the tree (the
@@ -94,7 +98,9 @@ def grow_tree(
     value minus its input's reward, or `perfect_stop_bonus` when it stopped on a perfect input;
     with K = G, M = 1 and one level this is R3's reflect-refine step. `judge/failures` counts
     every unscored sample of the tree (roots and refinements), `judge/samples` the samples.
-    `texts` (G,): the roots' generator texts (`rollout.reason`: prompt + plan; default prompt)."""
+    `texts` (G,): the roots' generator texts (`rollout.reason`: prompt + plan; default prompt).
+    `pool`: the thread that scores each batch while the next level grows (None: inline); the
+    rewards are waited for, and gathered from the ranks, once every level is grown."""
     g, prompt = cfg.group_size, meta["prompt"]
     mine = Shard(g, topo)
     roots = run_diffusion(
@@ -106,19 +112,19 @@ def grow_tree(
         generator=generator_rng,
         keep=mine.keep,
     )
-    root_s = gather_scores(score(reward, [meta] * len(roots.images), roots.images), mine)
+    # (future scores, their split between the ranks, their nodes) of each scored batch
+    pending = [
+        (_score_later(pool, reward, [meta] * len(roots.images), roots.images), mine, list(range(g)))
+    ]
     parent = [-1] * g
-    rewards = root_s.total.tolist()
-    frontier = list(
-        zip(range(g), mine.gather(roots.images), rewards)
-    )  # (node, image, reward) to reflect on
+    rewards = [math.nan] * g  # every node's, filled in from `pending` once the tree is grown
+    frontier = list(zip(range(g), mine.gather(roots.images)))  # (node, image) to reflect on
+    kept: dict[int, int] = {}  # a reflection that stopped -> the node whose image (reward) it kept
     reflections: list[tuple[int, Reflection, Image.Image]] = []
     lengths: list[tuple[int, int]] = []  # (node, completion tokens) of every rank's reflections
     refinements: list[tuple[Rows, DiffusionRollout]] = []
     stops = total_refl = 0
-    refl_info: list[
-        tuple[int, int, float, bool, bool]
-    ] = []  # (node, parent, input reward, stopped, format ok)
+    refl_info: list[tuple[int, int, bool, bool]] = []  # (node, parent, stopped, format ok)
     refl_all: list[Reflection] = []  # the reflection of each refl_info entry, on every rank
     for level in range(cfg.max_rounds):
         if not frontier:
@@ -138,14 +144,14 @@ def grow_tree(
         edit_src: list[
             tuple[int, Image.Image, str]
         ] = []  # (reflection node, input image, instruction)
-        for j, ((node, image, r), rf) in enumerate(zip(src, refl)):
+        for j, ((node, image), rf) in enumerate(zip(src, refl)):
             rid = len(parent)
             parent.append(node)
-            rewards.append(
-                r if rf.instruction is None else math.nan
-            )  # stop: value = unchanged image
+            rewards.append(math.nan)
+            if rf.instruction is None:  # stop: value = the unchanged image's
+                kept[rid] = node
             lengths.append((rid, len(rf.token_ids)))
-            refl_info.append((rid, node, r, rf.instruction is None, bool(rf.format_ok)))
+            refl_info.append((rid, node, rf.instruction is None, bool(rf.format_ok)))
             refl_all.append(rf)
             if j in own:
                 reflections.append((rid, rf, image))
@@ -156,12 +162,22 @@ def grow_tree(
         frontier = []
         if edit_src:
             edits = Shard(len(edit_src), topo)
-            frontier, ro = _refine_level(
-                refiner, reward, meta, edit_src, len(parent), generator_rng, edits
+            frontier, ro, scores = _refine_level(
+                refiner, reward, meta, edit_src, len(parent), generator_rng, edits, pool
             )
+            pending.append((scores, edits, [node for node, _ in frontier]))
             parent += [rid for rid, _, _ in edit_src]
-            rewards += [r for _, _, r in frontier]
+            rewards += [math.nan] * len(frontier)
             refinements.append((Rows([frontier[i][0] for i in edits.rows], len(frontier)), ro))
+    # the rewards, scored meanwhile; every rank gathers them in the same order
+    gathered = [gather_scores(scores.result(), shard) for scores, shard, _ in pending]
+    root_s = gathered[0]
+    for s, (_, _, nodes) in zip(gathered, pending, strict=True):
+        for node, r in zip(nodes, s.total.tolist(), strict=True):
+            rewards[node] = r
+    for rid, node in kept.items():
+        rewards[rid] = rewards[node]
+    refl_info = [(rid, node, rewards[node], stop, ok) for rid, node, stop, ok in refl_info]
     values, adv, zero, sets = tree_advantages(
         parent, torch.tensor(rewards, dtype=torch.float64), scale_std=cfg.scale_rewards == "group"
     )
@@ -185,7 +201,7 @@ def grow_tree(
     metrics = {
         "refine/stop_rate": stops / max(1, total_refl),
         "frac_reward_zero_std": zero / max(1, sets),
-        "reward/final_mean": nanmean(torch.tensor([r for _, _, r in frontier]))
+        "reward/final_mean": nanmean(torch.tensor([rewards[node] for node, _ in frontier]))
         if frontier
         else math.nan,
         "reward/format_mean": float(fmt.mean()) if refl_info else math.nan,
@@ -231,6 +247,15 @@ def reflection_rewards(
     return torch.tensor(out, dtype=torch.float64)
 
 
+def _score_later(pool: Executor | None, *args, **kwargs) -> Future[Scored]:
+    """`score` in `pool`'s thread, or now when `pool` is None (as `r3rl.rollout.score_later`)."""
+    if pool is not None:
+        return pool.submit(score, *args, **kwargs)
+    done: Future[Scored] = Future()
+    done.set_result(score(*args, **kwargs))
+    return done
+
+
 def _refine_level(
     refiner: Policy,
     reward: CombinedReward,
@@ -239,10 +264,12 @@ def _refine_level(
     first_node: int,
     rng: torch.Generator,
     shard: Shard,
-) -> tuple[list[tuple[int, Image.Image, float]], DiffusionRollout]:
-    """Refine a level's edits, each rank its block, and return every edit's (node, image, reward)
-    on every rank with this rank's rollout. A rank with an empty block refines a stand-in row (the
-    first edit) so that every rank runs the same forwards, as ZeRO-3 needs."""
+    pool: Executor | None = None,
+) -> tuple[list[tuple[int, Image.Image]], DiffusionRollout, Future[Scored]]:
+    """Refine a level's edits, each rank its block, and return every edit's (node, image) on every
+    rank, this rank's rollout and its block's scores (in `pool`'s thread; None: now). A rank with
+    an empty block refines a stand-in row (the first edit) so that every rank runs the same
+    forwards, as ZeRO-3 needs."""
     own = shard.rows
     ro = run_diffusion(
         refiner.model,
@@ -255,16 +282,17 @@ def _refine_level(
     )
     images = ro.images[: len(own)]
     inputs = [edits[i][1] for i in own]
-    s = (
-        score(
+    if images:
+        scores = _score_later(
+            pool,
             reward,
             [meta] * len(images),
             images,
             input_images=inputs,
             regions=regions(ro.texts[: len(own)], [meta] * len(images)),
         )
-        if images
-        else Scored(torch.zeros(0), {}, {}, {})
-    )
+    else:
+        scores = Future()
+        scores.set_result(Scored(torch.zeros(0), {}, {}, {}))
     nodes = range(first_node, first_node + len(edits))
-    return list(zip(nodes, shard.gather(images), gather_scores(s, shard).total.tolist())), ro
+    return list(zip(nodes, shard.gather(images))), ro, scores
