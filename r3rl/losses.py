@@ -5,7 +5,9 @@ gradient. `r3rl.update` backpropagates and steps what `batch_loss` returns.
 The loss's forwards (the policies' log-probs with grad, the frozen references') read the rollout
 and never its rewards, so the trainer may make them while a slow judge scores the rollout
 (`image_forwards`, `text_forwards`, stored on the terms); `batch_loss` makes the ones a term
-does not carry. Either way the same forwards run on the same rows in the same order.
+does not carry. Image forwards made early cover every row of the rollout and the loss takes the
+valid ones: the same numbers as forwards on the valid rows when every row is scored (with
+unscored rows, up to the float rounding of a larger batch).
 """
 
 from __future__ import annotations
