@@ -143,8 +143,17 @@ def score_later(
     failures are the reward's business either way (`None` -> NaN)."""
     if pool is not None:
         return pool.submit(score, reward, metas, images, texts, **extra)
+    return _done(score(reward, metas, images, texts, **extra))
+
+
+def no_scores() -> Future[Scored]:
+    """The scores of no image (a rank without a row of its own to score), already in."""
+    return _done(Scored(torch.zeros(0), {}, {}, {}))
+
+
+def _done(scores: Scored) -> Future[Scored]:
     done: Future[Scored] = Future()
-    done.set_result(score(reward, metas, images, texts, **extra))
+    done.set_result(scores)
     return done
 
 
@@ -313,10 +322,8 @@ def reflect_and_refine(
     edited = [i for i, r in enumerate(refl) if r.instruction is not None]
     edits = Shard(len(edited), topo)
     out = list(images)
-    none: Future[Scored] = Future()
-    none.set_result(Scored(torch.zeros(0), {}, {}, {}))
     if not edited:
-        return RefineRound(refl, edited, edits, None, out, input_rewards, none)
+        return RefineRound(refl, edited, edits, None, out, input_rewards, no_scores())
     instructions = [refl[i].instruction for i in edited]
     texts = refiner_texts(refiner, [metas[i] for i in edited], instructions)  # per refiner.mode
     rollout = run_diffusion(
@@ -330,7 +337,7 @@ def reflect_and_refine(
     )
     mine = [edited[j] for j in edits.rows]
     refined = rollout.images[: len(mine)]  # without the stand-in row
-    pending = none
+    pending = no_scores()
     if mine:
         metas_e, inputs = [metas[i] for i in mine], [images[i] for i in mine]
         pending = score_later(

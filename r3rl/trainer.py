@@ -6,18 +6,9 @@ weighted GRPO + FlowGRPO loss, which an `Update` (`r3rl.update`) backpropagates 
 `train` is the loop with evaluation (`r3rl.evaluate`), logging and checkpoints. The loaded
 policies and the state carried between steps live in `r3rl.run`.
 
-A slow judge is kept off the critical path. Each rollout's images are scored in a scoring
-thread (`judge.overlap`) while the trainer goes on with work that does not read the scores:
-the loss's forwards, and, in a refine step followed by a generate step, the next step's
-generator rollout (`_Ahead`). That rollout stays exactly on-policy: a refine step updates the
-reflector and the refiner, never the generator, so the generator samples with the weights the
-generate step would have sampled with, and its draws (run.rng's prompt, the step's seeded noise)
-are the ones it would have made. Its scores may still be in flight when the refine step ends;
-the generate step waits for them before its advantages. Only the advantages wait, so the numbers
-are those of scoring inline (`judge.overlap: false`). Checkpoint rule: before an evaluation or a
-checkpoint the rollout begun for the next step is dropped (its scoring finished, its draw from
-run.rng undone), so a checkpoint holds the state after its step and nothing in flight, and the
-next step, resumed or not, makes the same rollout again.
+A slow judge is kept off the critical path (`r3rl.overlap`): each rollout is scored in the
+step's scoring thread while the loss's forwards are made, and a refine step begins the next
+generate step's rollout; before an evaluation or a checkpoint that rollout is dropped.
 
 Every rollout follows one path between the ranks (`r3rl.distributed.Shard`): each rank
 simulates its block of a group, the scores are gathered (`gather_scores`), the group
@@ -30,12 +21,14 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from r3rl import overlap
 from r3rl.algos.advantages import group_advantages, r3_generate_rewards, r3_refine_rewards
 from r3rl.batch import Batch, ImageTerm, TextTerm, plan_term, scale_by_batch_std
 from r3rl.checkpoint import find_resume, load_checkpoint, save_checkpoint
@@ -84,16 +77,15 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     then one optimiser step. `scale_rewards: batch` needs every group of the step first: then
     all the rollouts are made (and held) before their losses; the weights do not change in
     between, so the numbers are the same either way. A rollout scores in the step's scoring
-    thread; the next step's rollout may begin during this one (see the module's docstring)."""
+    thread; the next step's rollout may begin during this one (`r3rl.overlap`)."""
     stage = stage_for(run, step)
     update = Update(run)
     t_roll = 0.0
     t0 = time.perf_counter()
     n = run.cfg.trainer.grad_accum
     held = run.cfg.rollout.scale_rewards == "batch" and n > 1
-    ahead = _take_ahead(run, step)
-    pool = ahead.pool if ahead is not None else _scoring_thread(run)
-    try:
+    ahead = overlap.take(run, step)
+    with overlap.step_thread(run, ahead) as pool:
         # held rollouts wait for their losses: their forwards (graphs) are made then, not early
         rollouts = _rollouts(run, stage, step, n, pool, forwards_early=not held, ahead=ahead)
         if run.cfg.rollout.scale_rewards == "batch":
@@ -102,11 +94,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         for batch, seconds in rollouts:
             t_roll += seconds
             update.add(batch_loss(run, batch), batch.metrics)
-    finally:  # the thread goes on only with the next step's rollout, begun in this one
-        if pool is not None and (run.ahead is None or run.ahead.pool is not pool):
-            pool.shutdown(wait=True)
-    # on-policy: the rollout begun for the next step sampled weights this update leaves alone
-    assert run.ahead is None or run.ahead.policy not in update.optimizers
+    # on-policy: the rollout begun for the next step sampled the generator, which this update
+    # leaves alone
+    assert run.ahead is None or "generator" not in update.optimizers
     out = update.step()
     t_train = time.perf_counter() - t0 - t_roll
     out.update({"stage": stage, "time/rollout_s": t_roll, "time/train_s": t_train})
@@ -119,18 +109,11 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     return row
 
 
-def _scoring_thread(run: Run) -> ThreadPoolExecutor | None:
-    """A step's one scoring thread (`judge.overlap`; None: score inline). One thread, so the
-    recipe's rewards are never called twice at once (an HTTP judge's pool serves one call at a
-    time)."""
-    if not run.cfg.judge.overlap:
-        return None
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="r3rl-score")
-
-
-def _seed(run: Run, step: int, micro: int) -> int:
-    """The seed of a step's `micro`-th rollout (its noise and its text samples)."""
-    return run.cfg.seed * 100003 + step + micro * 7919
+def _draws(run: Run, step: int, micro: int) -> tuple[torch.Generator, int]:
+    """The noise generator and the seed (its noise and its text samples) of a step's
+    `micro`-th rollout."""
+    seed = run.cfg.seed * 100003 + step + micro * 7919
+    return torch.Generator().manual_seed(seed), seed
 
 
 def _rollouts(
@@ -141,7 +124,7 @@ def _rollouts(
     pool: Executor | None = None,
     *,
     forwards_early: bool = True,
-    ahead: _Ahead | None = None,
+    ahead: overlap.Ahead[_Started] | None = None,
 ) -> Iterator[tuple[Batch, float]]:
     """The step's `n` rollouts of `stage`, made one at a time as they are asked for, with the
     seconds each took (those of the loss forwards made while the judge scored included; `ahead`,
@@ -150,8 +133,7 @@ def _rollouts(
     are made meanwhile (always, whatever `pool` is, so the numbers do not depend on it)."""
     for micro in range(n):
         t0 = time.perf_counter()
-        seed = _seed(run, step, micro)
-        gen = torch.Generator().manual_seed(seed)
+        gen, seed = _draws(run, step, micro)
         if stage == "generate":
             started = ahead.started if ahead is not None and micro == 0 else None
             batch = _generate_rollout(
@@ -160,7 +142,8 @@ def _rollouts(
         elif stage == "refine":
             if run.generator.trainable is False or len(run.buffer) == 0:
                 _generate_rollout(run, gen, train=False, seed=seed)  # keep the buffer fed
-            begin = step + 1 if pool is not None and _can_begin_next(run, step, n) else None
+            nxt = step + 1
+            begin = nxt if overlap.can_begin(run, nxt, stage_for(run, nxt), n) else None
             batch = _refine_rollout(run, gen, seed, pool=pool, forwards=forwards_early, begin=begin)
         else:
             batch = _tree_rollout(run, gen, seed, pool)
@@ -176,69 +159,6 @@ class _Started:
     rollout: DiffusionRollout
     pending: Future[Scored]
     train: bool
-
-
-@dataclass
-class _Ahead:
-    """Step `step`'s generator rollout, begun by the refine step before it while that step's
-    judge scored; its scores may still be in flight in `pool`, the thread it hands on."""
-
-    step: int
-    rng_before: tuple  # run.rng's state before the rollout drew its prompt
-    started: _Started
-    pool: ThreadPoolExecutor
-    seconds: float
-    policy: str = "generator"  # the policy it sampled: no update before `step` may touch it
-
-    def close(self) -> None:
-        """Wait for its scoring to end (never two reward calls at once) and drop it."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _can_begin_next(run: Run, step: int, n: int) -> bool:
-    """Whether this refine step begins the next step's rollout: the next step is a generate step
-    of this run (not past max_steps) that samples only the generator (no plans: the reflector
-    writes them, and this step trains it), with one rollout a step. Every rank decides alike.
-    Not under DeepSpeed engines (untested there)."""
-    nxt = step + 1
-    return (
-        n == 1
-        and nxt <= run.cfg.trainer.max_steps
-        and stage_for(run, nxt) == "generate"
-        and run.reason is None
-        and not run.engines
-    )
-
-
-def _begin_next(run: Run, step: int, pool: ThreadPoolExecutor) -> _Ahead:
-    """Step `step`'s generate rollout, drawn now and scored in `pool` (see `_Ahead`)."""
-    t0 = time.perf_counter()
-    rng_before = run.rng.getstate()
-    seed = _seed(run, step, 0)
-    gen = torch.Generator().manual_seed(seed)
-    started = _start_generate(run, gen, train=True, seed=seed, pool=pool)
-    return _Ahead(step, rng_before, started, pool, time.perf_counter() - t0)
-
-
-def _take_ahead(run: Run, step: int) -> _Ahead | None:
-    """The rollout begun for `step`, taken off the run; one begun for another step is dropped."""
-    ahead = run.ahead
-    if ahead is not None and ahead.step != step:
-        drop_ahead(run)
-        return None
-    run.ahead = None
-    return ahead
-
-
-def drop_ahead(run: Run) -> None:
-    """Drop the rollout begun for the next step, if any: its scoring is waited for, run.rng goes
-    back to before its draw (the next step draws the same again). Before an evaluation (which
-    calls the rewards) and a checkpoint (which then holds the state after its step, nothing in
-    flight)."""
-    ahead, run.ahead = run.ahead, None
-    if ahead is not None:
-        ahead.close()
-        run.rng.setstate(ahead.rng_before)
 
 
 def _plans(run: Run, metas: list[dict], seed: int) -> Plans | None:
@@ -259,7 +179,7 @@ def _generate_rollout(
     forwards: bool = False,
     started: _Started | None = None,
 ) -> Batch:
-    """R3's generate step (`started`: its images, drawn in the step before; see `_Ahead`)."""
+    """R3's generate step (`started`: its images, drawn in the step before; `r3rl.overlap`)."""
     if started is None:
         started = _start_generate(run, gen, train=train, seed=seed, pool=pool)
     return _finish_generate(run, started, forwards=forwards)
@@ -338,7 +258,7 @@ def _refine_rollout(
     """R3's reflect-refine step: the group reflects on and refines one buffered image; reward =
     improvement over it; text reward = format + improvement; no image advantage on a stop.
     The refinements are scored in `pool`'s thread (None: inline) while step `begin`'s generate
-    rollout is begun (`run.ahead`) and, with `forwards`, the loss's forwards are made."""
+    rollout is begun (`r3rl.overlap`) and, with `forwards`, the loss's forwards are made."""
     rc = run.cfg.rollout
     g = rc.group_size
     item = run.buffer.draw(run.rng, rc.perfect_prob, run.reward.is_perfect)
@@ -365,7 +285,9 @@ def _refine_rollout(
     # the refined image that goes on to the next round, drawn before the next step's prompt
     carry = run.rng.choice(edited) if item.round + 1 < rc.max_rounds and edited else None
     if begin is not None:
-        run.ahead = _begin_next(run, begin, pool)
+        gen_next, seed_next = _draws(run, begin, 0)
+        start = partial(_start_generate, run, gen_next, train=True, seed=seed_next, pool=pool)
+        overlap.begin(run, begin, pool, start)
     prompts = [m["prompt"] for m in metas]
     t_fwd = i_fwd = None
     if forwards:  # while the judge scores: they read the round, not its rewards
@@ -519,7 +441,7 @@ def _train(run: Run) -> None:
             try:
                 row = train_step(run, step)
             except RolloutError as e:  # the server died, hung or did not take the weights
-                drop_ahead(run)  # what is saved is the state after the step
+                overlap.drop(run)  # what is saved is the state after the step
                 if getattr(e, "row", None) is not None:  # after the step's update: logged, saved
                     logger.log(step, e.row)
                 stop_on_rollout_error(run, e, step, out)
@@ -529,8 +451,8 @@ def _train(run: Run) -> None:
             stopping = any_rank(stop.flag, topo)  # every rank saves and stops at the same step
             saving = (tc.save_every and step % tc.save_every == 0) or last or stopping
             failed = reward_failures(run, row, step)
-            if evaluating or saving or failed:  # the checkpoint rule (module docstring)
-                drop_ahead(run)
+            if evaluating or saving or failed:  # the checkpoint rule (r3rl.overlap)
+                overlap.drop(run)
             if evaluating:
                 row.update(evals.at(step))
             logger.log(step, row)

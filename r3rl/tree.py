@@ -35,9 +35,10 @@ from r3rl.rollout import (
     TextSettings,
     gather_scores,
     nanmean,
+    no_scores,
     reflection_text_scores,
     run_diffusion,
-    score,
+    score_later,
 )
 from r3rl.run import Policy
 
@@ -114,7 +115,7 @@ def grow_tree(
     )
     # (future scores, their split between the ranks, their nodes) of each scored batch
     pending = [
-        (_score_later(pool, reward, [meta] * len(roots.images), roots.images), mine, list(range(g)))
+        (score_later(pool, reward, [meta] * len(roots.images), roots.images), mine, list(range(g)))
     ]
     parent = [-1] * g
     rewards = [math.nan] * g  # every node's, filled in from `pending` once the tree is grown
@@ -247,15 +248,6 @@ def reflection_rewards(
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _score_later(pool: Executor | None, *args, **kwargs) -> Future[Scored]:
-    """`score` in `pool`'s thread, or now when `pool` is None (as `r3rl.rollout.score_later`)."""
-    if pool is not None:
-        return pool.submit(score, *args, **kwargs)
-    done: Future[Scored] = Future()
-    done.set_result(score(*args, **kwargs))
-    return done
-
-
 def _refine_level(
     refiner: Policy,
     reward: CombinedReward,
@@ -282,8 +274,9 @@ def _refine_level(
     )
     images = ro.images[: len(own)]
     inputs = [edits[i][1] for i in own]
+    scores = no_scores()
     if images:
-        scores = _score_later(
+        scores = score_later(
             pool,
             reward,
             [meta] * len(images),
@@ -291,8 +284,5 @@ def _refine_level(
             input_images=inputs,
             regions=regions(ro.texts[: len(own)], [meta] * len(images)),
         )
-    else:
-        scores = Future()
-        scores.set_result(Scored(torch.zeros(0), {}, {}, {}))
     nodes = range(first_node, first_node + len(edits))
     return list(zip(nodes, shard.gather(images))), ro, scores

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import r3rl.rollout as rollout_mod
 import r3rl.tree as tree_mod
 from r3rl.algos.advantages import group_advantages, r3_refine_rewards
 from r3rl.config import RolloutConfig
@@ -69,7 +70,7 @@ def _fake_diffusion(levels: list[int]):
 def _grow(monkeypatch, script, levels, **cfg):
     reward = FakeReward()
     monkeypatch.setattr(tree_mod, "run_diffusion", _fake_diffusion(levels))
-    monkeypatch.setattr(tree_mod, "score", _fake_score(reward))
+    monkeypatch.setattr(rollout_mod, "score", _fake_score(reward))  # what score_later calls
     policy = SimpleNamespace(model=None, settings=None, trainable=True)
     # model_copy: group_size 1 (R3's one buffer image) is below the recipe's minimum of 2
     rc = RolloutConfig(credit="tree", max_rounds=1).model_copy(update=cfg)
