@@ -163,6 +163,15 @@ def any_rank(flag: bool, topo: Topology) -> bool:
     return bool(t.item())
 
 
+def from_main(obj: Any, topo: Topology) -> Any:
+    """Rank 0's `obj` on every rank (picklable; the others pass anything, e.g. None)."""
+    if not topo.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(topo: Topology) -> None:
     if topo.distributed:
         dist.barrier()

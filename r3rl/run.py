@@ -311,7 +311,7 @@ def build_run(
         }
     if for_training and rc.rollout == "vllm":  # last: nothing after it can fail and leave it up
         path = _model_path(rc.model, world, "reflector")
-        run.rollout = open_rollout(rc.vllm, reflector, path, cfg.output_dir)
+        run.rollout = open_rollout(rc.vllm, reflector, path, cfg.output_dir, topo)
         try:
             run.rollout.sync()  # the server holds the trainer's weights, checked, before step 1
         except BaseException:
@@ -325,10 +325,11 @@ def _refuse_vllm_rollout(cfg: Config, topo: Topology) -> None:
     why = None
     if cfg.rollout.credit in ("text", "flow_grpo"):
         why = f"rollout.credit={cfg.rollout.credit} (it samples no reflections through R3's loop)"
-    elif topo.distributed:
-        why = f"{topo.world} processes (one process samples, syncs and trains for now)"
     elif cfg.distributed.deepspeed:
-        why = "distributed.deepspeed (the sync saves the module as this process holds it)"
+        why = (
+            "distributed.deepspeed (ZeRO shards the weights: the sync saves and probes the "
+            "module rank 0 holds); several plain processes share the server"
+        )
     if why is not None:
         raise UserError(
             f"reflector.rollout=vllm is not supported with {why}; use reflector.rollout=hf"

@@ -163,5 +163,6 @@ def test_what_vllm_rollouts_do_not_support_is_refused_before_loading(tmp_path) -
     _refuse_vllm_rollout(cfg(), Topology())  # one process, R3 credit: fine
     with pytest.raises(UserError, match="rollout.credit=flow_grpo"):
         _refuse_vllm_rollout(cfg("rollout.credit=flow_grpo"), Topology())
-    with pytest.raises(UserError, match="2 processes"):
-        _refuse_vllm_rollout(cfg(), Topology(rank=0, world=2, local_rank=0))
+    _refuse_vllm_rollout(cfg(), Topology(rank=0, world=2, local_rank=0))  # 2 ranks share a server
+    with pytest.raises(UserError, match="distributed.deepspeed"):
+        _refuse_vllm_rollout(cfg("distributed.deepspeed=launch/deepspeed/zero2.json"), Topology(0, 2, 0))

@@ -14,6 +14,7 @@ Skipped only as the other vLLM tests are: R3RL_SKIP_VLLM=1 (the `vllm_judge_mode
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -115,6 +116,41 @@ def test_r3_run_with_vllm_rollouts_syncs_verifies_and_corrects(vllm_judge_model:
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
+def _torchrun(recipe: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(free_port()), "-m", "r3rl.cli", "train", str(recipe), *overrides]  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("credit", ["r3", "tree"])
+def test_two_ranks_share_one_launched_rollout_server(vllm_judge_model: Path, tmp_path: Path, credit: str) -> None:
+    """2 gloo ranks under torchrun, `launch=true`: rank 0 starts the one server, both ranks send their
+    share of the requests to it (R3's refine step is one group, one request: rank 0's; a tree level's
+    4 roots are 4 requests, 2 per rank), rank 0 syncs and verifies after every reflector step while
+    rank 1 waits for the verdict; the IS and sync metrics are logged, the run finishes, the server stops."""
+    port = free_port()
+    vllm = f"{{launch: true, url: 'http://127.0.0.1:{port}/v1', threads: 1, timeout_s: 60}}"
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path, out, vllm_judge_model, vllm, steps=3)
+    overrides = [f"rollout.credit={credit}", "rollout.tree_k=2", "rollout.tree_m=1"] if credit == "tree" else []
+    proc = subprocess.run(_torchrun(recipe, *overrides), capture_output=True, text=True, timeout=540, env=_env(), check=False, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for r in rows[1:]:
+        assert r["stage"] == ("refine" if credit == "r3" else "tree"), r["stage"]
+        # both ranks' reflections came from the server holding this step's weights (IS ratio ~1)
+        assert 0.0 <= r["rollout/logprob_diff_mean"] < 1e-3, r
+        assert r["rollout/is_ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert 1.0 - 1e-3 < r["rollout/is_ratio_max"] < 1.0 + 1e-3
+        # one sync per step (rank 0's, verified), the version every rank logs
+        assert r["rollout/sync_max_diff"] <= 1e-3
+        assert r["rollout/weight_version"] == r["step"] + 1
+    assert (out / "checkpoints" / "step-3" / "COMPLETE").exists()
+    with pytest.raises(httpx.TransportError):  # rank 0's server stopped with the run
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
 @pytest.fixture
 def rollout_server(vllm_judge_model: Path, tmp_path: Path):
     args, env = rollout_server_args()
@@ -155,6 +191,63 @@ def test_a_rollout_server_dying_mid_run_is_one_line_and_a_checkpoint(vllm_judge_
     # the last logged step is the last update (a failed sync after it logs its row first), saved
     done = max(r["step"] for r in _rows(out))
     assert f"checkpoint {out / 'checkpoints' / f'step-{done}'}" in last
+    assert (out / "checkpoints" / f"step-{done}" / "COMPLETE").exists()
+
+
+@pytest.mark.timeout(600)
+def test_two_ranks_on_a_shared_server_log_what_one_process_logs(vllm_judge_model: Path, rollout_server,
+                                                                tmp_path: Path) -> None:  # fmt: skip
+    """Same server (`url`), same recipe: 2 ranks (group 4 = 2 x 2) log the losses, rewards, IS and sync
+    metrics 1 process logs; each run's first sync puts the initial weights back on the server."""
+    vllm = f"{{url: '{rollout_server.base_url}', timeout_s: 60}}"
+    rows = {}
+    for name, cmd in (("one", _cli), ("two", _torchrun)):
+        out = tmp_path / name
+        recipe = _recipe(tmp_path, out, vllm_judge_model, vllm, steps=2)
+        proc = subprocess.run(cmd(recipe), capture_output=True, text=True, timeout=300, env=_env(), check=False,
+                              cwd=REPO)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[name] = _rows(out)
+    one, two = rows["one"], rows["two"]
+    assert [r["step"] for r in two] == [0, 1, 2]
+    for a, b in zip(one[1:], two[1:]):
+        compared = [k for k in a if isinstance(a[k], float) and not k.startswith("time/") and k != "rollout/sync_s"]
+        assert {"loss/grpo", "reward/mean", "rollout/is_ratio_mean", "rollout/weight_version"} <= set(compared)
+        for key in compared:
+            x, y = a[key], b[key]
+            assert (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-5), (key, x, y)
+
+
+@pytest.mark.timeout(600)
+def test_two_ranks_stop_together_when_the_shared_server_dies(vllm_judge_model: Path, rollout_server,
+                                                             tmp_path: Path) -> None:  # fmt: skip
+    """2 ranks on one `url` server, killed after step 1: both ranks raise the same error (the rank whose
+    request failed still joins the gather, rank 0's failed sync is told to rank 1), save the checkpoint
+    together and exit within the request timeout, none left waiting at a collective."""
+    vllm = f"{{url: '{rollout_server.base_url}', timeout_s: 30}}"
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path, out, vllm_judge_model, vllm, steps=50)
+    proc = subprocess.Popen(_torchrun(recipe), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), cwd=REPO, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 400
+        while not any(r["step"] >= 1 for r in _rows(out)):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no training step logged"
+            time.sleep(0.5)
+        rollout_server.kill()
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert time.monotonic() - t0 < 120
+    assert proc.returncode != 0
+    lines = [line for line in stderr.splitlines() if "rollout server" in line and "resume=auto" in line]
+    assert len(lines) == 2, stderr[-3000:]  # one line from each rank
+    done = max(r["step"] for r in _rows(out))
+    assert all(f"checkpoint {out / 'checkpoints' / f'step-{done}'}" in line for line in lines), lines
     assert (out / "checkpoints" / f"step-{done}" / "COMPLETE").exists()
 
 

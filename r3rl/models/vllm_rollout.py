@@ -26,6 +26,22 @@ same checkpoint samples the reflections. Three pieces:
   `min(exp(logp_trainer - logp_vllm), cap)` multiplies the policy loss, so tokens the server
   over-sampled relative to the trainer's own distribution weigh less; with the mismatch metrics
   `rollout/logprob_diff_mean`, `rollout/is_ratio_mean`, `rollout/is_ratio_max`.
+
+Several trainer processes (plain gloo/nccl ranks, no DeepSpeed) share ONE server: rank 0 opens
+it (a `launch`ed server is rank 0's) and tells the others its URL and model; after each
+optimiser step (every rank then holds the same weights) rank 0 alone saves, reloads and verifies
+them while the others wait for its verdict (a broadcast), so every rank proceeds from the same
+verified weight version or raises the same error. Every rank samples the whole group with the
+same seeds (r3rl.rollout), so the requests are split instead of repeated: each rank sends its
+block of the distinct groups' requests and the answers are gathered, every rank then holding
+the same reflections. Why shared, not a server per rank: the ranks must agree on the
+reflections, which N servers sampling the same requests would give only if their sampling were
+bit-identical (batching on GPUs is not); one server is reloaded once per step, not N times (one
+weight write; on GPU nodes one vLLM's memory, not N); here on CPU two servers barely fit. A rank
+whose request fails still joins the gather (each request is bounded by `timeout_s`), so every
+rank raises the same `RolloutError`, checkpoints and stops; none waits at a collective for a
+rank that left. DeepSpeed is refused: ZeRO shards the weights (and, at stage 3, the forwards
+need every rank), and the sync saves and probes the module rank 0 holds.
 """
 
 from __future__ import annotations
@@ -43,6 +59,7 @@ import torch
 from peft import PeftModel
 from PIL import Image
 
+from r3rl.distributed import Topology, any_rank, block, from_main, gather
 from r3rl.errors import UserError
 from r3rl.judges.chat import image_data_url
 from r3rl.judges.http import json_headers
@@ -149,6 +166,7 @@ class VLLMRollout:
         verify_tol: float = 1e-3,
         api_key_env: str | None = None,
         server: VLLMServer | None = None,
+        topo: Topology | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise UserError(f"rollout base_url {base_url!r} is not an http:// or https:// URL")
@@ -165,6 +183,7 @@ class VLLMRollout:
         self._synced: tuple[int, ...] | None = None
         self.last_sync: dict[str, float] = {}
         self.server = server  # one this run started (launch / command): close() stops it
+        self.topo = topo or Topology()  # several ranks share the server (rank 0 syncs it)
 
     def close(self) -> None:
         """Stop the server this run started (a server given by URL is left running)."""
@@ -274,7 +293,7 @@ class VLLMRollout:
     ) -> list[Reflection]:
         """`HFReflector.reflect` on the server (syncing first if the weights moved). Each group of
         identical (prompt, image) pairs is one request with `n` samples."""
-        if self._synced != _fingerprint(self.reflector.model):
+        if any_rank(self._synced != _fingerprint(self.reflector.model), self.topo):
             self.sync()
         groups: dict[tuple[str, int], list[int]] = {}
         for i, (p, im) in enumerate(zip(prompts, images)):
@@ -285,14 +304,32 @@ class VLLMRollout:
             for k, idx in enumerate(groups.values())
         ]  # fmt: skip
 
+        sizes = [len(idx) for idx in groups.values()]
+        mine = block(len(bodies), self.topo)  # all of them in one process
+
         async def run() -> list[dict]:
             async with httpx.AsyncClient(timeout=self.timeout_s) as client:
-                return await asyncio.gather(*(self._chat(client, b) for b in bodies))
+                return await asyncio.gather(*(self._chat(client, bodies[k]) for k in mine))
 
-        answers = asyncio.run(run())
+        try:
+            part = [self._parse(a, sizes[k]) for k, a in zip(mine, asyncio.run(run()))]
+            failed = None
+        except RolloutError as e:  # still joins the gather: the other ranks must not wait
+            part, failed = [], str(e)
+        if not self.topo.distributed:
+            if failed is not None:
+                raise RolloutError(failed)
+            samples = part
+        else:
+            parts = gather([(failed, part)], self.topo)
+            errors = [(r, e) for r, (e, _) in enumerate(parts) if e is not None]
+            if errors:
+                rank, why = errors[0]
+                raise RolloutError(f"rank {rank}: {why}")
+            samples = [pairs for _, p in parts for pairs in p]
         out: list[Reflection | None] = [None] * len(prompts)
-        for idx, answer in zip(groups.values(), answers):
-            for i, (ids, logps) in zip(idx, self._parse(answer, len(idx))):
+        for idx, pairs in zip(groups.values(), samples):
+            for i, (ids, logps) in zip(idx, pairs):
                 out[i] = self.reflector._reflection(ids, logps)
         return out  # type: ignore[return-value]
 
@@ -315,7 +352,26 @@ class VLLMRollout:
             model.save_pretrained(self.sync_dir)
 
     def sync(self) -> dict[str, float]:
-        """Put the trainer's current weights on the server and verify them; metrics of the sync."""
+        """Put the trainer's current weights on the server and verify them; metrics of the sync.
+        Several ranks: rank 0 syncs while the others wait for its verdict (all ranks hold the
+        same weights after a step); all raise its error, or all take its verified version."""
+        if not self.topo.distributed:
+            return self._sync()
+        verdict: dict[str, float] | str | None = None
+        if self.topo.is_main:
+            try:
+                verdict = self._sync()
+            except RolloutError as e:  # told to the others before raising: none waits forever
+                verdict = str(e)
+        verdict = from_main(verdict, self.topo)
+        self._synced = _fingerprint(self.reflector.model)
+        if isinstance(verdict, str):
+            raise RolloutError(verdict)
+        self.version = int(verdict["rollout/weight_version"])
+        self.last_sync = dict(verdict)
+        return self.last_sync
+
+    def _sync(self) -> dict[str, float]:
         start = time.perf_counter()
         self._save()
         self._post(
@@ -370,12 +426,44 @@ def _get(url: str, timeout_s: float, headers: dict[str, str]) -> httpx.Response 
 
 
 def open_rollout(
-    vc: Any, reflector: HFReflector, model_path: str | Path, output_dir: str | Path
+    vc: Any,
+    reflector: HFReflector,
+    model_path: str | Path,
+    output_dir: str | Path,
+    topo: Topology | None = None,
 ) -> VLLMRollout:
     """The rollout client a recipe's `reflector.vllm` section (`VLLMRolloutConfig`) describes:
     a running server at `url`, one r3rl launches from the vLLM env with the reflector's
     checkpoint (`launch`), or one a shell `command` starts. Every failure is one `RolloutError`
-    line; a server this function started is stopped before it raises."""
+    line; a server this function started is stopped before it raises. Several ranks: rank 0
+    opens (and launches) it, the others get its URL and model, or its error."""
+    topo = topo or Topology()
+    if not topo.distributed:
+        return _open(vc, reflector, model_path, output_dir, topo)
+    told: tuple[str, str] | str | None = None
+    rollout = None
+    if topo.is_main:
+        try:
+            rollout = _open(vc, reflector, model_path, output_dir, topo)
+            told = (rollout.base, rollout.model)
+        except UserError as e:
+            told = str(e)
+    told = from_main(told, topo)
+    if isinstance(told, str):
+        raise RolloutError(told)
+    if rollout is None:
+        url, model = told
+        rollout = VLLMRollout(
+            reflector, url, model, sync_dir=vc.sync_dir or Path(output_dir) / "vllm-sync",
+            timeout_s=vc.timeout_s, verify_tol=vc.verify_tol, api_key_env=vc.api_key_env,
+            topo=topo,
+        )  # fmt: skip
+    return rollout
+
+
+def _open(
+    vc: Any, reflector: HFReflector, model_path: str | Path, output_dir: str | Path, topo: Topology
+) -> VLLMRollout:
     modes = [m for m, on in (("url", vc.url and not (vc.launch or vc.command)),
                              ("launch", vc.launch), ("command", vc.command)) if on]  # fmt: skip
     if len(modes) != 1:
@@ -437,7 +525,7 @@ def open_rollout(
         rollout = VLLMRollout(
             reflector, url, model, sync_dir=vc.sync_dir or out / "vllm-sync",
             timeout_s=vc.timeout_s, verify_tol=vc.verify_tol, api_key_env=vc.api_key_env,
-            server=server,
+            server=server, topo=topo,
         )  # fmt: skip
     except BaseException:
         if server is not None:
