@@ -217,7 +217,7 @@ def build_run(
             "relative to siblings, not groups); use 'group' or 'none'"
         )
     if for_training and cfg.reflector.rollout == "vllm":
-        _refuse_vllm_rollout(cfg, topo)
+        _refuse_vllm_rollout(cfg)
     ds = cfg.distributed.deepspeed
     if (
         for_training
@@ -320,7 +320,7 @@ def build_run(
     return run
 
 
-def _refuse_vllm_rollout(cfg: Config, topo: Topology) -> None:
+def _refuse_vllm_rollout(cfg: Config) -> None:
     """What `reflector.rollout=vllm` does not support yet, refused before any model loads."""
     why = None
     if cfg.rollout.credit in ("text", "flow_grpo"):

@@ -122,23 +122,24 @@ def _torchrun(recipe: Path, *overrides: str) -> list[str]:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("credit", ["r3", "tree"])
-def test_two_ranks_share_one_launched_rollout_server(vllm_judge_model: Path, tmp_path: Path, credit: str) -> None:
+def test_two_ranks_share_one_launched_rollout_server(vllm_judge_model: Path, tmp_path: Path) -> None:
     """2 gloo ranks under torchrun, `launch=true`: rank 0 starts the one server, both ranks send their
     share of the requests to it (R3's refine step is one group, one request: rank 0's; a tree level's
     4 roots are 4 requests, 2 per rank), rank 0 syncs and verifies after every reflector step while
-    rank 1 waits for the verdict; the IS and sync metrics are logged, the run finishes, the server stops."""
+    rank 1 waits for the verdict; the IS and sync metrics are logged, the run finishes, the server stops.
+    Tree credit, whose levels split their requests between the ranks; R3's refine step (one
+    request, rank 0's) is covered by the shared-server test below."""
     port = free_port()
     vllm = f"{{launch: true, url: 'http://127.0.0.1:{port}/v1', threads: 1, timeout_s: 60}}"
     out = tmp_path / "run"
     recipe = _recipe(tmp_path, out, vllm_judge_model, vllm, steps=3)
-    overrides = [f"rollout.credit={credit}", "rollout.tree_k=2", "rollout.tree_m=1"] if credit == "tree" else []
+    overrides = ["rollout.credit=tree", "rollout.tree_k=2", "rollout.tree_m=1"]
     proc = subprocess.run(_torchrun(recipe, *overrides), capture_output=True, text=True, timeout=540, env=_env(), check=False, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for r in rows[1:]:
-        assert r["stage"] == ("refine" if credit == "r3" else "tree"), r["stage"]
+        assert r["stage"] == "tree", r["stage"]
         # both ranks' reflections came from the server holding this step's weights (IS ratio ~1)
         assert 0.0 <= r["rollout/logprob_diff_mean"] < 1e-3, r
         assert r["rollout/is_ratio_mean"] == pytest.approx(1.0, abs=1e-3)
