@@ -106,7 +106,7 @@ class Run:
     rollout: VLLMRollout | None = None
     # rollout.reason: how the reflector plans before the generator draws (r3rl.reason)
     reason: Reasoner | None = None
-    # the next step's rollout, begun during this one while its judge scored (r3rl.trainer)
+    # the next step's rollout, begun during this one while its judge scored (r3rl.overlap)
     ahead: Any = None
 
     @property
