@@ -152,6 +152,28 @@ def test_two_ranks_share_one_launched_rollout_server(vllm_judge_model: Path, tmp
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
+def _kill_server_after_step_one(cmd: list[str], out: Path, server) -> tuple[int, str]:
+    """Run `cmd` (a training run logging to `out`), SIGKILL the rollout `server` once step 1 is
+    logged, and return the run's exit code and stderr; the run must end within 120 s of the kill."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 400
+        while not any(r["step"] >= 1 for r in _rows(out)):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no training step logged"
+            time.sleep(0.5)
+        server.kill()
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the run and, under torchrun, its ranks
+            proc.wait()
+    assert time.monotonic() - t0 < 120
+    return proc.returncode, stderr
+
+
 @pytest.fixture
 def rollout_server(vllm_judge_model: Path, tmp_path: Path):
     args, env = rollout_server_args()
@@ -171,22 +193,8 @@ def test_a_rollout_server_dying_mid_run_is_one_line_and_a_checkpoint(vllm_judge_
     vllm = f"{{url: '{rollout_server.base_url}', timeout_s: 30}}"
     out = tmp_path / "run"
     recipe = _recipe(tmp_path, out, vllm_judge_model, vllm, steps=50)
-    proc = subprocess.Popen(_cli(recipe), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    try:
-        deadline = time.monotonic() + 400
-        while not any(r["step"] >= 1 for r in _rows(out)):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no training step logged"
-            time.sleep(0.5)
-        rollout_server.kill()
-        t0 = time.monotonic()
-        _, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-    assert time.monotonic() - t0 < 120
-    assert proc.returncode == 2, stderr[-3000:]
+    returncode, stderr = _kill_server_after_step_one(_cli(recipe), out, rollout_server)
+    assert returncode == 2, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert "rollout server" in last and "checkpoint" in last and "resume=auto" in last, last
     # the last logged step is the last update (a failed sync after it logs its row first), saved
@@ -228,23 +236,8 @@ def test_two_ranks_stop_together_when_the_shared_server_dies(vllm_judge_model: P
     vllm = f"{{url: '{rollout_server.base_url}', timeout_s: 30}}"
     out = tmp_path / "run"
     recipe = _recipe(tmp_path, out, vllm_judge_model, vllm, steps=50)
-    proc = subprocess.Popen(_torchrun(recipe), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), cwd=REPO, start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 400
-        while not any(r["step"] >= 1 for r in _rows(out)):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no training step logged"
-            time.sleep(0.5)
-        rollout_server.kill()
-        t0 = time.monotonic()
-        _, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert time.monotonic() - t0 < 120
-    assert proc.returncode != 0
+    returncode, stderr = _kill_server_after_step_one(_torchrun(recipe), out, rollout_server)
+    assert returncode != 0
     lines = [line for line in stderr.splitlines() if "rollout server" in line and "resume=auto" in line]
     assert len(lines) == 2, stderr[-3000:]  # one line from each rank
     done = max(r["step"] for r in _rows(out))
