@@ -86,16 +86,17 @@ def _text_loss(run: Run, terms: list[TextTerm]) -> tuple[torch.Tensor, dict[str,
     rc = run.cfg.reflector
     adv = torch.cat([t.adv for t in terms])
     valid = torch.cat([t.valid for t in terms])
+    reflections = [r for t in terms for r in t.reflections]
     if len(terms) == 1 and terms[0].forwards is not None:  # made while the judge scored
         fwd = terms[0].forwards
     else:
         prompts = [p for t in terms for p in t.prompts]
         images = None if terms[0].images is None else [im for t in terms for im in t.images]
-        fwd = text_forwards(run, prompts, images, [r for t in terms for r in t.reflections])
+        fwd = text_forwards(run, prompts, images, reflections)
     if fwd is None:
         return torch.zeros(()), {}
     keep, images = fwd.keep, terms[0].images
-    refl = [[r for t in terms for r in t.reflections][i] for i in keep]
+    refl = [reflections[i] for i in keep]
     adv, valid = adv[keep], valid[keep]
     logps, entropy, kl_logps, ref = fwd.logps, fwd.entropy, fwd.kl_logps, fwd.ref
     mask = fwd.mask & valid[:, None].to(fwd.mask.device)  # rewards and advantages live on the CPU
