@@ -453,12 +453,25 @@ def open_rollout(
         raise RolloutError(told)
     if rollout is None:
         url, model = told
-        rollout = VLLMRollout(
-            reflector, url, model, sync_dir=vc.sync_dir or Path(output_dir) / "vllm-sync",
-            timeout_s=vc.timeout_s, verify_tol=vc.verify_tol, api_key_env=vc.api_key_env,
-            topo=topo,
-        )  # fmt: skip
+        rollout = _client(vc, reflector, url, model, output_dir, topo)
     return rollout
+
+
+def _client(
+    vc: Any,
+    reflector: HFReflector,
+    url: str,
+    model: str,
+    output_dir: str | Path,
+    topo: Topology,
+    server: VLLMServer | None = None,
+) -> VLLMRollout:
+    """The trainer's side of the server at `url` serving `model`, set up from `reflector.vllm`."""
+    return VLLMRollout(
+        reflector, url, model, sync_dir=vc.sync_dir or Path(output_dir) / "vllm-sync",
+        timeout_s=vc.timeout_s, verify_tol=vc.verify_tol, api_key_env=vc.api_key_env,
+        server=server, topo=topo,
+    )  # fmt: skip
 
 
 def _open(
@@ -522,11 +535,7 @@ def _open(
                     f"rollout server {url} serves {names or 'no models'}: set reflector.vllm.model"
                 )
             model = names[0]
-        rollout = VLLMRollout(
-            reflector, url, model, sync_dir=vc.sync_dir or out / "vllm-sync",
-            timeout_s=vc.timeout_s, verify_tol=vc.verify_tol, api_key_env=vc.api_key_env,
-            server=server, topo=topo,
-        )  # fmt: skip
+        rollout = _client(vc, reflector, url, model, out, topo, server)
     except BaseException:
         if server is not None:
             server.stop()
