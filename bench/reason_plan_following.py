@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+from worlds import world_or_shipped
 
-from r3rl.config import load_config
 from r3rl.reason import Reasoner, write_plans
 from r3rl.rollout import TextSettings
 from r3rl.shapes.gold import gold_scores
@@ -26,19 +26,13 @@ from r3rl.shapes.plan import SHAPES_PLAN_PROMPT, plan_of, plan_satisfies
 from r3rl.shapes.prompts import split_prompts
 from r3rl.shapes.scene import render, sample_scene
 from r3rl.shapes.tiny_diffusion import encode_pairs, generate, pretrain_flow
-from r3rl.shapes.world import WorldPaths, ensure_world, load_world_models
-
-ROOT = Path(__file__).resolve().parents[1]
+from r3rl.shapes.world import load_world_models
 
 
 def main() -> None:
     torch.set_num_threads(1)
     steps = int(sys.argv[1])
-    if len(sys.argv) > 2:
-        world = WorldPaths(Path(sys.argv[2]))
-    else:
-        cfg = load_config(ROOT / "recipes/shapes_cpu.yaml", ["output_dir=/tmp/unused"])
-        world = ensure_world(cfg.world, 0)
+    world = world_or_shipped(Path(sys.argv[2]) if len(sys.argv) > 2 else None)
     refl, flux = load_world_models(world, 32)
     train, ev = split_prompts()
     rng = random.Random(1)
@@ -55,13 +49,20 @@ def main() -> None:
     oracle = [f"{m['prompt']}. {plan_of(sample_scene(m, orng))}" for m in em]
     reason = Reasoner(SHAPES_PLAN_PROMPT, "{prompt}. {plan}", 32, plan_satisfies)
     plans = write_plans(refl, reason, em, TextSettings(0.3, 50, 1.0, 32), seed=1)
-    arms = [("prompt", [m["prompt"] for m in em]), ("oracle plan", oracle), ("reflector plan", plans.texts)]
+    arms = [
+        ("prompt", [m["prompt"] for m in em]),
+        ("oracle plan", oracle),
+        ("reflector plan", plans.texts),
+    ]
     for name, conds in arms:
         ims = []
         for i in range(0, len(conds), 48):
             ims += generate(flux, conds[i : i + 48], None, steps=20, seed=7 + i)
         ok, clutter = gold_scores(em, ims)
-        print(f"{name}: gold {sum(ok) / len(ok):.3f} clutter {sum(clutter) / len(clutter):.3f}", flush=True)
+        print(
+            f"{name}: gold {sum(ok) / len(ok):.3f} clutter {sum(clutter) / len(clutter):.3f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -30,17 +30,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from results import publish
+from worlds import world_or_shipped
 
-from r3rl.config import load_config
 from r3rl.models.flux import FluxModel
 from r3rl.shapes.gold import gold_verdict
 from r3rl.shapes.prompts import split_prompts
 from r3rl.shapes.scene import STOP, make_edit_pair, render, sample_scene
 from r3rl.shapes.tiny_diffusion import encode_pairs, generate, pretrain_flow
-from r3rl.shapes.world import WorldPaths, ensure_world, load_world_models
+from r3rl.shapes.world import load_world_models
 from rewards.shapes_geneval import detect, evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 
 
@@ -90,11 +89,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
-    if args.world is None:
-        cfg = load_config(ROOT / "recipes/shapes_cpu.yaml", ["output_dir=/tmp/unused"])
-        world = ensure_world(cfg.world, 0)
-    else:
-        world = WorldPaths(args.world)
+    world = world_or_shipped(args.world)
     _, flux = load_world_models(world, SIZE)
     train, held_out = split_prompts()
     rng = random.Random(0)
