@@ -23,18 +23,17 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
+from refiner_probe import checker_rate, gold_rate, pixel_mse
 from worlds import world_or_shipped
 
 from r3rl.models.flux import pack_latents, unpack_latents
-from r3rl.shapes.gold import gold_verdict
 from r3rl.shapes.prompts import split_prompts
 from r3rl.shapes.scene import STOP, make_edit_pair, render, sample_scene
+from r3rl.shapes.tiny_diffusion import noise_levels
 from r3rl.shapes.world import load_world_models
-from rewards.shapes_geneval import detect, evaluate
 
 SIZE, BATCH = 32, 32
 
@@ -131,31 +130,18 @@ def main() -> None:
     def report(step: int) -> list[Image.Image]:
         unet.eval(), t5.eval()
         copies = sample([STOP] * len(correct), correct_lat, 1.0)
-        mse = np.mean(
-            [
-                np.mean((np.asarray(a, float) - np.asarray(b, float)) ** 2)
-                for a, b in zip(copies, correct)
-            ]
-        )
         out = {
             "step": step,
-            "copy_gold": np.mean([gold_verdict(m, x).passed for m, x in zip(metas_c, copies)]),
-            "copy_mse": mse,
+            "copy_gold": gold_rate(metas_c, copies),
+            "copy_mse": pixel_mse(copies, correct),
         }
         for cfg in (1.0, 2.0):
             edited = sample([ins for _, ins, _ in tests], flawed_lat, cfg)
-            out[f"edit_gold_cfg{cfg:g}"] = np.mean(
-                [gold_verdict(m, x).passed for m, x in zip(metas_e, edited)]
-            )
-            out[f"edit_checker_cfg{cfg:g}"] = np.mean(
-                [all(o.ok for o in evaluate(m, detect(x))) for m, x in zip(metas_e, edited)]
-            )
+            out[f"edit_gold_cfg{cfg:g}"] = gold_rate(metas_e, edited)
+            out[f"edit_checker_cfg{cfg:g}"] = checker_rate(metas_e, edited)
         if args.t2i:
-            prompts = [m["prompt"] for m in metas_c]
-            drawn = sample(prompts, torch.zeros_like(correct_lat), 3.0)
-            out["generator_gold_cfg3"] = np.mean(
-                [gold_verdict(m, x).passed for m, x in zip(metas_c, drawn)]
-            )
+            drawn = sample([m["prompt"] for m in metas_c], torch.zeros_like(correct_lat), 3.0)
+            out["generator_gold_cfg3"] = gold_rate(metas_c, drawn)
         print(json.dumps({k: round(float(v), 3) for k, v in out.items()}), flush=True)
         unet.train(), t5.train()
         return edited
@@ -171,12 +157,7 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(texts), (BATCH,), generator=g)
         eps = torch.randn(x0[idx].shape, generator=g)
-        # half logit-normal, half uniform noise levels, and 10% text dropout: as the world trains
-        s = torch.where(
-            torch.rand(BATCH, generator=g) < 0.5,
-            torch.sigmoid(torch.randn(BATCH, generator=g)),
-            torch.rand(BATCH, generator=g),
-        )
+        s = noise_levels(BATCH, g)  # and 10% text dropout below: as the world trains
         xt = (1 - s[:, None, None, None]) * x0[idx] + s[:, None, None, None] * eps
         conds = [
             texts[i] if float(u) >= 0.1 else ""

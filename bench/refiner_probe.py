@@ -33,7 +33,7 @@ from results import publish
 from worlds import world_or_shipped
 
 from r3rl.models.flux import FluxModel
-from r3rl.shapes.gold import gold_verdict
+from r3rl.shapes.gold import gold_scores, gold_verdict
 from r3rl.shapes.prompts import split_prompts
 from r3rl.shapes.scene import STOP, make_edit_pair, render, sample_scene
 from r3rl.shapes.tiny_diffusion import encode_pairs, generate, pretrain_flow
@@ -55,7 +55,7 @@ def pixel_mse(a: list[Image.Image], b: list[Image.Image]) -> float:
 
 
 def gold_rate(metas: list[dict], images: list[Image.Image]) -> float:
-    return float(np.mean([gold_verdict(m, im).passed for m, im in zip(metas, images, strict=True)]))
+    return float(np.mean(gold_scores(metas, images)[0]))
 
 
 def checker_rate(metas: list[dict], images: list[Image.Image]) -> float:

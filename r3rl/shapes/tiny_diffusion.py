@@ -138,6 +138,17 @@ def encode_pairs(
     return FlowPairs(texts, enc(targets), enc(refs) if refs is not None else None)
 
 
+def noise_levels(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Flow-matching noise levels s in (0, 1): half logit-normal (SD3/FLUX), half uniform. The
+    uniform share trains the high-noise steps where layout and colour are decided, which
+    logit-normal rarely visits."""
+    return torch.where(
+        torch.rand(batch_size, generator=generator) < 0.5,
+        torch.sigmoid(torch.randn(batch_size, generator=generator)),
+        torch.rand(batch_size, generator=generator),
+    )
+
+
 def pretrain_flow(
     model: FluxModel,
     datasets: Sequence[FlowPairs],
@@ -173,13 +184,7 @@ def pretrain_flow(
         x0 = data.x0[idx]
         ref = data.ref[idx] if data.ref is not None else None
         eps = torch.randn(x0.shape, generator=g)
-        # half logit-normal (SD3/FLUX), half uniform: the uniform share trains the high-noise
-        # steps where layout and colour are decided, which logit-normal rarely visits
-        s = torch.where(
-            torch.rand(batch_size, generator=g) < 0.5,
-            torch.sigmoid(torch.randn(batch_size, generator=g)),
-            torch.rand(batch_size, generator=g),
-        )
+        s = noise_levels(batch_size, g)
         xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps
         # drop the text 10% of the time so the model also learns the unconditional velocity (CFG)
         texts = [
