@@ -311,16 +311,16 @@ class VLLMRollout:
             async with httpx.AsyncClient(timeout=self.timeout_s) as client:
                 return await asyncio.gather(*(self._chat(client, bodies[k]) for k in mine))
 
-        try:
-            part = [self._parse(a, sizes[k]) for k, a in zip(mine, asyncio.run(run()))]
-            failed = None
-        except RolloutError as e:  # still joins the gather: the other ranks must not wait
-            part, failed = [], str(e)
+        def fetch() -> list[list[tuple[list[int], list[float]]]]:
+            return [self._parse(a, sizes[k]) for k, a in zip(mine, asyncio.run(run()))]
+
         if not self.topo.distributed:
-            if failed is not None:
-                raise RolloutError(failed)
-            samples = part
+            samples = fetch()
         else:
+            try:
+                part, failed = fetch(), None
+            except RolloutError as e:  # still joins the gather: the other ranks must not wait
+                part, failed = [], str(e)
             parts = gather([(failed, part)], self.topo)
             errors = [(r, e) for r, (e, _) in enumerate(parts) if e is not None]
             if errors:
